@@ -1,0 +1,132 @@
+"""Typed configuration of an MoE layer, validated at construction."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Literal, Union
+
+import torch
+
+Activation = Union[Literal["gelu", "relu", "silu"], Callable[[torch.Tensor], torch.Tensor]]
+RouterKind = Literal["linear", "cosine"]
+AuxLossKind = Literal["gshard", "load_importance"]
+ExpertLayout = Literal["auto", "padded", "grouped"]
+
+ACTIVATIONS = ("gelu", "relu", "silu")
+ROUTERS = ("linear", "cosine")
+AUX_LOSSES = ("gshard", "load_importance", None)
+EXPERT_LAYOUTS = ("auto", "padded", "grouped")
+
+
+def _check_positive_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def _check_finite_nonneg(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
+
+
+def check_top_k(top_k: object, num_experts: int) -> int:
+    """Validate a top-k value against the number of experts; returns it."""
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
+        raise ValueError(f"top_k must be an int in 1..num_experts ({num_experts}), got {top_k!r}")
+    return top_k
+
+
+def check_capacity_factor(capacity_factor: object) -> float:
+    """Validate a capacity factor (any finite float: > 0 fixed, 0 dropless, < 0 capped dropless)."""
+    if isinstance(capacity_factor, bool) or not isinstance(capacity_factor, (int, float)):
+        raise TypeError(f"capacity_factor must be a float, got {type(capacity_factor).__name__}")
+    if not math.isfinite(capacity_factor):
+        raise ValueError(
+            f"capacity_factor must be finite (> 0 fixed, 0 dropless, < 0 capped dropless), got {capacity_factor!r}"
+        )
+    return float(capacity_factor)
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """Everything that defines an :class:`~flexmoe.MoELayer`.
+
+    Shapes: ``model_dim`` is the token width (input and output), ``hidden_dim`` the
+    width inside each built-in FFN expert (optional when custom experts are given).
+
+    Routing:
+        top_k: experts per token, 1..num_experts (changeable per call).
+        capacity_factor: ``> 0`` fixed capacity per expert
+            ``top_k * ceil(factor * tokens / num_experts)``, overflowing choices are
+            dropped (counted in ``layer.stats``); ``0`` dropless (capacity = the largest
+            load any expert has this step); ``< 0`` dropless but capped at the capacity
+            ``|factor|`` would give. Default 0: nothing is dropped unless asked for.
+        router: ``"linear"`` (softmax over a linear gate, ``router.weight`` is
+            ``[num_experts, model_dim]``) or ``"cosine"`` (SwinV2-MoE: projection,
+            L2-normalised, cosine similarity with learned temperature).
+        gate_noise: std of Gaussian noise added to the router logits in training.
+        normalize_gate: renormalise the top-k gate weights to sum to 1.
+        batch_prioritized_routing: on overflow keep the tokens with the highest
+            top-1 score first instead of first-come.
+
+    Losses (``layer.aux_loss`` = ``aux_loss_weight * balance + z_loss * z``):
+        aux_loss: ``"gshard"``, ``"load_importance"`` or ``None``.
+        aux_loss_weight: coefficient of the balance loss.
+        z_loss: coefficient of the ST-MoE router z-loss (0 = off).
+
+    Experts:
+        activation: ``"gelu"``, ``"relu"``, ``"silu"`` or a callable.
+        bias: biases in the expert FFNs. gated: SwiGLU-style experts (``w3``).
+        expert_layout: ``"grouped"`` runs the built-in experts on exact token counts
+            (tokens sorted by expert, ``grouped_mm``; no padded slots), ``"padded"``
+            on the ``[experts, capacity, model_dim]`` buffer (``bmm``), ``"auto"`` picks
+            grouped where it can (built-in experts, float32/bfloat16/float16) and
+            padded otherwise (float64, custom experts).
+
+    Checks:
+        check_finite: raise on NaN/inf in the input (off by default: costs a sync).
+    """
+
+    model_dim: int
+    num_experts: int
+    hidden_dim: int | None = None
+    top_k: int = 2
+    capacity_factor: float = 0.0
+    router: RouterKind = "linear"
+    gate_noise: float = 0.0
+    normalize_gate: bool = True
+    batch_prioritized_routing: bool = False
+    aux_loss: AuxLossKind | None = "gshard"
+    aux_loss_weight: float = 0.01
+    z_loss: float = 0.0
+    activation: Activation = "gelu"
+    bias: bool = True
+    gated: bool = False
+    expert_layout: ExpertLayout = "auto"
+    cosine_proj_dim: int = 256
+    check_finite: bool = False
+
+    def __post_init__(self) -> None:
+        _check_positive_int("model_dim", self.model_dim)
+        _check_positive_int("num_experts", self.num_experts)
+        if self.hidden_dim is not None:
+            _check_positive_int("hidden_dim", self.hidden_dim)
+        check_top_k(self.top_k, self.num_experts)
+        check_capacity_factor(self.capacity_factor)
+        if self.router not in ROUTERS:
+            raise ValueError(f"router must be one of {ROUTERS}, got {self.router!r}")
+        _check_finite_nonneg("gate_noise", self.gate_noise)
+        _check_finite_nonneg("aux_loss_weight", self.aux_loss_weight)
+        _check_finite_nonneg("z_loss", self.z_loss)
+        if self.aux_loss not in AUX_LOSSES:
+            raise ValueError(f"aux_loss must be one of {AUX_LOSSES}, got {self.aux_loss!r}")
+        if not callable(self.activation) and self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS} or a callable, got {self.activation!r}")
+        if self.expert_layout not in EXPERT_LAYOUTS:
+            raise ValueError(f"expert_layout must be one of {EXPERT_LAYOUTS}, got {self.expert_layout!r}")
+        _check_positive_int("cosine_proj_dim", self.cosine_proj_dim)
+        for name in ("normalize_gate", "batch_prioritized_routing", "bias", "gated", "check_finite"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")

@@ -1,0 +1,107 @@
+"""Batched FFN experts and the custom-expert protocol.
+
+A custom expert module maps ``[local_experts, capacity, model_dim]`` to the same shape
+(the padded layout). The built-in :class:`FFNExperts` can also run on the grouped layout:
+rows sorted by expert with exact counts, via ``torch.nn.functional.grouped_mm``, so no
+compute is spent on empty slots.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "gelu": F.gelu,
+    "relu": F.relu,
+    "silu": F.silu,
+}
+
+# grouped_mm refuses float64; those dtypes take the padded path.
+GROUPED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def resolve_activation(activation: str | Callable[[torch.Tensor], torch.Tensor]) -> Callable:
+    if callable(activation):
+        return activation
+    try:
+        return _ACTIVATIONS[activation]
+    except KeyError:
+        raise ValueError(f"activation must be one of {tuple(_ACTIVATIONS)} or a callable, got {activation!r}") from None
+
+
+class FFNExperts(nn.Module):
+    """``num_experts`` independent FFNs ``act(x @ w1 + b1) @ w2 + b2`` stored as batched weights.
+
+    Parameters: w1 [E, model_dim, hidden_dim], b1 [E, hidden_dim], w2 [E, hidden_dim, model_dim],
+    b2 [E, model_dim]; with ``gated`` also w3 [E, model_dim, hidden_dim] and the hidden
+    activation becomes ``act(x @ w1 + b1) * (x @ w3)`` (SwiGLU with silu).
+    """
+
+    def __init__(
+        self,
+        num_experts: int,
+        model_dim: int,
+        hidden_dim: int,
+        activation: str | Callable[[torch.Tensor], torch.Tensor] = "gelu",
+        bias: bool = True,
+        gated: bool = False,
+    ) -> None:
+        super().__init__()
+        self.num_experts, self.model_dim, self.hidden_dim = num_experts, model_dim, hidden_dim
+        self.activation = resolve_activation(activation)
+        self.w1 = nn.Parameter(torch.empty(num_experts, model_dim, hidden_dim))
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden_dim, model_dim))
+        self.w3 = nn.Parameter(torch.empty(num_experts, model_dim, hidden_dim)) if gated else None
+        self.b1 = nn.Parameter(torch.zeros(num_experts, hidden_dim)) if bias else None
+        self.b2 = nn.Parameter(torch.zeros(num_experts, model_dim)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # Same scale as nn.Linear's default for each expert (uniform in +-1/sqrt(fan_in)).
+        for weight, fan_in in ((self.w1, self.model_dim), (self.w2, self.hidden_dim), (self.w3, self.model_dim)):
+            if weight is not None:
+                nn.init.uniform_(weight, -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
+        for bias in (self.b1, self.b2):
+            if bias is not None:
+                nn.init.zeros_(bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Padded layout. x: [E, capacity, model_dim] -> [E, capacity, model_dim]."""
+        hidden = self._hidden(
+            torch.bmm(x, self.w1.to(x.dtype)),
+            None if self.w3 is None else torch.bmm(x, self.w3.to(x.dtype)),
+            None if self.b1 is None else self.b1.to(x.dtype).unsqueeze(1),
+        )
+        out = torch.bmm(hidden, self.w2.to(x.dtype))
+        return out if self.b2 is None else out + self.b2.to(x.dtype).unsqueeze(1)
+
+    def forward_grouped(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        """Grouped layout. x: [rows, model_dim] sorted by expert, ``tokens_per_expert[e]``
+        rows for expert e (sums to rows) -> [rows, model_dim]. Exact counts, no padding."""
+        offsets = torch.cumsum(tokens_per_expert, 0, dtype=torch.int32)
+        rows = x.shape[0]
+
+        def per_row(bias: torch.Tensor | None) -> torch.Tensor | None:
+            if bias is None:
+                return None
+            return bias.to(x.dtype).repeat_interleave(tokens_per_expert, dim=0, output_size=rows)
+
+        hidden = self._hidden(
+            F.grouped_mm(x, self.w1.to(x.dtype), offs=offsets),
+            None if self.w3 is None else F.grouped_mm(x, self.w3.to(x.dtype), offs=offsets),
+            per_row(self.b1),
+        )
+        out = F.grouped_mm(hidden, self.w2.to(x.dtype), offs=offsets)
+        b2 = per_row(self.b2)
+        return out if b2 is None else out + b2
+
+    def _hidden(self, pre: torch.Tensor, gate_in: torch.Tensor | None, b1: torch.Tensor | None) -> torch.Tensor:
+        if b1 is not None:
+            pre = pre + b1
+        hidden = self.activation(pre)
+        return hidden if gate_in is None else hidden * gate_in

@@ -1,0 +1,92 @@
+"""Index-based dispatch and combine with custom autograd (no one-hot tensor, no einsum).
+
+Two buffer layouts share the same two functions:
+  * padded:  ``rows`` gives each entry's row in a ``[num_rows = experts * capacity, dim]``
+    buffer; empty slots stay zero (the ``[E, C, M]`` layout of GShard/Tutel);
+  * grouped: ``rows is None``; the buffer holds exactly the kept entries in plan order
+    (sorted by expert), so experts can run on exact token counts.
+Cost is O(kept * dim) in time and memory for both.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.autograd import Function
+from torch.autograd.function import once_differentiable
+
+
+class _Dispatch(Function):
+    @staticmethod
+    def forward(ctx, x, token_index, rows, num_rows):
+        ctx.num_tokens = x.shape[0]
+        ctx.save_for_backward(token_index, rows)
+        picked = x.index_select(0, token_index)
+        if rows is None:
+            return picked
+        buffer = x.new_zeros(num_rows, x.shape[1])
+        return buffer.index_copy_(0, rows, picked)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_buffer):
+        token_index, rows = ctx.saved_tensors
+        grad_picked = grad_buffer if rows is None else grad_buffer.index_select(0, rows)
+        grad_x = grad_buffer.new_zeros(ctx.num_tokens, grad_buffer.shape[1])
+        return grad_x.index_add_(0, token_index, grad_picked), None, None, None
+
+
+class _Combine(Function):
+    @staticmethod
+    def forward(ctx, expert_out, gates, token_index, rows, num_tokens):
+        picked = expert_out if rows is None else expert_out.index_select(0, rows)
+        ctx.save_for_backward(expert_out, gates, token_index, rows)
+        weighted = picked * gates.to(picked.dtype).unsqueeze(1)
+        out = picked.new_zeros(num_tokens, picked.shape[1])
+        return out.index_add_(0, token_index, weighted)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        expert_out, gates, token_index, rows = ctx.saved_tensors
+        grad_out = grad_out.to(expert_out.dtype)
+        grad_rows = grad_out.index_select(0, token_index)
+        grad_expert_out = grad_gates = None
+        if ctx.needs_input_grad[1]:
+            picked = expert_out if rows is None else expert_out.index_select(0, rows)
+            # Accumulate the dot products in the gate dtype (float32 under half precision).
+            grad_gates = (grad_rows * picked).sum(dim=1, dtype=gates.dtype)
+        if ctx.needs_input_grad[0]:
+            grad_picked = grad_rows.mul_(gates.to(grad_rows.dtype).unsqueeze(1))
+            if rows is None:
+                grad_expert_out = grad_picked
+            else:
+                grad_expert_out = grad_picked.new_zeros(expert_out.shape).index_copy_(0, rows, grad_picked)
+        return grad_expert_out, grad_gates, None, None, None
+
+
+def dispatch(
+    x: torch.Tensor, token_index: torch.Tensor, rows: torch.Tensor | None = None, num_rows: int = 0
+) -> torch.Tensor:
+    """Gather tokens into an expert buffer.
+
+    x: [tokens, dim]; token_index: [kept] source token per entry; rows: [kept] destination
+    row in a ``[num_rows, dim]`` zero-filled buffer, or None for the grouped layout
+    (returns ``[kept, dim]`` in entry order). Backward scatters-adds into x's gradient.
+    """
+    return _Dispatch.apply(x, token_index, rows, num_rows)
+
+
+def combine(
+    expert_out: torch.Tensor,
+    gates: torch.Tensor,
+    token_index: torch.Tensor,
+    rows: torch.Tensor | None = None,
+    num_tokens: int = 0,
+) -> torch.Tensor:
+    """Weighted sum of expert outputs back per token.
+
+    expert_out: [num_rows, dim] (padded) or [kept, dim] (grouped, rows None);
+    gates: [kept]; token_index: [kept]. Returns [num_tokens, dim]; tokens with no kept
+    choice get zeros. One backward produces both the expert-output and the gate gradient.
+    """
+    return _Combine.apply(expert_out, gates, token_index, rows, num_tokens)

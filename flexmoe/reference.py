@@ -1,0 +1,130 @@
+"""The plain, slow, obviously-correct MoE forward that tests compare against.
+
+GShard/fairseq style: one-hot masks, cumulative sums for slot positions, a dense
+``[tokens, experts, capacity]`` combine tensor and einsums. Runs in any dtype, float64
+included. It reads the parameters of an :class:`~flexmoe.MoELayer` but shares none of
+its code paths (only the config's option names).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from flexmoe.config import MoEConfig
+
+_ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
+
+
+def reference_logits(params: dict[str, torch.Tensor], config: MoEConfig, tokens: torch.Tensor) -> torch.Tensor:
+    """tokens: [T, M] -> router logits [T, E]."""
+    if config.router == "linear":
+        return tokens @ params["router.weight"].T
+    projected = tokens @ params["router.proj.weight"].T + params["router.proj.bias"]
+    projected = projected / projected.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    sim = params["router.sim_matrix"]
+    sim = sim / sim.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    scale = torch.exp(torch.clamp(params["router.temperature"], max=math.log(100.0)))
+    return projected @ sim.T * scale
+
+
+def reference_experts(params: dict[str, torch.Tensor], config: MoEConfig, dispatched: torch.Tensor) -> torch.Tensor:
+    """dispatched: [E, C, M] -> [E, C, M], one einsum per weight."""
+    act = config.activation if callable(config.activation) else _ACTIVATIONS[config.activation]
+    pre = torch.einsum("ecm,emh->ech", dispatched, params["experts.w1"])
+    if config.bias:
+        pre = pre + params["experts.b1"][:, None, :]
+    hidden = act(pre)
+    if config.gated:
+        hidden = hidden * torch.einsum("ecm,emh->ech", dispatched, params["experts.w3"])
+    out = torch.einsum("ech,ehm->ecm", hidden, params["experts.w2"])
+    if config.bias:
+        out = out + params["experts.b2"][:, None, :]
+    return out
+
+
+def reference_capacity(config_factor: float, loads: torch.Tensor, num_tokens: int, top_k: int) -> int:
+    num_experts = loads.numel()
+    bound = top_k * math.ceil(abs(config_factor) * num_tokens / num_experts)
+    if config_factor > 0:
+        return bound
+    largest = int(loads.max()) if num_tokens else 0
+    return largest if config_factor == 0 else min(largest, bound)
+
+
+def reference_aux_loss(config: MoEConfig, logits: torch.Tensor, scores: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Balance loss and z-loss from their textbook definitions (no gate noise)."""
+    num_tokens, num_experts = scores.shape
+    total = torch.zeros((), dtype=scores.dtype)
+    if num_tokens == 0:
+        return total
+    if config.aux_loss == "gshard":
+        top1 = F.one_hot(scores.argmax(dim=1), num_experts).to(scores.dtype)
+        total = total + config.aux_loss_weight * num_experts * (scores.mean(0) * top1.mean(0)).sum()
+    elif config.aux_loss == "load_importance":
+        importance = scores.sum(0)
+        chosen = F.one_hot(scores.topk(top_k, dim=1).indices, num_experts).sum(1).to(scores.dtype)
+        load = chosen.sum(0)
+
+        def cv2(v: torch.Tensor) -> torch.Tensor:
+            return ((v - v.mean()) ** 2).mean() / (v.mean() ** 2 + 1e-10)
+
+        total = total + config.aux_loss_weight * (cv2(importance) + cv2(load)) / 2
+    if config.z_loss > 0:
+        total = total + config.z_loss * (torch.log(torch.exp(logits).sum(-1)) ** 2).mean()
+    return total
+
+
+def reference_moe(
+    params: dict[str, torch.Tensor],
+    config: MoEConfig,
+    x: torch.Tensor,
+    *,
+    top_k: int | None = None,
+    capacity_factor: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """x: [..., M] -> (output [..., M], aux_loss, capacity). ``params`` as in ``layer.named_parameters()``."""
+    top_k = config.top_k if top_k is None else top_k
+    capacity_factor = config.capacity_factor if capacity_factor is None else capacity_factor
+    tokens = x.reshape(-1, config.model_dim)
+    num_tokens, num_experts = tokens.shape[0], config.num_experts
+
+    logits = reference_logits(params, config, tokens)
+    scores = torch.softmax(logits, dim=-1)
+    gate_values, choices = scores.topk(top_k, dim=1)
+    if config.normalize_gate:
+        gate_values = gate_values / gate_values.sum(1, keepdim=True).clamp_min(torch.finfo(gate_values.dtype).eps)
+
+    if config.batch_prioritized_routing:
+        order = torch.sort(scores.max(dim=1).values.detach(), descending=True, stable=True).indices
+    else:
+        order = torch.arange(num_tokens)
+    masks = [F.one_hot(choices[:, k], num_experts).to(torch.long) for k in range(top_k)]  # [T, E] each
+
+    # Slot of each (token, choice): claims of earlier choice ranks first, then tokens in order.
+    locations, claimed = [], torch.zeros(num_experts, dtype=torch.long)
+    for mask in masks:
+        in_order = mask[order]
+        loc_in_order = torch.cumsum(in_order, dim=0) - 1 + claimed
+        loc = torch.empty_like(loc_in_order)
+        loc[order] = loc_in_order
+        locations.append((loc * mask).sum(1))  # [T]
+        claimed = claimed + mask.sum(0)
+    capacity = reference_capacity(capacity_factor, claimed, num_tokens, top_k)
+
+    combine_weights = torch.zeros(num_tokens, num_experts, capacity, dtype=tokens.dtype)
+    dispatch_mask = torch.zeros(num_tokens, num_experts, capacity, dtype=tokens.dtype)
+    for k, mask in enumerate(masks):
+        kept = locations[k] < capacity
+        slot_onehot = F.one_hot(locations[k].clamp(max=max(capacity - 1, 0)), max(capacity, 1))[:, :capacity]
+        placed = mask.to(tokens.dtype)[:, :, None] * slot_onehot.to(tokens.dtype)[:, None, :] * kept[:, None, None]
+        dispatch_mask = dispatch_mask + placed
+        combine_weights = combine_weights + gate_values[:, k, None, None] * placed
+
+    dispatched = torch.einsum("tec,tm->ecm", dispatch_mask, tokens)
+    expert_out = reference_experts(params, config, dispatched)
+    out = torch.einsum("tec,ecm->tm", combine_weights, expert_out)
+    aux = reference_aux_loss(config, logits, scores, top_k)
+    return out.reshape(x.shape), aux, capacity

@@ -1,0 +1,57 @@
+"""Auxiliary router losses: load balance (GShard, Shazeer load/importance) and ST-MoE z-loss."""
+
+from __future__ import annotations
+
+import torch
+
+
+def gshard_balance_loss(scores: torch.Tensor, top1_expert: torch.Tensor) -> torch.Tensor:
+    """GShard/Switch balance loss ``E * sum_e mean_t(scores[t, e]) * fraction_e``.
+
+    scores: [tokens, experts] routing probabilities; top1_expert: [tokens] each token's first
+    choice. ``fraction_e`` is the share of tokens whose first choice is e (no gradient).
+    Equals 1 when routing is perfectly uniform.
+    """
+    num_tokens, num_experts = scores.shape
+    fraction = torch.bincount(top1_expert, minlength=num_experts).to(scores.dtype) / num_tokens
+    return num_experts * torch.sum(scores.mean(dim=0) * fraction)
+
+
+def squared_cv(values: torch.Tensor) -> torch.Tensor:
+    """Squared coefficient of variation ``var / mean^2`` (population variance)."""
+    return values.var(correction=0) / (values.mean() ** 2 + 1e-10)
+
+
+def load_importance_loss(
+    scores: torch.Tensor,
+    clean_logits: torch.Tensor,
+    noisy_logits: torch.Tensor | None,
+    chosen_experts: torch.Tensor,
+    noise_std: float,
+) -> torch.Tensor:
+    """Shazeer et al. (2017): ``(cv^2(importance) + cv^2(load)) / 2``.
+
+    importance_e = sum_t scores[t, e] (scores without noise). With gate noise
+    (``noisy_logits`` given, ``noise_std > 0``), load_e is the smooth estimate
+    ``sum_t Phi((clean_logits[t, e] - kth_noisy_logit[t]) / noise_std)``; without noise it is
+    the hard count of choices routed to e (no gradient).
+    chosen_experts: [tokens, k] the experts each token chose.
+    """
+    importance = scores.sum(dim=0)
+    if noisy_logits is not None and noise_std > 0:
+        threshold = noisy_logits.gather(1, chosen_experts).min(dim=1, keepdim=True).values
+        normal = torch.distributions.Normal(0.0, noise_std)
+        load = normal.cdf(clean_logits - threshold).sum(dim=0)
+    else:
+        load = torch.bincount(chosen_experts.reshape(-1), minlength=scores.shape[1]).to(scores.dtype)
+    return (squared_cv(importance) + squared_cv(load)) / 2
+
+
+def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
+    """ST-MoE z-loss ``mean_t logsumexp(logits[t])^2``: keeps router logits small."""
+    return torch.logsumexp(logits, dim=-1).pow(2).mean()
+
+
+def router_entropy(scores: torch.Tensor) -> torch.Tensor:
+    """Mean entropy (nats) of the routing distribution over tokens; log(E) is uniform."""
+    return -(scores * torch.log(scores.clamp_min(1e-20))).sum(dim=-1).mean()

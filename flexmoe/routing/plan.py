@@ -1,0 +1,124 @@
+"""Token -> (expert, slot) assignment: the RoutingPlan every later step consumes.
+
+Placement semantics (GShard convention):
+  * all first choices of the batch are placed before any second choice, and so on;
+  * within one choice rank, tokens are placed in input order, or, with batch-prioritized
+    routing, in descending order of their top-1 router score (ties keep input order);
+  * an expert accepts ``capacity`` slots; a choice whose slot would be ``>= capacity`` is
+    dropped and contributes zero to the output (the residual connection carries the token).
+
+The plan is computed with one stable sort of the ``tokens * top_k`` expert ids, so its cost
+is O(tokens * k * log), independent of the number of experts and of the capacity.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from flexmoe.routing.capacity import expert_capacity
+
+
+@dataclass
+class RoutingPlan:
+    """Where each kept (token, choice) pair goes; entries sorted by expert, then slot.
+
+    token_index:  [kept] source token of each entry (int64).
+    choice_index: [kept] which of the token's top-k choices it is (0 = best).
+    expert_index: [kept] destination expert.
+    slot:         [kept] position inside the expert's buffer, ``< capacity``.
+    gates:        [kept] gate weight applied at combine (float32, differentiable).
+    tokens_per_expert: [num_experts] pairs routed to each expert before the capacity cut.
+    kept_per_expert:   [num_experts] pairs each expert accepted (``min(load, capacity)``).
+    capacity: slots per expert this step. num_tokens: tokens routed.
+    """
+
+    token_index: torch.Tensor
+    choice_index: torch.Tensor
+    expert_index: torch.Tensor
+    slot: torch.Tensor
+    gates: torch.Tensor
+    tokens_per_expert: torch.Tensor
+    kept_per_expert: torch.Tensor
+    capacity: int
+    num_tokens: int
+
+    @property
+    def num_experts(self) -> int:
+        return self.tokens_per_expert.numel()
+
+    @property
+    def num_kept(self) -> int:
+        return self.token_index.numel()
+
+    def padded_rows(self) -> torch.Tensor:
+        """[kept] row of each entry in the flattened ``[num_experts * capacity, dim]`` buffer."""
+        return self.expert_index * self.capacity + self.slot
+
+
+def top_k_gates(scores: torch.Tensor, top_k: int, normalize_gate: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """scores: [tokens, experts] -> (gates [tokens, k], experts [tokens, k]), best choice first.
+
+    With ``normalize_gate`` the k gate weights of a token are rescaled to sum to 1.
+    """
+    gates, experts = scores.topk(top_k, dim=1)
+    if normalize_gate:
+        gates = gates / gates.sum(dim=1, keepdim=True).clamp_min(torch.finfo(gates.dtype).eps)
+    return gates, experts
+
+
+def placement_order(top1_scores: torch.Tensor, batch_prioritized: bool) -> torch.Tensor:
+    """[tokens] order in which tokens claim slots within each choice rank."""
+    if batch_prioritized:
+        return torch.sort(top1_scores.detach(), descending=True, stable=True).indices
+    return torch.arange(top1_scores.numel(), device=top1_scores.device)
+
+
+def plan_routes(
+    scores: torch.Tensor,
+    top_k: int,
+    capacity_factor: float,
+    *,
+    normalize_gate: bool = True,
+    batch_prioritized: bool = False,
+) -> RoutingPlan:
+    """Assign each token's top-k choices to expert slots.
+
+    scores: [tokens, experts] routing probabilities (float32 or float64).
+    """
+    num_tokens, num_experts = scores.shape
+    device = scores.device
+    gates, experts = top_k_gates(scores, top_k, normalize_gate)
+    order = placement_order(scores.gather(1, experts[:, :1]).squeeze(1), batch_prioritized)
+
+    # Sequence of claims: choice-major, tokens in placement order within a choice.
+    claim_expert = experts[order].T.reshape(-1)
+    claim_token = order.repeat(top_k)
+    claim_choice = torch.arange(top_k, device=device).repeat_interleave(num_tokens)
+
+    tokens_per_expert = torch.bincount(claim_expert, minlength=num_experts)
+    capacity = expert_capacity(capacity_factor, tokens_per_expert, num_tokens, top_k)
+
+    # A stable sort by expert keeps the claim order inside each expert: rank = slot.
+    by_expert = torch.sort(claim_expert, stable=True).indices
+    sorted_expert = claim_expert[by_expert]
+    group_start = torch.cumsum(tokens_per_expert, 0) - tokens_per_expert
+    slot = torch.arange(sorted_expert.numel(), device=device) - group_start[sorted_expert]
+    if capacity_factor != 0:  # dropless needs no cut: capacity is the largest load
+        keep = slot < capacity
+        by_expert, sorted_expert, slot = by_expert[keep], sorted_expert[keep], slot[keep]
+
+    token_index = claim_token[by_expert]
+    choice_index = claim_choice[by_expert]
+    return RoutingPlan(
+        token_index=token_index,
+        choice_index=choice_index,
+        expert_index=sorted_expert,
+        slot=slot,
+        gates=gates.reshape(-1)[token_index * top_k + choice_index],
+        tokens_per_expert=tokens_per_expert,
+        kept_per_expert=tokens_per_expert.clamp(max=capacity),
+        capacity=capacity,
+        num_tokens=num_tokens,
+    )

@@ -1,0 +1,40 @@
+"""Routing telemetry recorded by every MoE forward."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class RoutingStats:
+    """What the router did in the last forward. Tensors are detached; reading them as
+    Python numbers (``int(stats.dropped)``) synchronises with the device.
+
+    tokens_per_expert: [num_experts] (token, choice) pairs routed to each expert before the cut.
+    kept_per_expert:   [num_experts] pairs each expert accepted.
+    dropped: pairs dropped by the capacity limit (0 when dropless).
+    capacity: slots per expert. num_tokens: tokens routed. top_k: choices per token.
+    router_entropy: mean entropy of the routing distribution (nats; log(num_experts) = uniform).
+    """
+
+    tokens_per_expert: torch.Tensor
+    kept_per_expert: torch.Tensor
+    dropped: torch.Tensor
+    capacity: int
+    num_tokens: int
+    top_k: int
+    router_entropy: torch.Tensor
+
+    @property
+    def dropped_fraction(self) -> float:
+        """Share of the ``num_tokens * top_k`` choices dropped (0.0 for an empty batch)."""
+        total = self.num_tokens * self.top_k
+        return float(self.dropped) / total if total else 0.0
+
+    @property
+    def capacity_used(self) -> float:
+        """Share of the ``num_experts * capacity`` slots holding a token."""
+        slots = self.capacity * self.tokens_per_expert.numel()
+        return float(self.kept_per_expert.sum()) / slots if slots else 0.0
