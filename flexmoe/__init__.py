@@ -8,4 +8,4 @@ from flexmoe.stats import RoutingStats
 
 __version__ = "0.1.0"
 
-__all__ = ["FFNExperts", "MoEConfig", "MoELayer", "RoutingPlan", "RoutingStats", "plan_routes", "__version__"]
+__all__ = ["FFNExperts", "MoEConfig", "MoELayer", "RoutingPlan", "RoutingStats", "__version__", "plan_routes"]

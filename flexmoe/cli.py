@@ -1,21 +1,33 @@
-"""The ``flexmoe`` command line."""
+"""The ``flexmoe`` command line: ``flexmoe <command> [options]``; ``flexmoe <command> -h`` for help."""
 
 from __future__ import annotations
 
-import argparse
+import importlib
 import sys
+
+# command -> (module with main(argv), one-line help). Modules load only when their command runs.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "helloworld": ("flexmoe.examples.helloworld", "train one MoE layer on synthetic data"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: flexmoe <command> [options]", "", "commands:"]
+    lines += [f"  {name:<12} {help_}" for name, (_, help_) in COMMANDS.items()]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="flexmoe", description="flexmoe command line")
-    sub = parser.add_subparsers(dest="command", required=True)
-    hello = sub.add_parser("helloworld", help="train one MoE layer on synthetic data", add_help=False)
-    hello.add_argument("rest", nargs=argparse.REMAINDER)
-    args = parser.parse_args(argv)
-    if args.command == "helloworld":
-        from flexmoe.examples import helloworld
-
-        helloworld.main(args.rest)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"flexmoe: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[command][0])
+    module.main(rest)
     return 0
 
 

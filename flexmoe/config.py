@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Literal, Union
+from typing import Literal
 
 import torch
 
-Activation = Union[Literal["gelu", "relu", "silu"], Callable[[torch.Tensor], torch.Tensor]]
+Activation = Literal["gelu", "relu", "silu"] | Callable[[torch.Tensor], torch.Tensor]
 RouterKind = Literal["linear", "cosine"]
 AuxLossKind = Literal["gshard", "load_importance"]
 ExpertLayout = Literal["auto", "padded", "grouped"]

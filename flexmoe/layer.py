@@ -62,7 +62,10 @@ class MoELayer(nn.Module):
 
     def extra_repr(self) -> str:
         c = self.config
-        return f"model_dim={c.model_dim}, num_experts={c.num_experts}, top_k={c.top_k}, capacity_factor={c.capacity_factor}"
+        return (
+            f"model_dim={c.model_dim}, num_experts={c.num_experts}, top_k={c.top_k}, "
+            f"capacity_factor={c.capacity_factor}"
+        )
 
     def forward(
         self, x: torch.Tensor, *, top_k: int | None = None, capacity_factor: float | None = None
@@ -73,9 +76,7 @@ class MoELayer(nn.Module):
         """
         config = self.config
         top_k = config.top_k if top_k is None else check_top_k(top_k, config.num_experts)
-        capacity_factor = (
-            config.capacity_factor if capacity_factor is None else check_capacity_factor(capacity_factor)
-        )
+        capacity_factor = config.capacity_factor if capacity_factor is None else check_capacity_factor(capacity_factor)
         tokens = self._flatten_input(x)
 
         logits, noisy_logits, scores = self.route_scores(tokens)
@@ -89,7 +90,7 @@ class MoELayer(nn.Module):
         out = self.run_experts(tokens, plan)
         self.aux_loss = self.compute_aux_loss(logits, noisy_logits, scores, top_k)
         self.stats = self._record_stats(plan, scores, top_k)
-        return out.reshape(x.shape[:-1] + (out.shape[-1],))
+        return out.reshape(*x.shape[:-1], out.shape[-1])
 
     # --- the steps ------------------------------------------------------------------------
 
@@ -116,13 +117,30 @@ class MoELayer(nn.Module):
         return logits, noisy_logits, scores
 
     def uses_grouped_layout(self, dtype: torch.dtype) -> bool:
-        """Whether the experts run on exact counts (grouped) rather than the padded buffer."""
+        """Whether the experts run on exact counts (grouped) rather than the padded buffer.
+
+        ``auto`` picks grouped when the experts implement ``forward_grouped`` and
+        ``grouped_mm`` takes the dtype and shapes (float32/bfloat16/float16; row strides of
+        ``model_dim`` and ``hidden_dim`` a multiple of 16 bytes).
+        """
         layout = self.config.expert_layout
-        if layout == "auto":
-            return hasattr(self.experts, "forward_grouped") and dtype in GROUPED_DTYPES
-        if layout == "grouped" and dtype not in GROUPED_DTYPES:
-            raise ValueError(f"expert_layout='grouped' supports {GROUPED_DTYPES}, got {dtype}; use 'auto' or 'padded'")
-        return layout == "grouped"
+        if layout == "padded":
+            return False
+        reason = self._grouped_unsupported_reason(dtype)
+        if layout == "grouped" and reason:
+            raise ValueError(f"expert_layout='grouped' cannot run here: {reason}; use 'auto' or 'padded'")
+        return reason is None
+
+    def _grouped_unsupported_reason(self, dtype: torch.dtype) -> str | None:
+        if not hasattr(self.experts, "forward_grouped"):
+            return "the experts have no forward_grouped()"
+        if dtype not in GROUPED_DTYPES:
+            return f"grouped_mm supports {GROUPED_DTYPES}, got {dtype}"
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        dims = (self.config.model_dim, getattr(self.experts, "hidden_dim", self.config.hidden_dim) or 0)
+        if any(d * itemsize % 16 for d in dims):
+            return f"grouped_mm needs model_dim and hidden_dim {dims} times {itemsize} bytes to be multiples of 16"
+        return None
 
     def run_experts(self, tokens: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
         """dispatch -> experts -> combine. tokens: [T, model_dim] -> [T, model_dim]."""

@@ -84,12 +84,16 @@ def main(argv: list[str] | None = None) -> float:
         loss_value = loss.item()
         stats = layer.stats
         progress.set_postfix(
-            loss=f"{loss_value:.4f}", step_ms=f"{step_ms:.1f}", dropped=f"{stats.dropped_fraction:.1%}",
+            loss=f"{loss_value:.4f}",
+            step_ms=f"{step_ms:.1f}",
+            dropped=f"{stats.dropped_fraction:.1%}",
             entropy=f"{float(stats.router_entropy):.2f}",
         )
     stats = layer.stats
-    print(f"final loss {loss_value:.4f}; tokens per expert {stats.tokens_per_expert.tolist()}; "
-          f"capacity {stats.capacity}; dropped {stats.dropped_fraction:.1%}")
+    print(
+        f"final loss {loss_value:.4f}; tokens per expert {stats.tokens_per_expert.tolist()}; "
+        f"capacity {stats.capacity}; dropped {stats.dropped_fraction:.1%}"
+    )
     return loss_value
 
 
