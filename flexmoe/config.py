@@ -18,6 +18,8 @@ ACTIVATIONS = ("gelu", "relu", "silu")
 ROUTERS = ("linear", "cosine")
 AUX_LOSSES = ("gshard", "load_importance", None)
 EXPERT_LAYOUTS = ("auto", "padded", "grouped")
+GRANULARITIES = ("token", "sentence", "task")
+Granularity = Literal["token", "sentence", "task"]
 
 
 def _check_positive_int(name: str, value: object) -> None:
@@ -77,6 +79,15 @@ class MoEConfig:
         aux_loss_weight: coefficient of the balance loss.
         z_loss: coefficient of the ST-MoE router z-loss (0 = off).
 
+    Granularity (what one routing decision covers; see ``flexmoe.routing.granularity``):
+        granularity: ``"token"`` (each token), ``"sentence"`` (one decision per sequence, from
+            the mean of its non-padding tokens; input ``[batch, seq, model_dim]``) or
+            ``"task"`` (one decision per task id, from a learned task embedding; pass
+            ``task_ids`` to forward). Task layers usually want ``capacity_factor=0``:
+            a single-task batch sends every token to the same k experts.
+        num_tasks: size of the task embedding (required for ``"task"``).
+        task_embedding_dim: width of the task embedding (default ``model_dim``).
+
     Experts:
         activation: ``"gelu"``, ``"relu"``, ``"silu"`` or a callable.
         bias: biases in the expert FFNs. gated: SwiGLU-style experts (``w3``).
@@ -107,7 +118,17 @@ class MoEConfig:
     gated: bool = False
     expert_layout: ExpertLayout = "auto"
     cosine_proj_dim: int = 256
+    granularity: Granularity = "token"
+    num_tasks: int | None = None
+    task_embedding_dim: int | None = None
     check_finite: bool = False
+
+    @property
+    def router_input_dim(self) -> int:
+        """Width of what the router sees: the task embedding for task routing, else tokens."""
+        if self.granularity == "task":
+            return self.task_embedding_dim or self.model_dim
+        return self.model_dim
 
     def __post_init__(self) -> None:
         _check_positive_int("model_dim", self.model_dim)
@@ -128,6 +149,13 @@ class MoEConfig:
         if self.expert_layout not in EXPERT_LAYOUTS:
             raise ValueError(f"expert_layout must be one of {EXPERT_LAYOUTS}, got {self.expert_layout!r}")
         _check_positive_int("cosine_proj_dim", self.cosine_proj_dim)
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
+        if self.granularity == "task" and self.num_tasks is None:
+            raise ValueError("num_tasks is required for granularity='task'")
+        for name in ("num_tasks", "task_embedding_dim"):
+            if getattr(self, name) is not None:
+                _check_positive_int(name, getattr(self, name))
         for name in ("normalize_gate", "batch_prioritized_routing", "bias", "gated", "check_finite"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")

@@ -21,6 +21,7 @@ from flexmoe.routing import (
     router_entropy,
     router_z_loss,
 )
+from flexmoe.routing.granularity import check_padding_mask, routing_units
 from flexmoe.stats import RoutingStats
 
 
@@ -45,7 +46,10 @@ class MoELayer(nn.Module):
         elif options:
             config = dataclasses.replace(config, **options)
         self.config = config
-        self.router = build_router(config.router, config.model_dim, config.num_experts, config.cosine_proj_dim)
+        self.router = build_router(config.router, config.router_input_dim, config.num_experts, config.cosine_proj_dim)
+        self.task_embedding: nn.Embedding | None = None
+        if config.granularity == "task":
+            self.task_embedding = nn.Embedding(config.num_tasks, config.router_input_dim)
         if experts is None:
             if config.hidden_dim is None:
                 raise ValueError("hidden_dim is required unless custom experts are given")
@@ -68,18 +72,35 @@ class MoELayer(nn.Module):
         )
 
     def forward(
-        self, x: torch.Tensor, *, top_k: int | None = None, capacity_factor: float | None = None
+        self,
+        x: torch.Tensor,
+        *,
+        top_k: int | None = None,
+        capacity_factor: float | None = None,
+        padding_mask: torch.Tensor | None = None,
+        task_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x: [..., model_dim] -> [..., model_dim].
 
-        ``top_k`` and ``capacity_factor`` override the configured values for this call only.
+        top_k, capacity_factor: override the configured values for this call only.
+        padding_mask: bool ``x.shape[:-1]``, True at padding positions; those are not routed
+            (no capacity used, output 0) and sentence routing averages over the others.
+        task_ids: int ``[batch]`` or ``x.shape[:-1]``; required by task-routed layers, ignored
+            by the others (so a model can pass it to every layer).
         """
         config = self.config
         top_k = config.top_k if top_k is None else check_top_k(top_k, config.num_experts)
         capacity_factor = config.capacity_factor if capacity_factor is None else check_capacity_factor(capacity_factor)
-        tokens = self._flatten_input(x)
+        all_tokens = self._flatten_input(x)
+        check_padding_mask(padding_mask, x)
+        routed_positions = None if padding_mask is None else torch.nonzero(~padding_mask.reshape(-1)).squeeze(1)
+        tokens = all_tokens if routed_positions is None else all_tokens.index_select(0, routed_positions)
 
-        logits, noisy_logits, scores = self.route_scores(tokens)
+        units = routing_units(config.granularity, x, routed_positions, padding_mask, task_ids, self.task_embedding)
+        logits, noisy_logits, scores = self.route_scores(tokens if units.inputs is None else units.inputs)
+        if units.unit_of_token is not None:
+            logits, scores = logits[units.unit_of_token], scores[units.unit_of_token]
+            noisy_logits = None if noisy_logits is None else noisy_logits[units.unit_of_token]
         plan = plan_routes(
             scores,
             top_k,
@@ -88,6 +109,8 @@ class MoELayer(nn.Module):
             batch_prioritized=config.batch_prioritized_routing,
         )
         out = self.run_experts(tokens, plan)
+        if routed_positions is not None:
+            out = out.new_zeros(all_tokens.shape[0], out.shape[1]).index_copy(0, routed_positions, out)
         self.aux_loss = self.compute_aux_loss(logits, noisy_logits, scores, top_k)
         self.stats = self._record_stats(plan, scores, top_k)
         return out.reshape(*x.shape[:-1], out.shape[-1])
@@ -105,11 +128,11 @@ class MoELayer(nn.Module):
             raise ValueError("x contains NaN or inf (check_finite=True)")
         return x.reshape(-1, self.config.model_dim)
 
-    def route_scores(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """tokens: [T, model_dim] -> (clean logits, noisy logits or None, routing scores), each
-        [T, num_experts] in float32 (float64 for float64 input), outside autocast."""
-        with torch.autocast(tokens.device.type, enabled=False):
-            logits = self.router(tokens)
+    def route_scores(self, router_inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """router_inputs: [units, dim] -> (clean logits, noisy logits or None, routing scores),
+        each [units, num_experts] in float32 (float64 for float64 input), outside autocast."""
+        with torch.autocast(router_inputs.device.type, enabled=False):
+            logits = self.router(router_inputs)
             noisy_logits = None
             if self.training and self.config.gate_noise > 0:
                 noisy_logits = logits + self.config.gate_noise * torch.randn_like(logits)

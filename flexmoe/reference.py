@@ -77,6 +77,28 @@ def reference_aux_loss(config: MoEConfig, logits: torch.Tensor, scores: torch.Te
     return total
 
 
+def reference_router_inputs(
+    params: dict[str, torch.Tensor],
+    config: MoEConfig,
+    x: torch.Tensor,
+    padding_mask: torch.Tensor | None,
+    task_ids: torch.Tensor | None,
+) -> torch.Tensor:
+    """What the router sees for each token, [all tokens, dim]: the token itself, its sentence's
+    mean over non-padding positions, or its task's embedding row."""
+    if config.granularity == "token":
+        return x.reshape(-1, config.model_dim)
+    if config.granularity == "sentence":
+        rows = []
+        for b in range(x.shape[0]):
+            real = x[b] if padding_mask is None else x[b][~padding_mask[b]]
+            mean = real.mean(0) if len(real) else torch.zeros(config.model_dim, dtype=x.dtype)
+            rows.append(mean.expand(x.shape[1], -1))
+        return torch.cat(rows) if rows else x.reshape(0, config.model_dim)
+    ids = task_ids if task_ids.shape == x.shape[:-1] else task_ids.reshape(-1, 1).expand(x.shape[:-1])
+    return params["task_embedding.weight"][ids.reshape(-1)]
+
+
 def reference_moe(
     params: dict[str, torch.Tensor],
     config: MoEConfig,
@@ -84,14 +106,22 @@ def reference_moe(
     *,
     top_k: int | None = None,
     capacity_factor: float | None = None,
+    padding_mask: torch.Tensor | None = None,
+    task_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """x: [..., M] -> (output [..., M], aux_loss, capacity). ``params`` as in ``layer.named_parameters()``."""
+    """x: [..., M] -> (output [..., M], aux_loss, capacity). ``params`` as in ``layer.named_parameters()``.
+
+    Padding positions (``padding_mask`` True) are not routed and get output 0.
+    """
     top_k = config.top_k if top_k is None else top_k
     capacity_factor = config.capacity_factor if capacity_factor is None else capacity_factor
-    tokens = x.reshape(-1, config.model_dim)
+    all_tokens = x.reshape(-1, config.model_dim)
+    router_inputs = reference_router_inputs(params, config, x, padding_mask, task_ids)
+    routed = torch.ones(all_tokens.shape[0], dtype=torch.bool) if padding_mask is None else ~padding_mask.reshape(-1)
+    tokens, router_inputs = all_tokens[routed], router_inputs[routed]
     num_tokens, num_experts = tokens.shape[0], config.num_experts
 
-    logits = reference_logits(params, config, tokens)
+    logits = reference_logits(params, config, router_inputs)
     scores = torch.softmax(logits, dim=-1)
     gate_values, choices = scores.topk(top_k, dim=1)
     if config.normalize_gate:
@@ -125,6 +155,7 @@ def reference_moe(
 
     dispatched = torch.einsum("tec,tm->ecm", dispatch_mask, tokens)
     expert_out = reference_experts(params, config, dispatched)
-    out = torch.einsum("tec,ecm->tm", combine_weights, expert_out)
+    out = torch.zeros_like(all_tokens)
+    out[routed] = torch.einsum("tec,ecm->tm", combine_weights, expert_out)
     aux = reference_aux_loss(config, logits, scores, top_k)
     return out.reshape(x.shape), aux, capacity
