@@ -30,7 +30,8 @@ def _compare(layer, x, **inputs):
     torch.testing.assert_close(layer.aux_loss, ref_aux, rtol=1e-10, atol=1e-12)
     assert layer.stats.capacity == ref_cap
     outputs = [(ref, upstream)] + ([(ref_aux, torch.ones(()))] if ref_aux.requires_grad else [])
-    ref_x_grad = torch.autograd.grad(*zip(*outputs), inputs=[xr])[0]
+    ref_outputs, ref_upstream = zip(*outputs)
+    ref_x_grad = torch.autograd.grad(ref_outputs, [xr], ref_upstream)[0]
     torch.testing.assert_close(x_.grad, ref_x_grad, rtol=1e-9, atol=1e-11)
     return out, layer_grads
 
