@@ -64,6 +64,12 @@ class MoELayer(nn.Module):
         self.aux_loss: torch.Tensor = torch.zeros(())
         self.stats: RoutingStats | None = None
 
+    def __getstate__(self) -> dict[str, Any]:
+        # The last aux loss is part of the autograd graph; copies and pickles keep its value only.
+        state = self.__dict__.copy()
+        state["aux_loss"] = self.aux_loss.detach()
+        return state
+
     def extra_repr(self) -> str:
         c = self.config
         return (

@@ -1,0 +1,88 @@
+"""DenseFFN: the static block a task-routed MoE layer becomes after extraction."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from flexmoe.experts import resolve_activation
+
+
+class DenseFFN(nn.Module):
+    """``act(x @ w1 + b1) [* (x @ w3)] @ w2 + b2`` on every token; no router, no dispatch.
+
+    Built by :func:`flexmoe.extract_task` from a task's top-k experts: their hidden units are
+    concatenated (``hidden_dim = k * expert_hidden``) and the fixed gate weights are folded into
+    ``w2`` and ``b2``, so one dense GEMM pair computes exactly ``sum_j gate_j * expert_j(x)``.
+    Call-compatible with :class:`~flexmoe.MoELayer` (``padding_mask`` zeroes padding positions
+    as the MoE layer does; ``task_ids``, if given, must all be ``task_id``).
+
+    w1 [model_dim, hidden_dim], b1 [hidden_dim], w2 [hidden_dim, model_dim], b2 [model_dim],
+    w3 [model_dim, hidden_dim] when gated.
+    """
+
+    def __init__(
+        self,
+        model_dim: int,
+        hidden_dim: int,
+        activation: str = "gelu",
+        bias: bool = True,
+        gated: bool = False,
+        task_id: int | None = None,
+        experts: tuple[int, ...] = (),
+    ) -> None:
+        super().__init__()
+        self.model_dim, self.hidden_dim, self.activation_name = model_dim, hidden_dim, activation
+        self.activation = resolve_activation(activation)
+        self.task_id, self.experts = task_id, tuple(experts)
+        self.w1 = nn.Parameter(torch.empty(model_dim, hidden_dim))
+        self.w2 = nn.Parameter(torch.empty(hidden_dim, model_dim))
+        self.w3 = nn.Parameter(torch.empty(model_dim, hidden_dim)) if gated else None
+        self.b1 = nn.Parameter(torch.zeros(hidden_dim)) if bias else None
+        self.b2 = nn.Parameter(torch.zeros(model_dim)) if bias else None
+        self.aux_loss = torch.zeros(())
+        self.stats = None
+
+    def spec(self) -> dict:
+        """Constructor arguments (JSON-serialisable) to rebuild this block."""
+        if not isinstance(self.activation_name, str):
+            raise ValueError("a DenseFFN with a callable activation cannot be described by a spec")
+        return {
+            "model_dim": self.model_dim,
+            "hidden_dim": self.hidden_dim,
+            "activation": self.activation_name,
+            "bias": self.b1 is not None,
+            "gated": self.w3 is not None,
+            "task_id": self.task_id,
+            "experts": list(self.experts),
+        }
+
+    def extra_repr(self) -> str:
+        return (
+            f"model_dim={self.model_dim}, hidden_dim={self.hidden_dim}, task_id={self.task_id}, experts={self.experts}"
+        )
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        *,
+        padding_mask: torch.Tensor | None = None,
+        task_ids: torch.Tensor | None = None,
+        **_routing_options: object,
+    ) -> torch.Tensor:
+        """x: [..., model_dim] -> [..., model_dim]. Routing options (top_k, ...) are ignored."""
+        if task_ids is not None and self.task_id is not None and task_ids.numel():
+            if bool((task_ids != self.task_id).any()):
+                raise ValueError(f"this sub-network serves task {self.task_id}; task_ids holds other tasks")
+        hidden = x @ self.w1.to(x.dtype)
+        if self.b1 is not None:
+            hidden = hidden + self.b1.to(x.dtype)
+        hidden = self.activation(hidden)
+        if self.w3 is not None:
+            hidden = hidden * (x @ self.w3.to(x.dtype))
+        out = hidden @ self.w2.to(x.dtype)
+        if self.b2 is not None:
+            out = out + self.b2.to(x.dtype)
+        if padding_mask is not None:
+            out = out.masked_fill(padding_mask.unsqueeze(-1), 0)
+        return out
