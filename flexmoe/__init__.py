@@ -5,8 +5,22 @@ from flexmoe.experts import FFNExperts
 from flexmoe.layer import MoELayer
 from flexmoe.routing import RoutingPlan, plan_routes
 from flexmoe.stats import RoutingStats
-from flexmoe.task import DenseFFN, ExtractionReport, extract_task
+from flexmoe.task import DenseFFN, ExpertUsage, ExtractionReport, expert_usage, extract_task, prune_experts
 
 __version__ = "0.1.0"
 
-__all__ = ["FFNExperts", "MoEConfig", "MoELayer", "RoutingPlan", "RoutingStats", "__version__", "plan_routes"]
+__all__ = [
+    "DenseFFN",
+    "ExpertUsage",
+    "ExtractionReport",
+    "FFNExperts",
+    "MoEConfig",
+    "MoELayer",
+    "RoutingPlan",
+    "RoutingStats",
+    "__version__",
+    "expert_usage",
+    "extract_task",
+    "plan_routes",
+    "prune_experts",
+]

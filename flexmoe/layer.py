@@ -63,6 +63,9 @@ class MoELayer(nn.Module):
         self.experts = experts
         self.aux_loss: torch.Tensor = torch.zeros(())
         self.stats: RoutingStats | None = None
+        # Set by flexmoe.task.usage while it records routing; None otherwise.
+        self.last_plan: RoutingPlan | None = None
+        self.record_plan = False
 
     def __getstate__(self) -> dict[str, Any]:
         # The last aux loss is part of the autograd graph; copies and pickles keep its value only.
@@ -119,6 +122,7 @@ class MoELayer(nn.Module):
             out = out.new_zeros(all_tokens.shape[0], out.shape[1]).index_copy(0, routed_positions, out)
         self.aux_loss = self.compute_aux_loss(logits, noisy_logits, scores, top_k)
         self.stats = self._record_stats(plan, scores, top_k)
+        self.last_plan = plan if self.record_plan else None
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
     # --- the steps ------------------------------------------------------------------------

@@ -2,5 +2,15 @@
 
 from flexmoe.task.dense import DenseFFN
 from flexmoe.task.extract import ExtractionReport, extract_task
+from flexmoe.task.prune import prune_experts, prune_layer
+from flexmoe.task.usage import ExpertUsage, expert_usage
 
-__all__ = ["DenseFFN", "ExtractionReport", "extract_task"]
+__all__ = [
+    "DenseFFN",
+    "ExpertUsage",
+    "ExtractionReport",
+    "expert_usage",
+    "extract_task",
+    "prune_experts",
+    "prune_layer",
+]
