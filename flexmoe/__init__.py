@@ -5,7 +5,16 @@ from flexmoe.experts import FFNExperts
 from flexmoe.layer import MoELayer
 from flexmoe.routing import RoutingPlan, plan_routes
 from flexmoe.stats import RoutingStats
-from flexmoe.task import DenseFFN, ExpertUsage, ExtractionReport, expert_usage, extract_task, prune_experts
+from flexmoe.task import (
+    DenseFFN,
+    ExpertUsage,
+    ExtractionReport,
+    expert_usage,
+    extract_task,
+    load_subnetwork,
+    prune_experts,
+    save_subnetwork,
+)
 
 __version__ = "0.1.0"
 
@@ -21,6 +30,8 @@ __all__ = [
     "__version__",
     "expert_usage",
     "extract_task",
+    "load_subnetwork",
     "plan_routes",
     "prune_experts",
+    "save_subnetwork",
 ]

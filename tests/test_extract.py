@@ -72,3 +72,18 @@ def test_padding_and_wrong_task_in_extracted_model():
         sub(x, torch.tensor([2, 3]))
     with pytest.raises(ValueError, match="task_id"):
         extract_task(model, 4)
+
+
+def test_save_and_load_subnetwork_without_the_full_model(tmp_path):
+    from flexmoe.task import load_subnetwork, save_subnetwork
+
+    model = TinyTranslator(gated=True)
+    sub = extract_task(model, 3)
+    save_subnetwork(sub, tmp_path / "fr")
+    loaded = load_subnetwork(tmp_path / "fr", lambda: TinyTranslator(gated=True))
+    x = torch.randn(2, 4, 16, dtype=torch.float64)
+    ids = torch.full((2,), 3)
+    torch.testing.assert_close(loaded(x, ids), model(x, ids), rtol=1e-10, atol=1e-12)
+    assert sum(p.numel() for p in loaded.parameters()) == sub.extraction_report.parameters_after
+    with pytest.raises(FileNotFoundError, match="save_subnetwork"):
+        load_subnetwork(tmp_path, lambda: TinyTranslator())

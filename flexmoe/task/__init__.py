@@ -2,6 +2,7 @@
 
 from flexmoe.task.dense import DenseFFN
 from flexmoe.task.extract import ExtractionReport, extract_task
+from flexmoe.task.io import load_subnetwork, save_subnetwork
 from flexmoe.task.prune import prune_experts, prune_layer
 from flexmoe.task.usage import ExpertUsage, expert_usage
 
@@ -11,6 +12,8 @@ __all__ = [
     "ExtractionReport",
     "expert_usage",
     "extract_task",
+    "load_subnetwork",
     "prune_experts",
     "prune_layer",
+    "save_subnetwork",
 ]
