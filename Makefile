@@ -16,7 +16,7 @@ demo: $(VENV)/.installed
 	$(PY) -m flexmoe.examples.helloworld
 
 test: $(VENV)/.installed
-	$(PY) -m ruff check flexmoe tests benchmarks
+	$(PY) -m ruff check .
 	$(PY) -m pytest tests
 
 bench: $(VENV)/.installed
