@@ -1,0 +1,215 @@
+"""Forward+backward time of MoELayer and baselines, as ratios to the expert-GEMM floor.
+
+One run measures, per config: the floor (the fastest of bmm on the padded [E, C, M] buffer,
+one addmm per expert on exact counts, and grouped_mm on exact counts: the expert FFN alone on
+exactly the rows the layer routed, no router, no dispatch), MoELayer, a per-expert Python loop
+(HuggingFace-Mixtral style, no capacity), and the one-hot/einsum reference. Candidates are
+interleaved per repeat and the median is reported. Upstream gradients are dense random
+tensors (``out.sum().backward()`` would hand back a stride-0 gradient that sends CPU bmm
+backward onto a slow path). ``--memory`` adds the peak RSS of each row, one subprocess per row.
+
+    python benchmarks/layer.py [--threads 1] [--repeats 5] [--quick] [--memory]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from flexmoe import MoELayer
+from flexmoe.reference import reference_moe
+
+
+@dataclass(frozen=True)
+class Config:
+    tokens: int
+    model_dim: int
+    hidden_dim: int
+    experts: int
+    top_k: int
+    capacity_factor: float
+    skewed: bool = False
+
+    def label(self) -> str:
+        skew = " skewed" if self.skewed else ""
+        return (
+            f"T{self.tokens} M{self.model_dim} H{self.hidden_dim} E{self.experts} "
+            f"k{self.top_k} f{self.capacity_factor:g}{skew}"
+        )
+
+
+CONFIGS = [
+    Config(4096, 512, 2048, 8, 2, 1.0),
+    Config(8192, 1024, 4096, 16, 2, 1.25),
+    Config(16384, 256, 1024, 64, 1, 1.0),
+    Config(2048, 1024, 4096, 4, 1, 1.0),
+    Config(4096, 512, 2048, 8, 2, 0.0, skewed=True),
+]
+QUICK = [Config(512, 64, 128, 8, 2, 1.0), Config(1024, 64, 128, 16, 2, 1.25), Config(512, 64, 128, 8, 2, 0.0, True)]
+ROWS = ["floor:bmm", "floor:addmm-per-expert", "floor:grouped_mm", "MoELayer", "loop (HF-style)", "einsum reference"]
+
+
+def build(config: Config, seed: int = 0):
+    torch.manual_seed(seed)
+    layer = MoELayer(
+        model_dim=config.model_dim,
+        num_experts=config.experts,
+        hidden_dim=config.hidden_dim,
+        top_k=config.top_k,
+        capacity_factor=config.capacity_factor,
+        aux_loss=None,
+    )
+    if config.skewed:  # a router bias towards expert 0 so it receives about half of the tokens
+        with torch.no_grad():
+            layer.router.weight[0] = layer.router.weight[1:].mean(0)
+    x = torch.randn(config.tokens, config.model_dim)
+    with torch.no_grad():
+        direction = layer.router.weight[0] / layer.router.weight[0].norm()
+        if config.skewed:
+            x = x + 0.9 * direction * config.model_dim**0.5 * (torch.rand(config.tokens, 1) < 0.5)
+        layer(x)
+    return layer, x
+
+
+def candidates(layer: MoELayer, x: torch.Tensor):
+    """name -> zero-argument callable running fwd+bwd once."""
+    stats = layer.stats
+    experts = layer.experts
+    w1, b1, w2, b2 = experts.w1, experts.b1, experts.w2, experts.b2
+    counts = stats.kept_per_expert
+    rows, capacity, num_experts = int(counts.sum()), stats.capacity, counts.numel()
+    exact = torch.randn(rows, x.shape[1], requires_grad=True)
+    padded = torch.randn(num_experts, capacity, x.shape[1], requires_grad=True)
+    grad_exact, grad_padded = torch.randn(rows, x.shape[1]), torch.randn(num_experts, capacity, x.shape[1])
+    offsets = torch.cumsum(counts, 0, dtype=torch.int32)
+    bounds = [0, *offsets.tolist()]
+    grad_x = torch.randn_like(x)
+
+    def floor_bmm():
+        h = F.gelu(torch.baddbmm(b1.unsqueeze(1), padded, w1))
+        torch.baddbmm(b2.unsqueeze(1), h, w2).backward(grad_padded)
+
+    def floor_addmm():
+        outs = [
+            torch.addmm(b2[e], F.gelu(torch.addmm(b1[e], exact[bounds[e] : bounds[e + 1]], w1[e])), w2[e])
+            for e in range(num_experts)
+        ]
+        torch.cat(outs).backward(grad_exact)
+
+    def floor_grouped():
+        per_row = torch.repeat_interleave(torch.arange(num_experts), counts, output_size=rows)
+        h = F.gelu(F.grouped_mm(exact, w1, offs=offsets) + b1[per_row])
+        (F.grouped_mm(h, w2, offs=offsets) + b2[per_row]).backward(grad_exact)
+
+    def moe_layer():
+        layer(x_leaf).backward(grad_x)
+
+    def loop():
+        logits = layer.router(x_leaf)
+        gates, chosen = torch.softmax(logits, -1).topk(layer.config.top_k, dim=-1)
+        gates = gates / gates.sum(-1, keepdim=True)
+        out = torch.zeros_like(x_leaf)
+        for e in range(num_experts):
+            token, slot = torch.where(chosen == e)
+            h = F.gelu(torch.addmm(b1[e], x_leaf[token], w1[e]))
+            y = torch.addmm(b2[e], h, w2[e]) * gates[token, slot, None]
+            out = out.index_add(0, token, y)
+        out.backward(grad_x)
+
+    params = dict(layer.named_parameters())
+
+    def einsum():
+        reference_moe(params, layer.config, x_leaf)[0].backward(grad_x)
+
+    x_leaf = x.clone().requires_grad_()
+    return dict(zip(ROWS, [floor_bmm, floor_addmm, floor_grouped, moe_layer, loop, einsum]))
+
+
+def time_config(config: Config, repeats: int, skip: set[str]) -> dict[str, float]:
+    layer, x = build(config)
+    runs = {name: fn for name, fn in candidates(layer, x).items() if name not in skip}
+    samples: dict[str, list[float]] = {name: [] for name in runs}
+    for fn in runs.values():  # warm-up
+        fn()
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            layer.zero_grad(set_to_none=True)
+            start = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - start)
+    share = float(layer.stats.tokens_per_expert.max()) / config.tokens  # share of tokens
+    result = {name: statistics.median(v) for name, v in samples.items()}
+    result["_top_share"] = share
+    return result
+
+
+def peak_rss_mb(config: Config, row: str, threads: int) -> float:
+    code = (
+        f"import sys, json, resource, torch; sys.path.insert(0, 'benchmarks'); import layer as b; "
+        f"torch.set_num_threads({threads}); c = b.Config(**{config.__dict__!r}); "
+        f"l, x = b.build(c); f = b.candidates(l, x)[{row!r}]; f(); f(); "
+        f"print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return int(out.stdout.split()[-1]) / 1024
+
+
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="small configs, 2 repeats: a smoke run")
+    parser.add_argument("--memory", action="store_true", help="peak RSS per row (one subprocess per row)")
+    parser.add_argument("--no-einsum", action="store_true", help="skip the einsum reference (slow, memory-hungry)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    configs, repeats = (QUICK, 2) if args.quick else (CONFIGS, args.repeats)
+    skip = {"einsum reference"} if args.no_einsum else set()
+    try:
+        import deepspeed  # noqa: F401
+
+        ds_note = "deepspeed importable but its row is not wired yet"
+    except ImportError as error:
+        ds_note = f"deepspeed not importable ({error}); DeepSpeed-MoE row skipped (make bench-venv)"
+    print(
+        f"# machine: {cpu_name()}, torch {torch.__version__}, {args.threads} thread(s), float32, "
+        f"median of {repeats}; {ds_note}"
+    )
+    print(
+        "# time of forward+backward with a dense upstream gradient, as a ratio to the floor "
+        "(the fastest expert-FFN-only variant on exactly the routed rows); < 1.05 is the target for MoELayer"
+    )
+    print("| config | candidate | ratio to floor | ms | peak RSS MB |")
+    print("|---|---|---:|---:|---:|")
+    for config in configs:
+        result = time_config(config, repeats, skip)
+        floor = min(result[n] for n in ROWS[:3])
+        label = f"{config.label()} (top expert gets {result['_top_share']:.0%} of tokens)"
+        for name in ROWS:
+            if name not in result:
+                continue
+            memory = f"{peak_rss_mb(config, name, args.threads):.0f}" if args.memory else "-"
+            print(f"| {label} | {name} | {result[name] / floor:.2f}x | {result[name] * 1e3:.1f} | {memory} |")
+            label = ""
+
+
+if __name__ == "__main__":
+    main()
