@@ -3,7 +3,8 @@
 One run measures, per config: the floor (the fastest of bmm on the padded [E, C, M] buffer,
 one addmm per expert on exact counts, and grouped_mm on exact counts: the expert FFN alone on
 exactly the rows the layer routed, no router, no dispatch), MoELayer, a per-expert Python loop
-(HuggingFace-Mixtral style, no capacity), and the one-hot/einsum reference. Candidates are
+(HuggingFace-Mixtral style, no capacity), the one-hot/einsum reference, and DeepSpeed-MoE when
+``deepspeed`` is importable (``make bench-venv``; same weights, CPU accelerator, a world-1 gloo group). Candidates are
 interleaved per repeat and the median is reported. Upstream gradients are dense random
 tensors (``out.sum().backward()`` would hand back a stride-0 gradient that sends CPU bmm
 backward onto a slow path). ``--memory`` adds the peak RSS of each row, one subprocess per row.
@@ -14,6 +15,7 @@ backward onto a slow path). ``--memory`` adds the peak RSS of each row, one subp
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import subprocess
@@ -54,7 +56,63 @@ CONFIGS = [
     Config(4096, 512, 2048, 8, 2, 0.0, skewed=True),
 ]
 QUICK = [Config(512, 64, 128, 8, 2, 1.0), Config(1024, 64, 128, 16, 2, 1.25), Config(512, 64, 128, 8, 2, 0.0, True)]
-ROWS = ["floor:bmm", "floor:addmm-per-expert", "floor:grouped_mm", "MoELayer", "loop (HF-style)", "einsum reference"]
+ROWS = [
+    "floor:bmm",
+    "floor:addmm-per-expert",
+    "floor:grouped_mm",
+    "MoELayer",
+    "loop (HF-style)",
+    "einsum reference",
+    "DeepSpeed-MoE",
+]
+
+
+def deepspeed_available() -> str | None:
+    """None when DeepSpeed-MoE can run here, else why not. Initialises a world-1 gloo group."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
+    try:
+        import deepspeed.moe.layer  # noqa: F401
+    except ImportError as error:
+        return f"deepspeed not importable ({error}); run `make bench-venv` and `.venv-bench/bin/python {__file__}`"
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", init_method="tcp://127.0.0.1:0", rank=0, world_size=1)
+    return None
+
+
+def deepspeed_moe(layer: MoELayer, capacity_factor: float | None = None):
+    """A DeepSpeed-MoE layer holding ``layer``'s router and expert weights (same routing semantics:
+    GShard capacity, no second-expert sampling, no random token selection, no minimum capacity)."""
+    from deepspeed.moe.layer import MoE
+    from torch import nn
+
+    config, experts = layer.config, layer.experts
+    template = nn.Sequential(
+        nn.Linear(config.model_dim, config.hidden_dim), nn.GELU(), nn.Linear(config.hidden_dim, config.model_dim)
+    )
+    factor = config.capacity_factor if capacity_factor is None else capacity_factor
+    moe = MoE(
+        config.model_dim,
+        template,
+        config.num_experts,
+        ep_size=1,
+        k=config.top_k,
+        capacity_factor=factor,
+        eval_capacity_factor=factor,
+        min_capacity=0,
+        drop_tokens=factor > 0,
+        use_rts=False,
+        top2_2nd_expert_sampling=False,
+    )
+    with torch.no_grad():
+        moe.deepspeed_moe.gate.wg.weight.copy_(layer.router.weight)
+        for e, expert in enumerate(moe.deepspeed_moe.experts.deepspeed_experts):
+            expert[0].weight.copy_(experts.w1[e].T)
+            expert[0].bias.copy_(experts.b1[e])
+            expert[2].weight.copy_(experts.w2[e].T)
+            expert[2].bias.copy_(experts.b2[e])
+    return moe
 
 
 def build(config: Config, seed: int = 0):
@@ -65,6 +123,7 @@ def build(config: Config, seed: int = 0):
         hidden_dim=config.hidden_dim,
         top_k=config.top_k,
         capacity_factor=config.capacity_factor,
+        normalize_gate=config.top_k > 1,  # Switch/DeepSpeed convention: a top-1 gate keeps its probability
         aux_loss=None,
     )
     if config.skewed:  # a router bias towards expert 0 so it receives about half of the tokens
@@ -130,7 +189,22 @@ def candidates(layer: MoELayer, x: torch.Tensor):
         reference_moe(params, layer.config, x_leaf)[0].backward(grad_x)
 
     x_leaf = x.clone().requires_grad_()
-    return dict(zip(ROWS, [floor_bmm, floor_addmm, floor_grouped, moe_layer, loop, einsum]))
+    runs = dict(zip(ROWS, [floor_bmm, floor_addmm, floor_grouped, moe_layer, loop, einsum]))
+    if deepspeed_available() is None:
+        ds_layer = deepspeed_moe(layer)
+
+        def deepspeed():
+            ds_layer(x_leaf)[0].backward(grad_x)
+
+        runs["DeepSpeed-MoE"] = deepspeed
+        # Same weights: dropless outputs must agree. (Under a capacity cut they differ by design:
+        # DeepSpeed renormalises the gates of a token after a drop, and top-1 picks the kept tokens by
+        # torch.topk over a 0/1 mask, not first-come.)
+        with torch.no_grad():
+            difference = (deepspeed_moe(layer, 0.0)(x)[0] - layer(x, capacity_factor=0)).abs().max().item()
+        if difference > 1e-3:
+            raise RuntimeError(f"DeepSpeed-MoE and MoELayer disagree by {difference:.3g}: the comparison is unfair")
+    return runs
 
 
 def time_config(config: Config, repeats: int, skip: set[str]) -> dict[str, float]:
@@ -183,12 +257,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     configs, repeats = (QUICK, 2) if args.quick else (CONFIGS, args.repeats)
     skip = {"einsum reference"} if args.no_einsum else set()
-    try:
-        import deepspeed  # noqa: F401
-
-        ds_note = "deepspeed importable but its row is not wired yet"
-    except ImportError as error:
-        ds_note = f"deepspeed not importable ({error}); DeepSpeed-MoE row skipped (make bench-venv)"
+    ds_missing = deepspeed_available()
+    ds_note = "DeepSpeed-MoE row included" if ds_missing is None else f"DeepSpeed-MoE row skipped: {ds_missing}"
     print(
         f"# machine: {cpu_name()}, torch {torch.__version__}, {args.threads} thread(s), float32, "
         f"median of {repeats}; {ds_note}"
