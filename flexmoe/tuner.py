@@ -20,9 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import statistics
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -32,6 +30,8 @@ from typing import Any, Literal, get_args
 
 import torch
 import torch.distributed as dist
+
+from flexmoe.atomic import write_text_atomically
 
 A2AAlgorithm = Literal["linear", "2dh"]
 A2A_ALGORITHMS: tuple[str, ...] = get_args(A2AAlgorithm)
@@ -330,21 +330,9 @@ def _read_cache(path: Path) -> dict[TuningKey, Choice]:
 
 
 def _write_cache(path: Path, decisions: dict[TuningKey, Choice]) -> None:
-    """Write to a temporary file beside ``path`` then rename it over ``path``: readers see the
-    old file or the new one, never a partial one."""
     entries = [{"key": key.to_json(), "choice": choice.to_json()} for key, choice in decisions.items()]
-    text = json.dumps({"format": CACHE_FORMAT, "version": CACHE_VERSION, "entries": entries}, indent=1)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w") as file:
-            file.write(text)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
+    cache = {"format": CACHE_FORMAT, "version": CACHE_VERSION, "entries": entries}
+    write_text_atomically(path, json.dumps(cache, indent=1))
 
 
 # --- measuring one layer call, forward and backward ------------------------------------------------
