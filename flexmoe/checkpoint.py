@@ -342,7 +342,7 @@ def _load_optimizer(
         )
     groups = []
     for number, (saved_group, group) in enumerate(zip(saved["param_groups"], current["param_groups"])):
-        if saved_group["params"] != [names[i] for i in group["params"]]:
+        if sorted(saved_group["params"]) != sorted(names[i] for i in group["params"]):
             raise ValueError(f"optimizer param group {number} holds other parameters than in the checkpoint")
         # JSON turned tuples (betas) into lists: give hyperparameters back the current type.
         hyper = {k: tuple(v) if isinstance(group.get(k), tuple) else v for k, v in saved_group.items()}

@@ -290,3 +290,22 @@ def test_convert_errors(saved, tmp_path_factory, capsys):
 def test_bad_rank_or_world(tmp_path, rank, world_size, error):
     with pytest.raises(error, match=r"rank|world_size"):
         save_checkpoint(tmp_path, Net(), rank=rank, world_size=world_size)
+
+
+def test_optimizer_state_follows_names_not_positions(tmp_path, original):
+    model, optimizer, expected = original
+    save_checkpoint(tmp_path, model, optimizer)
+    restored = Net()
+    reversed_optimizer = torch.optim.Adam(list(restored.parameters())[::-1], lr=1.0)
+    load_checkpoint(tmp_path, restored, reversed_optimizer)
+    assert_same_tensors(global_tensors([(restored, reversed_optimizer)]), expected)
+
+
+def test_param_groups_must_match(tmp_path, original):
+    model, optimizer, _ = original
+    save_checkpoint(tmp_path, model, optimizer)
+    restored = Net()
+    params = list(restored.parameters())
+    split = torch.optim.Adam([{"params": params[:3]}, {"params": params[3:]}])
+    with pytest.raises(ValueError, match="param groups"):
+        load_checkpoint(tmp_path, restored, split)

@@ -281,3 +281,16 @@ def test_grad_mode_without_anything_to_differentiate_reports_forward():
     run = lambda t: _Costly.apply(t, 2.0, 3.0, advance(clock))  # noqa: E731
     measure_layer_call(run, torch.randn(3), measured.append, clock=clock)
     assert measured == [2.0]
+
+
+def test_measures_a_real_moe_layer_once():
+    from flexmoe import MoELayer
+
+    layer, measured = MoELayer(model_dim=8, num_experts=4, hidden_dim=16), []
+    x = torch.randn(2, 5, 8, requires_grad=True)
+    out = measure_layer_call(layer, x, measured.append)
+    reference = layer(x.detach().requires_grad_())
+    torch.testing.assert_close(out, reference, rtol=0, atol=0)
+    out.sum().backward(retain_graph=True)
+    out.sum().backward()  # a second backward through the same call reports nothing more
+    assert len(measured) == 1 and measured[0] > 0
