@@ -200,7 +200,7 @@ def save_checkpoint(
 def _write_tensors(path: Path, tensors: dict[str, torch.Tensor], rank: int, world_size: int) -> None:
     owned, seen_storages = {}, set()
     for key, tensor in tensors.items():
-        tensor = tensor.detach().contiguous()
+        tensor = tensor.detach().cpu().contiguous()
         storage = tensor.untyped_storage().data_ptr()
         # safetensors refuses tensors that share memory (tied weights): those get a copy.
         owned[key] = tensor.clone() if storage in seen_storages and tensor.numel() else tensor
@@ -257,6 +257,9 @@ class CheckpointReader:
         """The tensor ``key`` exactly as ``saved_rank`` wrote it."""
         path = self.directory / rank_file_name(saved_rank, self.world_size)
         with safe_open(str(path), framework="pt", device="cpu") as file:
+            header = file.metadata() or {}
+            if (header.get("rank"), header.get("world_size")) != (str(saved_rank), str(self.world_size)):
+                raise ValueError(f"{path} was not written by rank {saved_rank} of {self.world_size}: header {header}")
             if key not in file.keys():
                 raise ValueError(f"{path} lacks the tensor {key}: the checkpoint is incomplete or corrupted")
             return file.get_tensor(key)

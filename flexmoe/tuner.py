@@ -320,7 +320,7 @@ def _read_cache(path: Path) -> dict[TuningKey, Choice]:
         warnings.warn(
             f"tuner cache {path} has version {data.get('version')!r}, this flexmoe reads {CACHE_VERSION}: "
             "ignoring it (it is rewritten after the next decision)",
-            stacklevel=3,
+            stacklevel=4,
         )
         return {}
     try:
@@ -350,7 +350,9 @@ class _BackwardStart(torch.autograd.Function):
     @staticmethod
     def forward(ctx, out: torch.Tensor, mark: Callable[[], None]) -> torch.Tensor:
         ctx.mark = mark
-        return out.view_as(out)
+        # A copy, not a view: callers may modify the output in place (autograd forbids that on
+        # views made by a custom Function). Only while tuning, after the forward's clock reading.
+        return out.clone()
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):

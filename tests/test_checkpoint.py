@@ -309,3 +309,11 @@ def test_param_groups_must_match(tmp_path, original):
     split = torch.optim.Adam([{"params": params[:3]}, {"params": params[3:]}])
     with pytest.raises(ValueError, match="param groups"):
         load_checkpoint(tmp_path, restored, split)
+
+
+def test_rank_file_from_another_checkpoint(saved, tmp_path_factory):
+    other = tmp_path_factory.mktemp("other")
+    save_checkpoint(other, Net())
+    (saved / rank_file_name(1, 2)).write_bytes((other / rank_file_name(0, 1)).read_bytes())
+    with pytest.raises(ValueError, match="not written by rank 1 of 2"):
+        load_ranks(saved, 2)

@@ -294,3 +294,12 @@ def test_measures_a_real_moe_layer_once():
     out.sum().backward(retain_graph=True)
     out.sum().backward()  # a second backward through the same call reports nothing more
     assert len(measured) == 1 and measured[0] > 0
+
+
+def test_output_can_be_modified_in_place():
+    clock, measured = FakeClock(), []
+    x = torch.randn(3, requires_grad=True)
+    out = measure_layer_call(lambda t: _Costly.apply(t, 1.0, 1.0, advance(clock)), x, measured.append, clock=clock)
+    out.mul_(3).sum().backward()
+    assert measured == [2.0]
+    torch.testing.assert_close(x.grad, torch.full_like(x, 6.0))
