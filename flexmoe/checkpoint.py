@@ -31,7 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from flexmoe.atomic import write_atomically, write_text_atomically
+from flexmoe.files import read_json_document, write_atomically, write_text_atomically
 from flexmoe.layer import MoELayer
 from flexmoe.parallel.layout import HIDDEN_AXIS, ExpertLayout, unshard
 
@@ -220,12 +220,7 @@ class CheckpointReader:
         metadata_path = self.directory / METADATA_FILE
         if not metadata_path.is_file():
             raise FileNotFoundError(f"{metadata_path} not found: not a (complete) flexmoe checkpoint")
-        try:
-            description = json.loads(metadata_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise ValueError(f"{metadata_path} is corrupted: {error}") from None
-        if not isinstance(description, dict) or description.get("format") != FORMAT:
-            raise ValueError(f"{metadata_path} is not a flexmoe checkpoint description (format {FORMAT!r})")
+        description = read_json_document(metadata_path, FORMAT, "flexmoe checkpoint description")
         if description.get("version") != VERSION:
             raise ValueError(f"{metadata_path} has format version {description.get('version')!r}; this reads {VERSION}")
         try:

@@ -31,7 +31,7 @@ from typing import Any, Literal, get_args
 import torch
 import torch.distributed as dist
 
-from flexmoe.atomic import write_text_atomically
+from flexmoe.files import read_json_document, write_text_atomically
 
 A2AAlgorithm = Literal["linear", "2dh"]
 A2A_ALGORITHMS: tuple[str, ...] = get_args(A2AAlgorithm)
@@ -310,12 +310,7 @@ def _all_reduce_max(values: torch.Tensor, group: Any) -> torch.Tensor:
 def _read_cache(path: Path) -> dict[TuningKey, Choice]:
     if not path.exists():
         return {}
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"tuner cache {path} is not valid JSON ({error}); delete it to tune again") from None
-    if not isinstance(data, dict) or data.get("format") != CACHE_FORMAT:
-        raise ValueError(f"{path} is not a flexmoe tuner cache (no format {CACHE_FORMAT!r}); pass another cache_path")
+    data = read_json_document(path, CACHE_FORMAT, "flexmoe tuner cache")
     if data.get("version") != CACHE_VERSION:
         warnings.warn(
             f"tuner cache {path} has version {data.get('version')!r}, this flexmoe reads {CACHE_VERSION}: "
