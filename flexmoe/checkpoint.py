@@ -268,13 +268,27 @@ class CheckpointReader:
         return unshard(shards, spec.hidden_axis, spec.num_experts)
 
     def tensor_for(self, key: str, rank: int, world_size: int) -> torch.Tensor:
-        """What ``rank`` of ``world_size`` stores of ``key``."""
+        """What ``rank`` of ``world_size`` stores of ``key``, reading only the saved ranks that
+        hold its experts."""
         spec = self.layouts[key]
-        if spec is not None and world_size == self.world_size:
-            return self.read(key, rank)  # same layout: the rank's own shard
         if spec is None:
             return self.read(key, 0)
-        return spec.shard(self.global_tensor(key), world_size, rank)
+        if world_size == self.world_size:
+            return self.read(key, rank)  # same layout: the rank's own shard
+        target = ExpertLayout(spec.num_experts, world_size, rank)
+        wanted = target.expert_slice
+        # The saved ranks whose experts overlap the wanted ones: a run of whole groups of shards,
+        # so they form a layout of their own and unshard to the global rows [first, first + count).
+        saved = [ExpertLayout(spec.num_experts, self.world_size, r) for r in range(self.world_size)]
+        covering = [s for s in saved if s.expert_slice.start < wanted.stop and wanted.start < s.expert_slice.stop]
+        first = covering[0].first_expert
+        count = covering[-1].expert_slice.stop - first
+        rows = unshard([self.read(key, s.rank) for s in covering], spec.hidden_axis, count)
+        local = rows.narrow(0, wanted.start - first, target.local_experts)
+        if spec.hidden_axis is not None and target.shards_per_expert > 1:
+            cut = target.hidden_slice(local.shape[spec.hidden_axis])
+            local = local.narrow(spec.hidden_axis, cut.start, cut.stop - cut.start)
+        return local.clone()
 
 
 # --- load ---------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from flexmoe import MoELayer, load_checkpoint, save_checkpoint
-from flexmoe.checkpoint import METADATA_FILE, convert_checkpoint, rank_file_name
+from flexmoe.checkpoint import METADATA_FILE, CheckpointReader, convert_checkpoint, rank_file_name
 from flexmoe.cli import main as cli_main
 from flexmoe.parallel import HIDDEN_AXIS, ExpertLayout, unshard
 
@@ -44,7 +44,7 @@ def expert_axes(model) -> dict[str, tuple[int, int | None]]:
     for layer_name, layer in model.named_modules():
         if isinstance(layer, MoELayer):
             for name, _ in layer.experts.named_parameters():
-                axes[f"{layer_name}.experts.{name}"] = (layer.config.num_experts, HIDDEN_AXIS[name])
+                axes[f"{layer_name}.experts.{name}".lstrip(".")] = (layer.config.num_experts, HIDDEN_AXIS[name])
     return axes
 
 
@@ -317,3 +317,24 @@ def test_rank_file_from_another_checkpoint(saved, tmp_path_factory):
     (saved / rank_file_name(1, 2)).write_bytes((other / rank_file_name(0, 1)).read_bytes())
     with pytest.raises(ValueError, match="not written by rank 1 of 2"):
         load_ranks(saved, 2)
+
+
+@pytest.mark.parametrize("from_world,to_world", [(3, 4), (4, 6), (6, 4), (2, 12), (12, 3), (24, 6), (3, 24)])
+def test_uneven_regrouping_reads_only_covering_ranks(tmp_path, monkeypatch, from_world, to_world):
+    # 12 experts: groups that do not nest (3 -> 4 ranks: rank 1 wants experts 3..5, held by saved ranks 0, 1).
+    torch.manual_seed(3)
+    layer = MoELayer(model_dim=4, num_experts=12, hidden_dim=8)
+    expected = global_tensors([(layer, torch.optim.Adam(layer.parameters()))])
+    save_ranks(tmp_path, ranks(layer, None, from_world))
+    reads = []
+    original_read = CheckpointReader.read
+    monkeypatch.setattr(CheckpointReader, "read", lambda self, key, r: reads.append(r) or original_read(self, key, r))
+    targets = ranks(MoELayer(model_dim=4, num_experts=12, hidden_dim=8), None, to_world)
+    for rank, (model, _) in enumerate(targets):
+        reads.clear()
+        load_checkpoint(tmp_path, model, rank=rank, world_size=to_world)
+        wanted = ExpertLayout(12, to_world, rank).expert_slice
+        holders = {r for r in range(from_world) if ExpertLayout(12, from_world, r).expert_slice.start < wanted.stop}
+        holders = {r for r in holders if wanted.start < ExpertLayout(12, from_world, r).expert_slice.stop}
+        assert set(reads) - {0} <= holders  # replicated tensors come from rank 0
+    assert_same_tensors(global_tensors(targets), {k: v for k, v in expected.items() if "/" not in k})
