@@ -145,38 +145,18 @@ def save_checkpoint(
     directory = Path(directory)
     specs = expert_tensor_specs(model, rank, world_size)
     model_state = model.state_dict()
-    layouts: dict[str, ExpertTensorSpec | None] = {}
-    tensors: dict[str, torch.Tensor] = {}
-
-    def add(key: str, tensor: torch.Tensor, spec: ExpertTensorSpec | None) -> None:
-        layouts[key] = spec
-        if spec is not None or rank == 0:  # replicated tensors: rank 0 writes them
-            tensors[key] = tensor
-
+    entries = []  # (file key, tensor, spec or None when replicated)
     for key, tensor in model_state.items():
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"state_dict entry {key} is a {type(tensor).__name__}, not a tensor: not supported")
-        add(MODEL_PREFIX + key, tensor, specs.get(key))
+        entries.append((MODEL_PREFIX + key, tensor, specs.get(key)))
     optimizer_description = None
     if optimizer is not None:
-        optimizer_description = {"param_groups": [], "state": {}}
-        optimizer_state = optimizer.state_dict()
-        names = _parameter_names(model, optimizer)
-        for group in optimizer_state["param_groups"]:
-            described = {k: v for k, v in group.items() if k != "params"}
-            optimizer_description["param_groups"].append({**described, "params": [names[i] for i in group["params"]]})
-        for index, state in optimizer_state["state"].items():
-            name = names[index]
-            entry = optimizer_description["state"][name] = {"tensors": [], "values": {}}
-            for state_name, value in state.items():
-                if not isinstance(value, torch.Tensor):
-                    entry["values"][state_name] = value
-                    continue
-                entry["tensors"].append(state_name)
-                # State shaped like its expert parameter (exp_avg...) is sharded like it; scalars are not.
-                sharded = name in specs and value.shape == model_state[name].shape
-                add(f"{OPTIM_PREFIX}{name}/{state_name}", value, specs[name] if sharded else None)
-
+        optimizer_description, optimizer_entries = _describe_optimizer(model, optimizer, specs, model_state)
+        entries += optimizer_entries
+    layouts = {key: spec for key, _, spec in entries}
+    # Expert tensors: every rank its shard; replicated tensors: rank 0 only.
+    tensors = {key: tensor for key, tensor, spec in entries if spec is not None or rank == 0}
     description = {
         "format": FORMAT,
         "version": VERSION,
@@ -195,6 +175,32 @@ def save_checkpoint(
     if rank == 0:
         write_text_atomically(directory / METADATA_FILE, description_text)
     return directory
+
+
+def _describe_optimizer(
+    model: nn.Module, optimizer: torch.optim.Optimizer, specs: dict[str, ExpertTensorSpec], model_state: dict
+) -> tuple[dict[str, Any], list[tuple[str, torch.Tensor, ExpertTensorSpec | None]]]:
+    """The optimizer's JSON description (param groups and non-tensor state, by parameter name)
+    and its state tensors as (file key, tensor, spec or None when replicated)."""
+    optimizer_state = optimizer.state_dict()
+    names = _parameter_names(model, optimizer)
+    description: dict[str, Any] = {"param_groups": [], "state": {}}
+    for group in optimizer_state["param_groups"]:
+        hyperparameters = {k: v for k, v in group.items() if k != "params"}
+        description["param_groups"].append({**hyperparameters, "params": [names[i] for i in group["params"]]})
+    entries = []
+    for index, state in optimizer_state["state"].items():
+        name = names[index]
+        entry = description["state"][name] = {"tensors": [], "values": {}}
+        for state_name, value in state.items():
+            if not isinstance(value, torch.Tensor):
+                entry["values"][state_name] = value
+                continue
+            entry["tensors"].append(state_name)
+            # State shaped like its expert parameter (exp_avg...) is sharded like it; scalars are not.
+            sharded = name in specs and value.shape == model_state[name].shape
+            entries.append((f"{OPTIM_PREFIX}{name}/{state_name}", value, specs[name] if sharded else None))
+    return description, entries
 
 
 def _write_tensors(path: Path, tensors: dict[str, torch.Tensor], rank: int, world_size: int) -> None:

@@ -338,3 +338,9 @@ def test_uneven_regrouping_reads_only_covering_ranks(tmp_path, monkeypatch, from
         holders = {r for r in holders if wanted.start < ExpertLayout(12, from_world, r).expert_slice.stop}
         assert set(reads) - {0} <= holders  # replicated tensors come from rank 0
     assert_same_tensors(global_tensors(targets), {k: v for k, v in expected.items() if "/" not in k})
+
+
+def test_extra_must_be_json(tmp_path):
+    with pytest.raises(TypeError, match="JSON"):
+        save_checkpoint(tmp_path, Net(), extra={"when": object()})
+    assert not any(tmp_path.iterdir())  # nothing written
