@@ -1,5 +1,6 @@
 """flexmoe: adaptive Mixture-of-Experts for PyTorch."""
 
+from flexmoe.checkpoint import convert_checkpoint, load_checkpoint, save_checkpoint
 from flexmoe.config import MoEConfig
 from flexmoe.experts import FFNExperts
 from flexmoe.layer import MoELayer
@@ -15,6 +16,7 @@ from flexmoe.task import (
     prune_experts,
     save_subnetwork,
 )
+from flexmoe.tuner import Tuner
 
 __version__ = "0.1.0"
 
@@ -27,11 +29,15 @@ __all__ = [
     "MoELayer",
     "RoutingPlan",
     "RoutingStats",
+    "Tuner",
     "__version__",
+    "convert_checkpoint",
     "expert_usage",
     "extract_task",
+    "load_checkpoint",
     "load_subnetwork",
     "plan_routes",
     "prune_experts",
+    "save_checkpoint",
     "save_subnetwork",
 ]

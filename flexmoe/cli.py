@@ -8,6 +8,7 @@ import sys
 # command -> (module with main(argv), one-line help). Modules load only when their command runs.
 COMMANDS: dict[str, tuple[str, str]] = {
     "helloworld": ("flexmoe.examples.helloworld", "train one MoE layer on synthetic data"),
+    "checkpoint": ("flexmoe.checkpoint_cli", "convert a checkpoint to another world size"),
 }
 
 
