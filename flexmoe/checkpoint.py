@@ -170,10 +170,13 @@ def save_checkpoint(
     except TypeError as error:
         raise TypeError(f"extra and optimizer hyperparameters must be JSON-serialisable: {error}") from None
     _write_tensors(directory / rank_file_name(rank, world_size), tensors, rank, world_size)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() == world_size:
+    collective = dist.is_available() and dist.is_initialized() and dist.get_world_size() == world_size
+    if collective:
         dist.barrier()  # every shard is on disk before the description marks the checkpoint complete
     if rank == 0:
         write_text_atomically(directory / METADATA_FILE, description_text)
+    if collective:
+        dist.barrier()  # no rank returns (and, say, loads it back) before the checkpoint is complete
     return directory
 
 
