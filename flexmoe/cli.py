@@ -8,6 +8,8 @@ import sys
 # command -> (module with main(argv), one-line help). Modules load only when their command runs.
 COMMANDS: dict[str, tuple[str, str]] = {
     "helloworld": ("flexmoe.examples.helloworld", "train one MoE layer on synthetic data"),
+    "extract": ("flexmoe.commands.extract", "save one task's sub-network (task-routed layers made dense)"),
+    "infer": ("flexmoe.commands.infer", "run mixed-task inputs through per-task sub-networks"),
 }
 
 
