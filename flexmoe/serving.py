@@ -141,12 +141,12 @@ class TaskServer:
         self.extract = extract
         self.stats = ServerStats()
         self._cache: OrderedDict[int, nn.Module] = OrderedDict()  # least recently used first
-        self.reducible = reducible_layers(model)
+        self.reducible_layers = reducible_layers(model)
         task_layers = [m for m in model.modules() if isinstance(m, MoELayer) and m.config.granularity == "task"]
         # Ids every task layer accepts; None: the model has no task layer to say (it checks itself).
         self.num_tasks: int | None = min((m.config.num_tasks for m in task_layers), default=None)
         self.whole_model_reason: str | None = None
-        if not self.reducible:
+        if not self.reducible_layers:
             self.whole_model_reason = (
                 "no task-routed MoELayer that extract_task can fold: every task runs the whole model"
             )
