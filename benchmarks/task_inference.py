@@ -129,6 +129,19 @@ def time_split(
     return total, spent[0]
 
 
+def time_one_sparse_ffn(model: nn.Module, size: DecoderSize, batch: int, clock: Clock, calls: int = 20) -> float:
+    """Seconds per call of the first sparse-position FFN alone on one decoding step [batch, 1, model_dim]:
+    the same layer without the rest of the model competing for the caches."""
+    ffn = model.blocks[1].ffn
+    x, task_ids = torch.randn(batch, 1, size.model_dim), torch.full((batch,), TASK)
+    with torch.no_grad():
+        ffn(x, task_ids=task_ids)
+        start = clock()
+        for _ in range(calls):
+            ffn(x, task_ids=task_ids)
+    return (clock() - start) / calls
+
+
 def describe_machine(threads: int) -> str:
     return (
         f"machine: {platform.machine()} {platform.processor() or platform.system()}, {os.cpu_count()} cpus, "
@@ -176,15 +189,24 @@ def main(argv: list[str] | None = None) -> None:
     batch = max(batch_sizes)
     steps = new_tokens + 1  # the prefill and one step per new token
     print(f"\nresident parameters, and where one generation's time goes at batch {batch} (ms per step)")
-    print(f"{'model':<22}{'parameters':>14}{'MB':>9}{'ratio':>8}{'step':>10}{'sparse FFN':>12}{'rest':>10}")
+    print(
+        f"{'model':<22}{'parameters':>14}{'MB':>9}{'ratio':>8}{'step':>10}{'sparse FFN':>12}{'rest':>10}"
+        f"{'one sparse FFN alone':>22}"
+    )
     for name, model in models.items():
         nbytes, params = parameter_bytes(model), sum(p.numel() for p in model.parameters())
         total, sparse = time_split(model, size, batch, prompt_len, new_tokens, clock)
+        alone = time_one_sparse_ffn(model, size, batch, clock)
         print(
             f"{name:<22}{params:>14,}{nbytes / 2**20:>9.1f}{nbytes / base_bytes:>7.2f}x"
             f"{1e3 * total / steps:>10.1f}{1e3 * sparse / steps:>12.1f}{1e3 * (total - sparse) / steps:>10.1f}"
+            f"{1e3 * alone:>22.2f}"
         )
-    print("sparse FFN: the MoE layers (the DenseFFN / MLP in (c), (d)); rest: attention, dense FFNs, norms, head.")
+    print(
+        f"sparse FFN: the MoE layers ({size.layers // 2} of {size.layers}; the DenseFFN / MLP in (c), (d)); "
+        "rest: attention, dense FFNs, norms, head; one sparse FFN alone: one such layer on one step's "
+        "[batch, 1, model_dim], ms."
+    )
 
 
 if __name__ == "__main__":
