@@ -6,8 +6,10 @@ Input formats, by suffix:
   .pt     ``torch.save`` of a dict: ``inputs`` [batch, ...], ``task_ids`` [batch] and optionally
           more tensors [batch, ...] passed to the model by keyword (``padding_mask``, ...).
   .jsonl  one request per line: ``{"task_id": 3, "inputs": [...], "padding_mask": [...]}``, each
-          value one example without the batch dimension; float lists take the model's dtype,
-          integer and bool lists stay int64 / bool.
+          value one example without the batch dimension; integer and bool lists become int64 /
+          bool tensors (token ids, masks).
+Floating-point inputs take the model's dtype. Each row is one request: rows of one task with
+the same shapes run as one batch, so JSON lines may have different lengths.
 Output formats, by suffix: .pt (``{"outputs": [batch, ...], "task_ids": [batch]}``; a list of
 ``[1, ...]`` tensors if their shapes differ) or .jsonl (``{"task_id": t, "outputs": [...]}`` per line).
 Rows stay in input order. Server statistics go to stderr.
