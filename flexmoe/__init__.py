@@ -5,6 +5,7 @@ from flexmoe.config import MoEConfig
 from flexmoe.experts import FFNExperts
 from flexmoe.layer import MoELayer
 from flexmoe.routing import RoutingPlan, plan_routes
+from flexmoe.serving import CacheBound, Request, ServerStats, TaskServer
 from flexmoe.stats import RoutingStats
 from flexmoe.task import (
     DenseFFN,
@@ -21,14 +22,18 @@ from flexmoe.tuner import Tuner
 __version__ = "0.1.0"
 
 __all__ = [
+    "CacheBound",
     "DenseFFN",
     "ExpertUsage",
     "ExtractionReport",
     "FFNExperts",
     "MoEConfig",
     "MoELayer",
+    "Request",
     "RoutingPlan",
     "RoutingStats",
+    "ServerStats",
+    "TaskServer",
     "Tuner",
     "__version__",
     "convert_checkpoint",

@@ -9,6 +9,8 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "helloworld": ("flexmoe.examples.helloworld", "train one MoE layer on synthetic data"),
     "checkpoint": ("flexmoe.checkpoint_cli", "convert a checkpoint to another world size"),
+    "extract": ("flexmoe.commands.extract", "save one task's sub-network (task-routed layers made dense)"),
+    "infer": ("flexmoe.commands.infer", "run mixed-task inputs through per-task sub-networks"),
 }
 
 

@@ -1,7 +1,7 @@
 """Task-level MoE deployment: sub-network extraction, expert pruning, usage statistics."""
 
 from flexmoe.task.dense import DenseFFN
-from flexmoe.task.extract import ExtractionReport, extract_task
+from flexmoe.task.extract import ExtractionReport, extract_task, reducible_layers
 from flexmoe.task.io import load_subnetwork, save_subnetwork
 from flexmoe.task.prune import prune_experts, prune_layer
 from flexmoe.task.usage import ExpertUsage, expert_usage
@@ -15,5 +15,6 @@ __all__ = [
     "load_subnetwork",
     "prune_experts",
     "prune_layer",
+    "reducible_layers",
     "save_subnetwork",
 ]

@@ -93,6 +93,16 @@ def _why_not_reducible(layer: MoELayer) -> str | None:
     return None
 
 
+def reducible_layers(model: nn.Module) -> list[str]:
+    """Names of the :class:`MoELayer` modules that :func:`extract_task` would fold into a
+    :class:`DenseFFN` (task-routed, built-in experts, not sharded)."""
+    return [
+        name or "<root>"
+        for name, module in model.named_modules()
+        if isinstance(module, MoELayer) and _why_not_reducible(module) is None
+    ]
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 

@@ -1,0 +1,213 @@
+"""Decoding throughput and resident parameters: token-MoE vs task-MoE vs extracted sub-network vs dense.
+
+One run builds four models of one decoder architecture (benchmarks/_decoder.py: pre-LN, causal
+self-attention with a KV cache, an FFN in every layer, an MoE FFN in every other layer):
+
+  (a) token-MoE      MoE layers routed by token
+  (b) task-MoE       the same architecture routed by task, run whole (router, dispatch, all experts)
+  (c) task subnet    (b) after flexmoe.extract_task: each MoE layer is one DenseFFN of k experts
+  (d) dense          MoE layers replaced by a plain MLP of the sub-network's width (k * expert hidden)
+
+and greedily decodes ``--new-tokens`` tokens after a ``--prompt``-token prompt, one task per
+batch (the serving scenario), at batch sizes 1, 8, 32, 128. Throughput is new tokens per second
+(prefill included in the time), timed by process CPU time (``--clock cpu``, one thread: robust
+on a shared machine) or wall time; the best of ``--repeats`` runs, models interleaved within a
+repeat. Everything is printed as a ratio to (a) measured in the same run; "peak" is each
+model's best batch size. The last table splits one run at the largest batch into time inside the FFNs
+of the sparse positions and the rest (attention, dense FFNs, head), per decoding step.
+
+    python benchmarks/task_inference.py [--threads 1] [--repeats 3] [--clock cpu|wall] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _decoder import Decoder, DecoderSize, generate, parameter_bytes
+
+import flexmoe
+
+FULL = DecoderSize(
+    vocab=1024, model_dim=256, heads=4, layers=6, hidden_dim=1024, num_experts=32, top_k=2, num_tasks=8, max_len=64
+)
+QUICK = DecoderSize(
+    vocab=64, model_dim=32, heads=2, layers=2, hidden_dim=32, num_experts=32, top_k=2, num_tasks=4, max_len=16
+)
+BATCH_SIZES, QUICK_BATCH_SIZES = (1, 8, 32, 128), (1, 8)
+MODEL_NAMES = ("(a) token-MoE", "(b) task-MoE whole", "(c) task subnet", "(d) dense same size")
+TASK = 3
+Clock = Callable[[], float]
+# cpu: this process's CPU time. With one thread it is the wall time an idle machine would show,
+# and it does not count the time other processes on a shared machine take the core away.
+CLOCKS: dict[str, Clock] = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def build_models(size: DecoderSize, seed: int) -> dict[str, nn.Module]:
+    torch.manual_seed(seed)
+    token_moe = Decoder(size, "token").eval()
+    task_moe = Decoder(size, "task").eval()
+    subnet = flexmoe.extract_task(task_moe, TASK).eval()
+    dense = Decoder(size, "dense").eval()
+    return dict(zip(MODEL_NAMES, (token_moe, task_moe, subnet, dense)))
+
+
+def check_subnet_matches(models: dict[str, nn.Module], size: DecoderSize) -> float:
+    """Largest |logit difference| of (c) vs (b) on a random prompt of the task (must be float noise)."""
+    tokens = torch.randint(size.vocab, (2, 8))
+    ids = torch.full((2,), TASK)
+    with torch.no_grad():
+        return float((models[MODEL_NAMES[2]](tokens, ids) - models[MODEL_NAMES[1]](tokens, ids)).abs().max())
+
+
+def time_generation(
+    model: nn.Module, prompt: torch.Tensor, task_ids: torch.Tensor, new_tokens: int, clock: Clock
+) -> float:
+    start = clock()
+    generate(model, prompt, task_ids, new_tokens)
+    return clock() - start
+
+
+def measure_throughput(
+    models: dict[str, nn.Module],
+    size: DecoderSize,
+    batch_sizes: tuple[int, ...],
+    prompt_len: int,
+    new_tokens: int,
+    repeats: int,
+    clock: Clock,
+) -> dict[str, dict[int, float]]:
+    """tokens/s[model][batch]: best of the repeats (other load on the machine only ever slows a run
+    down), models interleaved, after one warm-up run each."""
+    seconds: dict[str, dict[int, list[float]]] = {name: {b: [] for b in batch_sizes} for name in models}
+    for batch in batch_sizes:
+        prompt = torch.randint(size.vocab, (batch, prompt_len))
+        task_ids = torch.full((batch,), TASK)
+        for model in models.values():
+            time_generation(model, prompt, task_ids, 2, clock)
+        for _ in range(repeats):
+            for name, model in models.items():
+                seconds[name][batch].append(time_generation(model, prompt, task_ids, new_tokens, clock))
+    return {
+        name: {b: b * new_tokens / min(runs) for b, runs in per_batch.items()} for name, per_batch in seconds.items()
+    }
+
+
+def time_split(
+    model: nn.Module, size: DecoderSize, batch: int, prompt_len: int, new_tokens: int, clock: Clock
+) -> tuple[float, float]:
+    """One generation: (total seconds, seconds inside the FFNs of the sparse positions, the odd layers)."""
+    spent = [0.0]
+    started: dict[int, float] = {}
+
+    def before(module, args, kwargs):
+        started[id(module)] = clock()
+
+    def after(module, args, kwargs, output):
+        spent[0] += clock() - started[id(module)]
+
+    handles = []
+    for i, block in enumerate(model.blocks):
+        if i % 2:
+            handles.append(block.ffn.register_forward_pre_hook(before, with_kwargs=True))
+            handles.append(block.ffn.register_forward_hook(after, with_kwargs=True))
+    try:
+        prompt = torch.randint(size.vocab, (batch, prompt_len))
+        total = time_generation(model, prompt, torch.full((batch,), TASK), new_tokens, clock)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return total, spent[0]
+
+
+def time_one_sparse_ffn(model: nn.Module, size: DecoderSize, batch: int, clock: Clock, calls: int = 20) -> float:
+    """Seconds per call of the first sparse-position FFN alone on one decoding step [batch, 1, model_dim]:
+    the same layer without the rest of the model competing for the caches."""
+    ffn = model.blocks[1].ffn
+    x, task_ids = torch.randn(batch, 1, size.model_dim), torch.full((batch,), TASK)
+    with torch.no_grad():
+        ffn(x, task_ids=task_ids)
+        start = clock()
+        for _ in range(calls):
+            ffn(x, task_ids=task_ids)
+    return (clock() - start) / calls
+
+
+def describe_machine(threads: int) -> str:
+    return (
+        f"machine: {platform.machine()} {platform.processor() or platform.system()}, {os.cpu_count()} cpus, "
+        f"torch threads {threads}; torch {torch.__version__}, python {platform.python_version()}, "
+        f"flexmoe {flexmoe.__version__}"
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--prompt", type=int, default=16, help="prompt tokens")
+    parser.add_argument("--new-tokens", type=int, default=32, help="tokens decoded per sequence")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, batch 1 and 8: a smoke run")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--clock", choices=tuple(CLOCKS), default="cpu", help="cpu needs --threads 1")
+    args = parser.parse_args(argv)
+    if args.clock == "cpu" and args.threads != 1:
+        parser.error("--clock cpu sums the CPU time of all threads: use it with --threads 1, else --clock wall")
+    torch.set_num_threads(args.threads)
+    size, batch_sizes = (QUICK, QUICK_BATCH_SIZES) if args.quick else (FULL, BATCH_SIZES)
+    prompt_len, new_tokens, repeats = (4, 4, 1) if args.quick else (args.prompt, args.new_tokens, args.repeats)
+
+    print(describe_machine(args.threads) + f"; clock: {args.clock}")
+    print(f"decoder: {size}")
+    print(f"decoding: prompt {prompt_len} + {new_tokens} new tokens, greedy, KV cache, one task per batch")
+    models = build_models(size, args.seed)
+    print(f"(c) vs (b) max |logit difference| on task {TASK}: {check_subnet_matches(models, size):.2e}")
+    print(f"extraction: {models[MODEL_NAMES[2]].extraction_report}".splitlines()[0])
+
+    clock = CLOCKS[args.clock]
+    throughput = measure_throughput(models, size, batch_sizes, prompt_len, new_tokens, repeats, clock)
+    baseline = throughput[MODEL_NAMES[0]]
+    peak_baseline = max(baseline.values())
+    header = f"{'model':<22}" + "".join(f"{'batch ' + str(b):>14}" for b in batch_sizes)
+    print("\ntokens/s (ratio to (a) at the same batch size)")
+    print(header + f"{'peak':>14}{'peak ratio':>12}")
+    for name, per_batch in throughput.items():
+        cells = "".join(f"{per_batch[b]:>8.0f} {per_batch[b] / baseline[b]:>4.2f}x" for b in batch_sizes)
+        peak = max(per_batch.values())
+        print(f"{name:<22}{cells}{peak:>14.0f}{peak / peak_baseline:>11.2f}x")
+
+    base_bytes = parameter_bytes(models[MODEL_NAMES[0]])
+    batch = max(batch_sizes)
+    steps = new_tokens + 1  # the prefill and one step per new token
+    print(f"\nresident parameters, and where one generation's time goes at batch {batch} (ms per step)")
+    print(
+        f"{'model':<22}{'parameters':>14}{'MB':>9}{'ratio':>8}{'step':>10}{'sparse FFN':>12}{'rest':>10}"
+        f"{'one sparse FFN alone':>22}"
+    )
+    for name, model in models.items():
+        nbytes, params = parameter_bytes(model), sum(p.numel() for p in model.parameters())
+        total, sparse = time_split(model, size, batch, prompt_len, new_tokens, clock)
+        alone = time_one_sparse_ffn(model, size, batch, clock)
+        print(
+            f"{name:<22}{params:>14,}{nbytes / 2**20:>9.1f}{nbytes / base_bytes:>7.2f}x"
+            f"{1e3 * total / steps:>10.1f}{1e3 * sparse / steps:>12.1f}{1e3 * (total - sparse) / steps:>10.1f}"
+            f"{1e3 * alone:>22.2f}"
+        )
+    print(
+        f"sparse FFN: the MoE layers ({size.layers // 2} of {size.layers}; the DenseFFN / MLP in (c), (d)); "
+        "rest: attention, dense FFNs, norms, head; one sparse FFN alone: one such layer on one step's "
+        "[batch, 1, model_dim], ms."
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Generic ``flexmoe`` commands on any model named by a factory: ``extract``, ``infer``."""

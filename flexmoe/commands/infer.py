@@ -1,0 +1,116 @@
+"""``flexmoe infer``: run mixed-task inputs through per-task sub-networks (:class:`flexmoe.TaskServer`).
+
+    flexmoe infer --model pkg.mod:factory [--checkpoint W.pt] --inputs IN --out OUT [--max-subnetworks 4]
+
+Input formats, by suffix:
+  .pt     ``torch.save`` of a dict: ``inputs`` [batch, ...], ``task_ids`` [batch] and optionally
+          more tensors [batch, ...] passed to the model by keyword (``padding_mask``, ...).
+  .jsonl  one request per line: ``{"task_id": 3, "inputs": [...], "padding_mask": [...]}``, each
+          value one example without the batch dimension; integer and bool lists become int64 /
+          bool tensors (token ids, masks).
+Floating-point inputs take the model's dtype. Each row is one request: rows of one task with
+the same shapes run as one batch, so JSON lines may have different lengths.
+Output formats, by suffix: .pt (``{"outputs": [batch, ...], "task_ids": [batch]}``; a list of
+``[1, ...]`` tensors if their shapes differ) or .jsonl (``{"task_id": t, "outputs": [...]}`` per line).
+Rows stay in input order. Server statistics go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from flexmoe.commands.model_source import add_model_arguments, load_model
+from flexmoe.serving import CacheBound, Request, TaskServer
+
+FORMATS = (".pt", ".jsonl")
+
+
+def _check_format(argument: str, path: Path) -> None:
+    if path.suffix not in FORMATS:
+        raise ValueError(f"{argument} must end in one of {FORMATS}, got {str(path)!r}")
+
+
+def _float_dtype(model: torch.nn.Module) -> torch.dtype:
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.get_default_dtype())
+
+
+def _tensor_from_json(value: object, float_dtype: torch.dtype) -> torch.Tensor:
+    tensor = torch.tensor(value)
+    # Parse floats again straight into the model's dtype: a float32 detour would round float64 inputs.
+    return torch.tensor(value, dtype=float_dtype) if tensor.is_floating_point() else tensor
+
+
+def read_requests(path: Path, float_dtype: torch.dtype, device: str) -> list[Request]:
+    """One :class:`Request` per row (.pt) or per line (.jsonl), each with batch size 1."""
+    _check_format("--inputs", path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--inputs {str(path)!r} does not exist")
+    if path.suffix == ".pt":
+        data = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(data, dict) or not {"inputs", "task_ids"} <= data.keys():
+            raise ValueError(f"--inputs {str(path)!r} must hold a dict with 'inputs' and 'task_ids' tensors")
+        task_ids = torch.as_tensor(data.pop("task_ids")).tolist()
+        for name, tensor in data.items():
+            if not isinstance(tensor, torch.Tensor) or tensor.dim() == 0 or tensor.shape[0] != len(task_ids):
+                raise ValueError(f"--inputs: {name!r} must be a tensor [batch={len(task_ids)}, ...] like task_ids")
+        rows = [{name: tensor[i] for name, tensor in data.items()} for i in range(len(task_ids))]
+    else:
+        rows, task_ids = [], []
+        for number, line in enumerate(path.read_text().splitlines(), start=1):
+            if not line.strip():
+                continue
+            record = json.loads(line)
+            if not isinstance(record, dict) or "task_id" not in record or "inputs" not in record:
+                raise ValueError(f"--inputs line {number}: expected a JSON object with 'task_id' and 'inputs'")
+            task_ids.append(record.pop("task_id"))
+            rows.append({name: _tensor_from_json(value, float_dtype) for name, value in record.items()})
+    requests = []
+    for task_id, row in zip(task_ids, rows):
+        row = {k: (v.to(float_dtype) if v.is_floating_point() else v).unsqueeze(0).to(device) for k, v in row.items()}
+        requests.append(Request(task_id, row.pop("inputs"), row))
+    return requests
+
+
+def write_outputs(path: Path, requests: list[Request], outputs: list[torch.Tensor]) -> None:
+    task_ids = [r.task_id for r in requests]
+    outputs = [out.cpu() for out in outputs]
+    if path.suffix == ".jsonl":
+        lines = [json.dumps({"task_id": t, "outputs": out[0].tolist()}) for t, out in zip(task_ids, outputs)]
+        path.write_text("".join(line + "\n" for line in lines))
+    elif len({out.shape for out in outputs}) == 1:
+        torch.save({"outputs": torch.cat(outputs), "task_ids": torch.tensor(task_ids)}, path)
+    else:
+        torch.save({"outputs": outputs, "task_ids": torch.tensor(task_ids)}, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="flexmoe infer", description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.epilog = __doc__.split("\n\n", 2)[2]
+    add_model_arguments(parser)
+    parser.add_argument("--inputs", type=Path, required=True, help="requests: .pt or .jsonl (formats below)")
+    parser.add_argument("--out", type=Path, required=True, help="where to write the outputs: .pt or .jsonl")
+    parser.add_argument("--max-subnetworks", type=int, default=4, help="sub-networks kept loaded (LRU)")
+    parser.add_argument("--max-parameter-bytes", type=int, help="bound on resident sub-network parameter bytes")
+    args = parser.parse_args(argv)
+    try:
+        _check_format("--out", args.out)
+        bound = CacheBound(args.max_subnetworks, args.max_parameter_bytes)
+        model = load_model(args)
+        requests = read_requests(args.inputs, _float_dtype(model), args.device)
+        server = TaskServer(model, bound)
+        outputs = server.serve(requests)
+    except (ValueError, TypeError, FileNotFoundError) as error:
+        parser.error(str(error))
+    write_outputs(args.out, requests, outputs)
+    if server.serves_whole_model:
+        print(f"note: {server.whole_model_reason}", file=sys.stderr)
+    print(f"served {len(requests)} requests -> {args.out}; {asdict(server.stats)}", file=sys.stderr)
+    return 0
