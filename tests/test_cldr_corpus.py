@@ -83,6 +83,9 @@ def test_translations_are_real(tiny_build):
     assert all(any("а" <= c <= "я" for c in text) for text in russian)
     japanese = [p.target for (lang, kind, _), p in pairs.items() if lang == "ja" and kind == "date_full"]
     assert japanese and all("年" in text for text in japanese)
+    # stand-alone month names are each locale's own, whatever locale babel loaded before
+    months = {(p.target_lang, p.item): p.target for pairs in tiny_build.corpus.splits.values() for p in pairs}
+    assert (months["fr", "month:3"], months["ru", "month:3"], months["ja", "month:3"]) == ("mars", "март", "3月")
 
 
 def test_support_records_fallbacks(tiny_build):

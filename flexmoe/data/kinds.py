@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import calendar
 import datetime
+import functools
 import itertools
 import random
 import unicodedata
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
+import babel.localedata
 from babel import Locale
 from babel.dates import format_date, format_time, format_timedelta
 from babel.lists import format_list
@@ -64,6 +66,10 @@ class Family:
 
 # num2words spells some languages with other codes than CLDR.
 NUM2WORDS_LANGUAGE = {"kk": "kz", "nb": "no", "sr_Latn": "sr"}
+# Japanese years in Western numbering ("千九百九十九年"), not the era name num2words defaults to.
+NUM2WORDS_OPTIONS = {("year", "ja"): {"era": False}}
+# num2words 0.5.14 loops forever on some numbers in these languages: their number kinds are left out.
+NUM2WORDS_HANGS = frozenset({"am"})
 
 
 def clean_text(text: str) -> str:
@@ -94,10 +100,24 @@ def _fields(item_id: str) -> list[str]:
 
 def _spell(to: str) -> Renderer:
     def render(number: int, locale: str) -> str:
+        if locale in NUM2WORDS_HANGS:
+            raise Unrenderable(f"num2words does not terminate on some numbers in {locale}")
         try:
-            return num2words(number, to=to, lang=NUM2WORDS_LANGUAGE.get(locale, locale))
-        except (NotImplementedError, OverflowError) as error:
-            raise Unrenderable(str(error)) from error
+            return num2words(
+                number, to=to, lang=NUM2WORDS_LANGUAGE.get(locale, locale), **NUM2WORDS_OPTIONS.get((to, locale), {})
+            )
+        # num2words' language modules fail in many ways on numbers they do not cover; each such
+        # item is skipped for that language and counted (KindSupport.skipped).
+        except (
+            NotImplementedError,
+            OverflowError,
+            TypeError,
+            ValueError,
+            IndexError,
+            KeyError,
+            AttributeError,
+        ) as error:
+            raise Unrenderable(f"num2words {to} {number} in {locale}: {error!r}") from error
 
     return render
 
@@ -204,14 +224,31 @@ def _relative(value: tuple[str, int, int], locale: str) -> str:
     return format_timedelta(delta, granularity=unit, threshold=1e9, add_direction=True, format="long", locale=locale)
 
 
+@functools.cache
+def standalone_names(locale: str) -> tuple[dict[int, str], dict[int, str]]:
+    """``locale``'s stand-alone wide month names (1-12) and day names (0 = Monday).
+
+    babel resolves the "stand-alone" context through a CLDR alias and stores the result in locale
+    data shared with other locales, so after another locale was loaded it can return that locale's
+    names ("3月" for French). Resolving each locale on an empty babel cache gives its own names.
+    """
+    babel.localedata._cache.clear()
+    data = Locale.parse(locale)
+    return dict(data.months["stand-alone"]["wide"]), dict(data.days["stand-alone"]["wide"])
+
+
+def reset_locale_data() -> None:
+    """Empty babel's locale-data cache (and the names read from it) so a build starts from the same state."""
+    babel.localedata._cache.clear()
+    standalone_names.cache_clear()
+
+
 def _day_name(day: int, locale: str) -> str:
-    # The "format" context: babel resolves "stand-alone" through aliases whose result depends on
-    # which locales were loaded before, which would break determinism.
-    return Locale.parse(locale).days["format"]["wide"][day]
+    return standalone_names(locale)[1][day]
 
 
 def _month_name(month: int, locale: str) -> str:
-    return Locale.parse(locale).months["format"]["wide"][month]
+    return standalone_names(locale)[0][month]
 
 
 def _lists(rng: random.Random, count: int) -> list[Item]:
