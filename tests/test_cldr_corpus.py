@@ -1,5 +1,6 @@
 """The embedded CLDR/num2words corpus: determinism, split hygiene, well-formed pairs, cache, config errors."""
 
+import dataclasses
 import math
 import unicodedata
 from collections import Counter
@@ -7,7 +8,16 @@ from collections import Counter
 import pytest
 import torch
 
-from flexmoe.data import KINDS, CorpusConfig, Pair, TemperatureSampler, build_corpus, build_corpus_with_support
+from flexmoe.data import (
+    KINDS,
+    CorpusConfig,
+    Pair,
+    TemperatureSampler,
+    build_corpus,
+    build_corpus_with_support,
+    card,
+    cldr,
+)
 from flexmoe.data.cldr import DEFAULT_LANGUAGES, corpus_to_tsv, render_corpus
 from flexmoe.data.kinds import combination_of, parts_of
 
@@ -26,14 +36,26 @@ def test_deterministic_byte_identical(tiny_build):
     assert corpus_to_tsv(other_seed.corpus) != corpus_to_tsv(tiny_build.corpus)
 
 
-def test_cache_hit_returns_same_corpus(tiny_build, tmp_path):
+def test_cache_hit_returns_same_corpus(tiny_build, tmp_path, monkeypatch):
     first = build_corpus(TINY, cache_dir=tmp_path, progress=False)
     files = sorted(p.name for p in tmp_path.iterdir())
     assert len(files) == 2 and all(TINY.cache_key() in name for name in files)
-    (tmp_path / files[0]).touch()
-    second = build_corpus(TINY, cache_dir=tmp_path, progress=False)
-    assert first == second == tiny_build.corpus
-    assert sorted(p.name for p in tmp_path.iterdir()) == files  # nothing rebuilt or added
+
+    def no_rendering(*args, **kwargs):
+        raise AssertionError("a cache hit must not render")
+
+    monkeypatch.setattr(cldr, "render_corpus", no_rendering)
+    second = build_corpus_with_support(TINY, cache_dir=tmp_path, progress=False)
+    assert first == second.corpus == tiny_build.corpus
+    assert second.support == tiny_build.support
+    assert sorted(p.name for p in tmp_path.iterdir()) == files
+    with pytest.raises(AssertionError, match="cache hit"):  # another config is another entry
+        build_corpus(dataclasses.replace(TINY, seed=5), cache_dir=tmp_path, progress=False)
+
+
+def test_data_card_tables(tiny_build):
+    text = "\n".join(card.preset_section("tiny", "", tiny_build) + card.examples(tiny_build, ("ru", "ja")))
+    assert "| ru | " in text and "| date_full | " in text and "| test_compositional | " in text
 
 
 def test_split_hygiene_no_item_shared(tiny_build):
