@@ -32,7 +32,7 @@ and case forms, word order, scripts). Tasks are target languages (`Pair.target_l
 ```python
 from flexmoe.data import CorpusConfig, TemperatureSampler, build_corpus
 
-corpus = build_corpus(CorpusConfig.demo())  # ~6 s on one core the first time, then read from the cache
+corpus = build_corpus(CorpusConfig.demo())  # ~4 s CPU the first time, ~1 s from the cache
 sampler = TemperatureSampler(corpus["train"], temperature=5.0, seed=0)
 ```
 

@@ -189,7 +189,7 @@ def build_corpus_with_support(
         "support": {loc: {k: dataclasses.asdict(s) for k, s in kinds.items()} for loc, kinds in build.support.items()},
         "demoted_compositional": build.demoted_compositional,
     }
-    _write_atomic(meta_path, json.dumps(meta, indent=1, ensure_ascii=False, sort_keys=True))
+    _write_atomic(meta_path, json.dumps(meta, indent=1, ensure_ascii=False))  # keeps the config order
     return build
 
 
