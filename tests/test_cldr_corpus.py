@@ -77,6 +77,8 @@ def test_compositional_parts_seen_in_training_per_direction(tiny_build):
         seen.setdefault((pair.source_lang, pair.target_lang), set()).update(parts_of(pair.item))
     compositional = tiny_build.corpus["test_compositional"]
     assert {p.kind for p in compositional} >= {"date_full", "unit", "currency_amount", "relative_time"}
+    assert parts_of("train.tsv:3") == () and combination_of("train.tsv:3") == ""  # user TSV items: atomic
+    assert parts_of("unit:length-meter:21") == ("unit.0:length-meter", "unit.1:21")
     for pair in compositional:
         assert parts_of(pair.item)
         assert set(parts_of(pair.item)) <= seen[pair.source_lang, pair.target_lang], pair

@@ -336,16 +336,19 @@ def render(kind: str, item: Item, locale: str) -> str:
 
 
 def parts_of(item_id: str) -> tuple[str, ...]:
-    """The parts of an item (``("unit.0:length-kilometer", "unit.1:305")``); empty for atomic items."""
-    family = _FAMILY_BY_NAME[item_id.split(":", 1)[0]]
+    """The parts of an item (``("unit.0:length-kilometer", "unit.1:305")``); empty for atomic items
+    and for ids no family generated (a user's TSV rows)."""
+    family = _FAMILY_BY_NAME.get(item_id.split(":", 1)[0])
+    if family is None:
+        return ()
     fields = _fields(item_id)
     return tuple(f"{family.name}.{i}:{fields[i]}" for i in family.part_fields)
 
 
 def combination_of(item_id: str) -> str:
     """The combination the compositional test holds out (``"date:2031:03"``); ``""`` if none."""
-    family = _FAMILY_BY_NAME[item_id.split(":", 1)[0]]
-    if not family.combination_fields:
+    family = _FAMILY_BY_NAME.get(item_id.split(":", 1)[0])
+    if family is None or not family.combination_fields:
         return ""
     fields = _fields(item_id)
     return ":".join([family.name, *(fields[i] for i in family.combination_fields)])
