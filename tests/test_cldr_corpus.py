@@ -56,7 +56,8 @@ def test_cache_hit_returns_same_corpus(tiny_build, tmp_path, monkeypatch):
 
 
 def test_data_card_tables(tiny_build):
-    text = "\n".join(card.preset_section("tiny", "", tiny_build) + card.examples(tiny_build, ("ru", "ja")))
+    tables = card.preset_section("tiny", "", tiny_build) + card.examples(tiny_build, ("ru", "ja"))
+    text = "\n".join(tables + card.sampling_table(tiny_build))
     assert "| ru | " in text and "| date_full | " in text and "| test_compositional | " in text
 
 

@@ -13,6 +13,7 @@ from importlib.metadata import version
 
 from flexmoe.data.cldr import CorpusBuild, CorpusConfig, build_corpus_with_support
 from flexmoe.data.kinds import KINDS
+from flexmoe.data.sampler import TemperatureSampler
 from flexmoe.data.splits import SPLITS
 
 EXAMPLE_LANGUAGES = ("de", "ru", "ar", "ja")
@@ -89,6 +90,11 @@ digit phrases, `time` and `percent`), or when `ordinal` renders exactly like `ca
 them (a territory name, a unit's long form: babel then prints the unit id, e.g. "21 duration-hour"
 in Japanese). Skipped counts are in `build_corpus_with_support(config).support`.
 
+Any other CLDR locale (`zh`, `hi`, `el`, ...) may be listed in `CorpusConfig.languages`: it gets
+the CLDR kinds, and the number kinds are recorded as "no item renders" (num2words lacks it).
+`am` is not in the default list: num2words 0.5.14 never returns on some Amharic numbers, so its
+number kinds are always left out.
+
 Text is cleaned so that a model sees only what a reader sees: NFC, invisible format marks (CLDR's
 U+200F/U+061C bidi marks) removed, every space character (CLDR's narrow no-break space) made a
 plain space.
@@ -164,6 +170,20 @@ def examples(build: CorpusBuild, languages: tuple[str, ...]) -> list[str]:
     return rows
 
 
+def sampling_table(build: CorpusBuild, temperature: float = 5.0) -> list[str]:
+    """Training pairs and temperature-sampling probability per task (target language)."""
+    sampler = TemperatureSampler(build.corpus["train"], temperature=temperature)
+    pairs = Counter(p.target_lang for p in build.corpus["train"])
+    rows = [
+        f"| task (target language) | training pairs | share of pairs | P(task), T = {temperature:g} |",
+        "|---|---|---|---|",
+    ]
+    total = sum(pairs.values())
+    for language, probability in sampler.language_probabilities().items():
+        rows.append(f"| {language} | {pairs[language]} | {pairs[language] / total:.1%} | {probability:.1%} |")
+    return rows
+
+
 def preset_section(title: str, description: str, build: CorpusBuild) -> list[str]:
     """Split sizes, pairs per locale and kind, and what each locale leaves out."""
     return [
@@ -197,6 +217,11 @@ def card(cache_dir: str | None = None) -> str:
                 f"{len(demo.support)} target locales: {', '.join(demo.support)}; at most 1000 items per family.",
                 demo,
             ),
+            "Temperature sampling over tasks (`TemperatureSampler(corpus['train'], temperature=5.0)`): "
+            "English is one task, the target of every xx->en pair.",
+            "",
+            *sampling_table(demo),
+            "",
             "## Examples (English -> target, from the training split; the same item across a row)",
             "",
             *examples(demo, EXAMPLE_LANGUAGES),
