@@ -149,7 +149,6 @@ def candidates(layer: MoELayer, x: torch.Tensor):
     padded = torch.randn(num_experts, capacity, x.shape[1], requires_grad=True)
     grad_exact, grad_padded = torch.randn(rows, x.shape[1]), torch.randn(num_experts, capacity, x.shape[1])
     offsets = torch.cumsum(counts, 0, dtype=torch.int32)
-    bounds = [0, *offsets.tolist()]
     grad_x = torch.randn_like(x)
 
     def floor_bmm():
@@ -157,10 +156,9 @@ def candidates(layer: MoELayer, x: torch.Tensor):
         torch.baddbmm(b2.unsqueeze(1), h, w2).backward(grad_padded)
 
     def floor_addmm():
-        outs = [
-            torch.addmm(b2[e], F.gelu(torch.addmm(b1[e], exact[bounds[e] : bounds[e + 1]], w1[e])), w2[e])
-            for e in range(num_experts)
-        ]
+        # torch.split, not slicing: a slice's backward writes a full-size gradient per expert.
+        pieces = exact.split(counts.tolist())
+        outs = [torch.addmm(b2[e], F.gelu(torch.addmm(b1[e], pieces[e], w1[e])), w2[e]) for e in range(num_experts)]
         torch.cat(outs).backward(grad_exact)
 
     def floor_grouped():
