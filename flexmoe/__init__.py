@@ -3,7 +3,8 @@
 from flexmoe.config import MoEConfig
 from flexmoe.experts import FFNExperts
 from flexmoe.layer import MoELayer
-from flexmoe.routing import RoutingPlan, plan_routes
+from flexmoe.routing import LoadBalanceBias, RoutingPlan, plan_routes
+from flexmoe.shared_experts import SharedExperts
 from flexmoe.stats import RoutingStats
 from flexmoe.task import (
     DenseFFN,
@@ -23,10 +24,12 @@ __all__ = [
     "ExpertUsage",
     "ExtractionReport",
     "FFNExperts",
+    "LoadBalanceBias",
     "MoEConfig",
     "MoELayer",
     "RoutingPlan",
     "RoutingStats",
+    "SharedExperts",
     "__version__",
     "expert_usage",
     "extract_task",
