@@ -194,3 +194,13 @@ def test_per_call_top_k_respects_groups_and_update_needs_the_option():
         layer(torch.randn(3, 8, dtype=torch.float64), top_k=3)
     with pytest.raises(ValueError, match="loss_free_balance"):
         layer.update_load_balance_bias()
+
+
+def test_loss_free_balance_example_flattens_the_load(tmp_path):
+    from flexmoe.examples import loss_free_balance
+
+    results = loss_free_balance.main(
+        ["--steps", "60", "--batch-tokens", "128", "--update-rate", "0.01", "--plot", str(tmp_path / "load.png")]
+    )
+    assert results["loss-free"][0] < 0.8 * results["none"][0]
+    assert (tmp_path / "load.png").stat().st_size > 0
