@@ -197,6 +197,7 @@ def test_per_call_top_k_respects_groups_and_update_needs_the_option():
 
 
 def test_loss_free_balance_example_flattens_the_load(tmp_path):
+    pytest.importorskip("matplotlib")
     from flexmoe.examples import loss_free_balance
 
     results = loss_free_balance.main(

@@ -173,3 +173,19 @@ def test_unsupported_blocks_are_named():
         to_flexmoe(torch.nn.Sequential(torch.nn.Linear(2, 2)))
     with pytest.raises(ValueError, match="FlexMoEBlock"):
         from_flexmoe(torch.nn.Sequential(MoELayer(model_dim=4, num_experts=2, hidden_dim=4)))
+
+
+def test_options_reach_the_layers_and_unknown_options_are_named():
+    model = to_flexmoe(build("olmoe"), aux_loss="gshard", capacity_factor=1.5)
+    assert all(
+        layer.config.aux_loss == "gshard" and layer.config.capacity_factor == 1.5 for layer in flexmoe_layers(model)
+    )
+    with pytest.raises(TypeError, match="top_kk"):
+        to_flexmoe(build("olmoe"), top_kk=2)
+
+
+def test_example_converts_trains_prunes_and_saves():
+    from flexmoe.examples import transformers_moe
+
+    losses = transformers_moe.main(["--steps", "3", "--keep", "2"])
+    assert losses["trained"] < losses["first"] and losses["reload_difference"] == 0.0

@@ -27,6 +27,7 @@ jitter and expert dropout (training only) are not reproduced; transformers'
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -286,9 +287,14 @@ def _is_moe_block(module: nn.Module) -> bool:
     return type(module).__name__ in SUPPORTED_BLOCKS or isinstance(getattr(module, "experts", None), nn.Module)
 
 
-def to_flexmoe(model: nn.Module) -> nn.Module:
+def to_flexmoe(model: nn.Module, **options: object) -> nn.Module:
     """Replace every transformers MoE block of ``model`` in place by a :class:`FlexMoEBlock`
     holding the same weights (views where the layouts allow). Returns ``model``.
+
+    options: :class:`~flexmoe.MoEConfig` fields set on every converted layer after the
+    family's own settings, e.g. ``aux_loss="gshard", aux_loss_weight=0.01`` or
+    ``capacity_factor=1.25`` (by default the layers reproduce the original exactly: dropless,
+    no aux loss; add :func:`flexmoe_aux_loss` to the loss when you enable one).
 
     Raises ``ValueError`` naming any MoE block type that is not supported (nothing is converted
     then) and when the model has no MoE block. Build optimizers after converting: the flexmoe
@@ -302,8 +308,12 @@ def to_flexmoe(model: nn.Module) -> nn.Module:
         raise ValueError(f"unsupported MoE block type(s) {unsupported}; supported: {SUPPORTED_BLOCKS}")
     if not blocks:
         raise ValueError(f"model {type(model).__name__} has no MoE block to convert; supported: {SUPPORTED_BLOCKS}")
+    unknown = set(options) - {f.name for f in dataclasses.fields(MoEConfig)}
+    if unknown:
+        raise TypeError(f"options must be MoEConfig fields, got unknown {sorted(unknown)}")
     for parent, name, block in blocks:
         conversion = _describe(block)
+        conversion.config = dataclasses.replace(conversion.config, **options)
         flex = FlexMoEBlock(_build_layer(conversion), block, conversion.input_jitter, conversion.per_sequence)
         flex.train(block.training)
         block.to("meta")  # the flexmoe layer holds the weights now; keep only the structure
