@@ -135,11 +135,23 @@ def measure(args, runs) -> dict[str, dict[str, float]]:
     return {task: {name: statistics.median(v) for name, v in by_name.items()} for task, by_name in samples.items()}
 
 
+GEMM_OPS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::_grouped_mm", "aten::linear")
+
+
 def profile_step(model, ids, rows: int) -> str:
+    """A one-line split of one train step's self CPU time (GEMMs, attention, the rest) and the top ops."""
     train_step(model, ids)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         train_step(model, ids)
-    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    gemm = sum(e.self_cpu_time_total for e in events if e.key in GEMM_OPS)
+    attention = sum(e.self_cpu_time_total for e in events if "attention" in e.key)
+    split = (
+        f"self CPU {total / 1e3:.0f} ms: GEMMs {gemm / total:.0%}, attention kernels {attention / total:.0%}, "
+        f"everything else (routing, dispatch, norms, elementwise, autograd) {(total - gemm - attention) / total:.0%}"
+    )
+    return split + "\n" + events.table(sort_by="self_cpu_time_total", row_limit=rows)
 
 
 def main(argv: list[str] | None = None) -> None:

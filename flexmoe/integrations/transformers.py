@@ -88,10 +88,16 @@ class FlexMoEBlock(nn.Module):
             # Mixtral's jitter scales the whole block input (router and experts) in training.
             noise = torch.empty_like(hidden_states).uniform_(1.0 - self.input_jitter, 1.0 + self.input_jitter)
             hidden_states = hidden_states * noise
-        if self.per_sequence:
-            # Switch counts expert capacity per sequence: route each sequence on its own.
-            return torch.stack([self.moe(sequence) for sequence in hidden_states])
-        return self.moe(hidden_states)
+        if not self.per_sequence:
+            return self.moe(hidden_states)
+        # Switch counts expert capacity per sequence: route each sequence on its own
+        # (moe.aux_loss: the mean over sequences; moe.stats: the last sequence).
+        outputs, aux_losses = [], []
+        for sequence in hidden_states:
+            outputs.append(self.moe(sequence))
+            aux_losses.append(self.moe.aux_loss)
+        self.moe.aux_loss = torch.stack(aux_losses).mean()
+        return torch.stack(outputs)
 
 
 def _activation(name: object, module_act: Callable) -> str | Callable:
