@@ -151,15 +151,16 @@ class MoELayer(nn.Module):
         self.last_plan = plan if self.record_plan else None
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
-    def update_load_balance_bias(self) -> torch.Tensor:
+    def update_load_balance_bias(self, process_group: Any = None) -> torch.Tensor:
         """Loss-free balancing step; call after ``optimizer.step()``.
 
         ``bias += balance_update_rate * sign(mean_load - load_e)`` with the loads of all training
-        forwards since the last call (then reset). Returns those loads, [num_experts].
+        forwards since the last call (then reset), summed over ``process_group`` when given (data
+        parallelism: every rank applies the same update). Returns those loads, [num_experts].
         """
         if self.load_balancer is None:
             raise ValueError("update_load_balance_bias needs a layer built with loss_free_balance=True")
-        return self.load_balancer.update()
+        return self.load_balancer.update(process_group)
 
     # --- the steps ------------------------------------------------------------------------
 

@@ -203,3 +203,31 @@ def test_loss_free_balance_example_flattens_the_load(tmp_path):
     )
     assert results["loss-free"][0] < 0.8 * results["none"][0]
     assert (tmp_path / "load.png").stat().st_size > 0
+
+
+def _update_on_rank(rank: int, init_file: str, results) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        layer = MoELayer(model_dim=4, num_experts=4, hidden_dim=4, loss_free_balance=True, balance_update_rate=0.1)
+        layer.load_balancer.record(
+            torch.tensor([3.0, 0.0, 0.0, 1.0]) if rank == 0 else torch.tensor([0.0, 0.0, 5.0, 0.0])
+        )
+        results[rank] = (layer.update_load_balance_bias(dist.group.WORLD), layer.load_balancer.bias.clone())
+    finally:
+        dist.destroy_process_group()
+
+
+def test_load_balance_update_sums_loads_over_data_parallel_ranks(tmp_path):
+    import torch.multiprocessing as mp
+
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_update_on_rank, args=(str(tmp_path / "init"), results), nprocs=2)
+        results = dict(results)
+    summed = torch.tensor([3.0, 0.0, 5.0, 1.0])  # mean 2.25
+    for rank in (0, 1):
+        load, bias = results[rank]
+        torch.testing.assert_close(load, summed)
+        torch.testing.assert_close(bias, torch.tensor([-0.1, 0.1, -0.1, 0.1]))

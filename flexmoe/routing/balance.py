@@ -11,6 +11,7 @@ experts become less attractive and idle ones more.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 
@@ -33,12 +34,16 @@ class LoadBalanceBias(nn.Module):
         self.pending_load += tokens_per_expert.to(self.pending_load.dtype)
 
     @torch.no_grad()
-    def update(self) -> torch.Tensor:
+    def update(self, process_group: dist.ProcessGroup | None = None) -> torch.Tensor:
         """Apply ``bias += rate * sign(mean_load - load_e)`` from the recorded loads and reset them.
 
-        Returns the loads used, [num_experts]. No recorded load (all zero): the bias is unchanged.
+        process_group: sum the loads over its ranks first (data parallelism), so every rank
+        applies the same update and the biases stay identical. Returns the loads used,
+        [num_experts]. No recorded load (all zero): the bias is unchanged.
         """
         load = self.pending_load.clone()
+        if process_group is not None:
+            dist.all_reduce(load, group=process_group)
         self.bias += self.update_rate * torch.sign(load.mean() - load).to(self.bias.dtype)
         self.pending_load.zero_()
         return load
