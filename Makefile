@@ -3,13 +3,17 @@ VENV := .venv
 PY := $(VENV)/bin/python
 TORCH := torch==2.13.0
 
-.PHONY: demo test lint bench bench-venv clean
+.PHONY: demo test lint bench bench-transformers bench-venv clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
 	$(PY) -m pip install -q -e '.[test]'
+	@# the transformers and plot extras, with torch held at the pinned version (the constraint forbids an upgrade)
+	echo '$(TORCH)' > $(VENV)/torch-constraint.txt
+	$(PY) -m pip install -q -c $(VENV)/torch-constraint.txt -e '.[test,transformers,plot]'
+	$(PY) -c "import torch; assert torch.__version__.split('+')[0] == '$(TORCH)'.split('==')[1], torch.__version__"
 	touch $@
 
 demo: $(VENV)/.installed
@@ -21,6 +25,9 @@ test: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/layer.py
+
+bench-transformers: $(VENV)/.installed
+	$(PY) benchmarks/transformers_moe.py
 
 # A separate venv with DeepSpeed (CPU, no compiled ops) for the optional benchmark row.
 bench-venv:

@@ -4,8 +4,9 @@ from flexmoe.checkpoint import convert_checkpoint, load_checkpoint, save_checkpo
 from flexmoe.config import MoEConfig
 from flexmoe.experts import FFNExperts
 from flexmoe.layer import MoELayer
-from flexmoe.routing import RoutingPlan, plan_routes
+from flexmoe.routing import LoadBalanceBias, RoutingPlan, plan_routes
 from flexmoe.serving import CacheBound, Request, ServerStats, TaskServer
+from flexmoe.shared_experts import SharedExperts
 from flexmoe.stats import RoutingStats
 from flexmoe.task import (
     DenseFFN,
@@ -27,12 +28,14 @@ __all__ = [
     "ExpertUsage",
     "ExtractionReport",
     "FFNExperts",
+    "LoadBalanceBias",
     "MoEConfig",
     "MoELayer",
     "Request",
     "RoutingPlan",
     "RoutingStats",
     "ServerStats",
+    "SharedExperts",
     "TaskServer",
     "Tuner",
     "__version__",

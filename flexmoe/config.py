@@ -20,6 +20,8 @@ AUX_LOSSES = ("gshard", "load_importance", None)
 EXPERT_LAYOUTS = ("auto", "padded", "grouped")
 GRANULARITIES = ("token", "sentence", "task")
 Granularity = Literal["token", "sentence", "task"]
+ScoreFunction = Literal["softmax", "sigmoid"]
+SCORE_FUNCTIONS = ("softmax", "sigmoid")
 
 
 def _check_positive_int(name: str, value: object) -> None:
@@ -34,10 +36,10 @@ def _check_finite_nonneg(name: str, value: object) -> None:
         raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
 
 
-def check_top_k(top_k: object, num_experts: int) -> int:
-    """Validate a top-k value against the number of experts; returns it."""
+def check_top_k(top_k: object, num_experts: int, limit: str = "num_experts") -> int:
+    """Validate a top-k value against the number of experts a token may choose from; returns it."""
     if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
-        raise ValueError(f"top_k must be an int in 1..num_experts ({num_experts}), got {top_k!r}")
+        raise ValueError(f"top_k must be an int in 1..{limit} ({num_experts}), got {top_k!r}")
     return top_k
 
 
@@ -73,6 +75,23 @@ class MoEConfig:
         normalize_gate: renormalise the top-k gate weights to sum to 1.
         batch_prioritized_routing: on overflow keep the tokens with the highest
             top-1 score first instead of first-come.
+        expert_capacity: a fixed number of slots per expert (Switch Transformers'
+            ``expert_capacity``); overrides ``capacity_factor`` unless a call passes one.
+        score_function: ``"softmax"`` over the experts, or ``"sigmoid"`` (DeepSeek-V3):
+            independent scores, top-k on them, gates renormalised over the chosen k when
+            ``normalize_gate``.
+        route_scale: constant multiplying the gate weights (DeepSeek-V3's routed scaling factor).
+        num_groups, top_groups: group-limited routing. The experts form ``num_groups`` equal
+            contiguous groups; each token keeps its ``top_groups`` best groups (by the sum of
+            each group's top-2 scores) and picks top-k inside them. With one group per node
+            under expert parallelism a token reaches at most ``top_groups`` nodes.
+            ``top_groups=None``: all groups.
+        loss_free_balance: a per-expert bias buffer (``load_balancer.bias``) added to the
+            scores for the top-k choice only (never to the gates); the training loop calls
+            ``layer.update_load_balance_bias()`` after ``optimizer.step()``, which applies
+            ``bias += balance_update_rate * sign(mean_load - load_e)`` with the loads counted
+            in training forwards since the last update. Works with ``aux_loss=None``.
+        balance_update_rate: the bias step per update (DeepSeek-V3 used 0.001).
 
     Losses (``layer.aux_loss`` = ``aux_loss_weight * balance + z_loss * z``):
         aux_loss: ``"gshard"``, ``"load_importance"`` or ``None``.
@@ -87,6 +106,14 @@ class MoEConfig:
             a single-task batch sends every token to the same k experts.
         num_tasks: size of the task embedding (required for ``"task"``).
         task_embedding_dim: width of the task embedding (default ``model_dim``).
+
+    Shared experts (every token passes through them; output added to the routed output):
+        num_shared_experts: dense FFN experts (same activation/bias/gated as the routed
+            ones), stored merged as one FFN of width ``num_shared_experts * shared_hidden_dim``
+            (their sum). Ordinary replicated parameters, never all-to-all'd.
+        shared_hidden_dim: width of each shared expert (default ``hidden_dim``).
+        shared_expert_gate: scale the shared output by ``sigmoid(x @ gate)`` per token
+            (Qwen2-MoE's ``shared_expert_gate``).
 
     Experts:
         activation: ``"gelu"``, ``"relu"``, ``"silu"`` or a callable.
@@ -122,6 +149,23 @@ class MoEConfig:
     num_tasks: int | None = None
     task_embedding_dim: int | None = None
     check_finite: bool = False
+    expert_capacity: int | None = None
+    score_function: ScoreFunction = "softmax"
+    route_scale: float = 1.0
+    num_groups: int = 1
+    top_groups: int | None = None
+    loss_free_balance: bool = False
+    balance_update_rate: float = 1e-3
+    num_shared_experts: int = 0
+    shared_hidden_dim: int | None = None
+    shared_expert_gate: bool = False
+
+    @property
+    def selectable_experts(self) -> int:
+        """How many experts one token can choose from (all, or those of its ``top_groups`` groups)."""
+        if self.top_groups is None:
+            return self.num_experts
+        return self.top_groups * (self.num_experts // self.num_groups)
 
     @property
     def router_input_dim(self) -> int:
@@ -156,6 +200,43 @@ class MoEConfig:
         for name in ("num_tasks", "task_embedding_dim"):
             if getattr(self, name) is not None:
                 _check_positive_int(name, getattr(self, name))
-        for name in ("normalize_gate", "batch_prioritized_routing", "bias", "gated", "check_finite"):
+        self._check_modern_routing()
+        for name in (
+            "normalize_gate",
+            "batch_prioritized_routing",
+            "bias",
+            "gated",
+            "check_finite",
+            "loss_free_balance",
+            "shared_expert_gate",
+        ):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+
+    def _check_modern_routing(self) -> None:
+        if self.expert_capacity is not None:
+            _check_positive_int("expert_capacity", self.expert_capacity)
+        if self.score_function not in SCORE_FUNCTIONS:
+            raise ValueError(f"score_function must be one of {SCORE_FUNCTIONS}, got {self.score_function!r}")
+        _check_finite_nonneg("route_scale", self.route_scale)
+        _check_finite_nonneg("balance_update_rate", self.balance_update_rate)
+        _check_positive_int("num_groups", self.num_groups)
+        if self.num_experts % self.num_groups:
+            raise ValueError(
+                f"num_groups must divide num_experts ({self.num_experts}) into equal groups, got {self.num_groups}"
+            )
+        if self.top_groups is not None:
+            _check_positive_int("top_groups", self.top_groups)
+            if self.top_groups > self.num_groups:
+                raise ValueError(f"top_groups must be in 1..num_groups ({self.num_groups}), got {self.top_groups}")
+        check_top_k(self.top_k, self.selectable_experts, "experts in top_groups groups")
+        if isinstance(self.num_shared_experts, bool) or not isinstance(self.num_shared_experts, int):
+            raise ValueError(f"num_shared_experts must be an int >= 0, got {self.num_shared_experts!r}")
+        if self.num_shared_experts < 0:
+            raise ValueError(f"num_shared_experts must be an int >= 0, got {self.num_shared_experts!r}")
+        if self.shared_hidden_dim is not None:
+            _check_positive_int("shared_hidden_dim", self.shared_hidden_dim)
+        if self.num_shared_experts and (self.shared_hidden_dim or self.hidden_dim) is None:
+            raise ValueError("num_shared_experts > 0 needs shared_hidden_dim (or hidden_dim)")
+        if self.shared_expert_gate is True and not self.num_shared_experts:
+            raise ValueError("shared_expert_gate=True needs num_shared_experts > 0")

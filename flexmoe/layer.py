@@ -6,7 +6,6 @@ import dataclasses
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from flexmoe.config import MoEConfig, check_capacity_factor, check_top_k
@@ -21,7 +20,10 @@ from flexmoe.routing import (
     router_entropy,
     router_z_loss,
 )
+from flexmoe.routing.balance import LoadBalanceBias
 from flexmoe.routing.granularity import check_padding_mask, routing_units
+from flexmoe.routing.scores import routing_scores
+from flexmoe.shared_experts import SharedExperts
 from flexmoe.stats import RoutingStats
 
 
@@ -61,6 +63,20 @@ class MoELayer(nn.Module):
         elif config.expert_layout == "grouped" and not hasattr(experts, "forward_grouped"):
             raise ValueError("expert_layout='grouped' needs experts with forward_grouped(); use 'auto' or 'padded'")
         self.experts = experts
+        self.shared_experts: SharedExperts | None = None
+        if config.num_shared_experts:
+            self.shared_experts = SharedExperts(
+                config.num_shared_experts,
+                config.model_dim,
+                config.shared_hidden_dim or config.hidden_dim,
+                config.activation,
+                config.bias,
+                config.gated,
+                config.shared_expert_gate,
+            )
+        self.load_balancer: LoadBalanceBias | None = None
+        if config.loss_free_balance:
+            self.load_balancer = LoadBalanceBias(config.num_experts, config.balance_update_rate)
         self.aux_loss: torch.Tensor = torch.zeros(())
         self.stats: RoutingStats | None = None
         # Set by flexmoe.task.usage while it records routing; None otherwise.
@@ -98,7 +114,8 @@ class MoELayer(nn.Module):
             by the others (so a model can pass it to every layer).
         """
         config = self.config
-        top_k = config.top_k if top_k is None else check_top_k(top_k, config.num_experts)
+        top_k = config.top_k if top_k is None else check_top_k(top_k, config.selectable_experts)
+        fixed_capacity = config.expert_capacity if capacity_factor is None else None
         capacity_factor = config.capacity_factor if capacity_factor is None else check_capacity_factor(capacity_factor)
         all_tokens = self._flatten_input(x)
         check_padding_mask(padding_mask, x)
@@ -116,14 +133,34 @@ class MoELayer(nn.Module):
             capacity_factor,
             normalize_gate=config.normalize_gate,
             batch_prioritized=config.batch_prioritized_routing,
+            selection_bias=None if self.load_balancer is None else self.load_balancer.bias,
+            num_groups=config.num_groups,
+            top_groups=config.top_groups,
+            route_scale=config.route_scale,
+            capacity=fixed_capacity,
         )
         out = self.run_experts(tokens, plan)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(tokens).to(out.dtype)
+        if self.load_balancer is not None and self.training:
+            self.load_balancer.record(plan.tokens_per_expert)
         if routed_positions is not None:
             out = out.new_zeros(all_tokens.shape[0], out.shape[1]).index_copy(0, routed_positions, out)
         self.aux_loss = self.compute_aux_loss(logits, noisy_logits, scores, top_k)
         self.stats = self._record_stats(plan, scores, top_k)
         self.last_plan = plan if self.record_plan else None
         return out.reshape(*x.shape[:-1], out.shape[-1])
+
+    def update_load_balance_bias(self, process_group: Any = None) -> torch.Tensor:
+        """Loss-free balancing step; call after ``optimizer.step()``.
+
+        ``bias += balance_update_rate * sign(mean_load - load_e)`` with the loads of all training
+        forwards since the last call (then reset), summed over ``process_group`` when given (data
+        parallelism: every rank applies the same update). Returns those loads, [num_experts].
+        """
+        if self.load_balancer is None:
+            raise ValueError("update_load_balance_bias needs a layer built with loss_free_balance=True")
+        return self.load_balancer.update(process_group)
 
     # --- the steps ------------------------------------------------------------------------
 
@@ -146,7 +183,7 @@ class MoELayer(nn.Module):
             noisy_logits = None
             if self.training and self.config.gate_noise > 0:
                 noisy_logits = logits + self.config.gate_noise * torch.randn_like(logits)
-            scores = F.softmax(logits if noisy_logits is None else noisy_logits, dim=-1)
+            scores = routing_scores(logits if noisy_logits is None else noisy_logits, self.config.score_function)
         return logits, noisy_logits, scores
 
     def uses_grouped_layout(self, dtype: torch.dtype) -> bool:
@@ -206,7 +243,7 @@ class MoELayer(nn.Module):
         if config.aux_loss == "gshard":
             total = total + config.aux_loss_weight * gshard_balance_loss(scores, scores.argmax(dim=1))
         elif config.aux_loss == "load_importance":
-            clean_scores = scores if noisy_logits is None else F.softmax(logits, dim=-1)
+            clean_scores = scores if noisy_logits is None else routing_scores(logits, config.score_function)
             chosen = scores.topk(top_k, dim=1).indices
             balance = load_importance_loss(clean_scores, logits, noisy_logits, chosen, config.gate_noise)
             total = total + config.aux_loss_weight * balance

@@ -45,6 +45,50 @@ def reference_experts(params: dict[str, torch.Tensor], config: MoEConfig, dispat
     return out
 
 
+def reference_shared_experts(params: dict[str, torch.Tensor], config: MoEConfig, tokens: torch.Tensor) -> torch.Tensor:
+    """tokens: [T, M] -> [T, M]: each of the ``num_shared_experts`` FFNs (its slice of the merged
+    weights) applied separately and summed, times the sigmoid gate when configured."""
+    act = config.activation if callable(config.activation) else _ACTIVATIONS[config.activation]
+    width = config.shared_hidden_dim or config.hidden_dim
+    total = torch.zeros_like(tokens)
+    for expert in range(config.num_shared_experts):
+        cols = slice(expert * width, (expert + 1) * width)
+        pre = tokens @ params["shared_experts.ffn.w1"][0][:, cols]
+        if config.bias:
+            pre = pre + params["shared_experts.ffn.b1"][0][cols]
+        hidden = act(pre)
+        if config.gated:
+            hidden = hidden * (tokens @ params["shared_experts.ffn.w3"][0][:, cols])
+        total = total + hidden @ params["shared_experts.ffn.w2"][0][cols]
+    if config.bias:
+        total = total + params["shared_experts.ffn.b2"][0]
+    if config.shared_expert_gate:
+        total = total / (1 + torch.exp(-(tokens @ params["shared_experts.gate.weight"][0])))[:, None]
+    return total
+
+
+def reference_choices(
+    params: dict[str, torch.Tensor], config: MoEConfig, scores: torch.Tensor, top_k: int
+) -> torch.Tensor:
+    """scores: [T, E] -> chosen experts [T, k]: top-k of scores + load-balance bias, restricted
+    to each token's ``top_groups`` best groups (group rank: sum of its two best biased scores)."""
+    choice_scores = scores.detach().clone()
+    if config.loss_free_balance:
+        choice_scores = choice_scores + params["load_balancer.bias"]
+    if config.top_groups is not None and config.top_groups < config.num_groups:
+        size = config.num_experts // config.num_groups
+        for t in range(scores.shape[0]):
+            ranks = []
+            for g in range(config.num_groups):
+                members = sorted(choice_scores[t, g * size : (g + 1) * size].tolist(), reverse=True)
+                ranks.append(sum(members[:2]))
+            kept = sorted(range(config.num_groups), key=lambda g: -ranks[g])[: config.top_groups]
+            for g in range(config.num_groups):
+                if g not in kept:
+                    choice_scores[t, g * size : (g + 1) * size] = -math.inf
+    return choice_scores.topk(top_k, dim=1).indices
+
+
 def reference_capacity(config_factor: float, loads: torch.Tensor, num_tokens: int, top_k: int) -> int:
     num_experts = loads.numel()
     bound = top_k * math.ceil(abs(config_factor) * num_tokens / num_experts)
@@ -109,11 +153,13 @@ def reference_moe(
     padding_mask: torch.Tensor | None = None,
     task_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """x: [..., M] -> (output [..., M], aux_loss, capacity). ``params`` as in ``layer.named_parameters()``.
+    """x: [..., M] -> (output [..., M], aux_loss, capacity). ``params`` as in ``layer.named_parameters()``
+    (plus ``load_balancer.bias`` from the buffers with ``loss_free_balance``).
 
     Padding positions (``padding_mask`` True) are not routed and get output 0.
     """
     top_k = config.top_k if top_k is None else top_k
+    fixed_capacity = capacity_factor is None  # a per-call factor overrides expert_capacity
     capacity_factor = config.capacity_factor if capacity_factor is None else capacity_factor
     all_tokens = x.reshape(-1, config.model_dim)
     router_inputs = reference_router_inputs(params, config, x, padding_mask, task_ids)
@@ -122,13 +168,19 @@ def reference_moe(
     num_tokens, num_experts = tokens.shape[0], config.num_experts
 
     logits = reference_logits(params, config, router_inputs)
-    scores = torch.softmax(logits, dim=-1)
-    gate_values, choices = scores.topk(top_k, dim=1)
+    if config.score_function == "sigmoid":
+        scores = 1 / (1 + torch.exp(-logits))
+    else:
+        scores = torch.softmax(logits, dim=-1)
+    choices = reference_choices(params, config, scores, top_k)
+    gate_values = torch.stack([scores[t, choices[t]] for t in range(num_tokens)]) if num_tokens else scores[:, :top_k]
     if config.normalize_gate:
         gate_values = gate_values / gate_values.sum(1, keepdim=True).clamp_min(torch.finfo(gate_values.dtype).eps)
+    gate_values = gate_values * config.route_scale
 
     if config.batch_prioritized_routing:
-        order = torch.sort(scores.max(dim=1).values.detach(), descending=True, stable=True).indices
+        first_choice_score = scores.gather(1, choices[:, :1]).squeeze(1)
+        order = torch.sort(first_choice_score.detach(), descending=True, stable=True).indices
     else:
         order = torch.arange(num_tokens)
     masks = [F.one_hot(choices[:, k], num_experts).to(torch.long) for k in range(top_k)]  # [T, E] each
@@ -143,6 +195,8 @@ def reference_moe(
         locations.append((loc * mask).sum(1))  # [T]
         claimed = claimed + mask.sum(0)
     capacity = reference_capacity(capacity_factor, claimed, num_tokens, top_k)
+    if config.expert_capacity is not None and fixed_capacity:
+        capacity = config.expert_capacity
 
     combine_weights = torch.zeros(num_tokens, num_experts, capacity, dtype=tokens.dtype)
     dispatch_mask = torch.zeros(num_tokens, num_experts, capacity, dtype=tokens.dtype)
@@ -156,6 +210,9 @@ def reference_moe(
     dispatched = torch.einsum("tec,tm->ecm", dispatch_mask, tokens)
     expert_out = reference_experts(params, config, dispatched)
     out = torch.zeros_like(all_tokens)
-    out[routed] = torch.einsum("tec,ecm->tm", combine_weights, expert_out)
+    routed_out = torch.einsum("tec,ecm->tm", combine_weights, expert_out)
+    if config.num_shared_experts:
+        routed_out = routed_out + reference_shared_experts(params, config, tokens)
+    out[routed] = routed_out
     aux = reference_aux_loss(config, logits, scores, top_k)
     return out.reshape(x.shape), aux, capacity

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from flexmoe.routing.capacity import expert_capacity
+from flexmoe.routing.scores import select_experts
 
 
 @dataclass
@@ -57,14 +58,34 @@ class RoutingPlan:
         return self.expert_index * self.capacity + self.slot
 
 
-def top_k_gates(scores: torch.Tensor, top_k: int, normalize_gate: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def top_k_gates(
+    scores: torch.Tensor,
+    top_k: int,
+    normalize_gate: bool,
+    *,
+    selection_bias: torch.Tensor | None = None,
+    num_groups: int = 1,
+    top_groups: int | None = None,
+    route_scale: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """scores: [tokens, experts] -> (gates [tokens, k], experts [tokens, k]), best choice first.
 
-    With ``normalize_gate`` the k gate weights of a token are rescaled to sum to 1.
+    The choice is made on ``scores + selection_bias`` within each token's ``top_groups`` best
+    groups (see :func:`flexmoe.routing.scores.select_experts`); the gates are the unbiased
+    scores of the chosen experts. With ``normalize_gate`` the k gate weights of a token are
+    rescaled to sum to 1; then they are multiplied by ``route_scale``.
     """
-    gates, experts = scores.topk(top_k, dim=1)
+    if selection_bias is None and num_groups == 1:
+        gates, experts = scores.topk(top_k, dim=1)
+    else:
+        experts = select_experts(
+            scores, top_k, selection_bias=selection_bias, num_groups=num_groups, top_groups=top_groups
+        )
+        gates = scores.gather(1, experts)
     if normalize_gate:
         gates = gates / gates.sum(dim=1, keepdim=True).clamp_min(torch.finfo(gates.dtype).eps)
+    if route_scale != 1.0:
+        gates = gates * route_scale
     return gates, experts
 
 
@@ -82,14 +103,30 @@ def plan_routes(
     *,
     normalize_gate: bool = True,
     batch_prioritized: bool = False,
+    selection_bias: torch.Tensor | None = None,
+    num_groups: int = 1,
+    top_groups: int | None = None,
+    route_scale: float = 1.0,
+    capacity: int | None = None,
 ) -> RoutingPlan:
     """Assign each token's top-k choices to expert slots.
 
-    scores: [tokens, experts] routing probabilities (float32 or float64).
+    scores: [tokens, experts] routing scores (float32 or float64).
+    selection_bias, num_groups, top_groups, route_scale: see :func:`top_k_gates`.
+    capacity: a fixed number of slots per expert (overrides ``capacity_factor``; overflowing
+        choices are dropped), as Switch Transformers' ``expert_capacity``.
     """
     num_tokens, num_experts = scores.shape
     device = scores.device
-    gates, experts = top_k_gates(scores, top_k, normalize_gate)
+    gates, experts = top_k_gates(
+        scores,
+        top_k,
+        normalize_gate,
+        selection_bias=selection_bias,
+        num_groups=num_groups,
+        top_groups=top_groups,
+        route_scale=route_scale,
+    )
     order = placement_order(scores.gather(1, experts[:, :1]).squeeze(1), batch_prioritized)
 
     # Sequence of claims: choice-major, tokens in placement order within a choice.
@@ -98,14 +135,16 @@ def plan_routes(
     claim_choice = torch.arange(top_k, device=device).repeat_interleave(num_tokens)
 
     tokens_per_expert = torch.bincount(claim_expert, minlength=num_experts)
-    capacity = expert_capacity(capacity_factor, tokens_per_expert, num_tokens, top_k)
+    fixed_capacity = capacity is not None
+    if capacity is None:
+        capacity = expert_capacity(capacity_factor, tokens_per_expert, num_tokens, top_k)
 
     # A stable sort by expert keeps the claim order inside each expert: rank = slot.
     by_expert = torch.sort(claim_expert, stable=True).indices
     sorted_expert = claim_expert[by_expert]
     group_start = torch.cumsum(tokens_per_expert, 0) - tokens_per_expert
     slot = torch.arange(sorted_expert.numel(), device=device) - group_start[sorted_expert]
-    if capacity_factor != 0:  # dropless needs no cut: capacity is the largest load
+    if capacity_factor != 0 or fixed_capacity:  # dropless needs no cut: capacity is the largest load
         keep = slot < capacity
         by_expert, sorted_expert, slot = by_expert[keep], sorted_expert[keep], slot[keep]
 

@@ -1,0 +1,1 @@
+"""Bridges to other libraries. Each submodule imports its library lazily; flexmoe itself does not need them."""

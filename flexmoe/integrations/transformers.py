@@ -1,0 +1,362 @@
+"""Run transformers' MoE models on flexmoe layers, and put them back.
+
+``to_flexmoe(model)`` replaces, in place, every sparse MoE block of a transformers model
+(Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V3, Switch Transformers) with a
+:class:`FlexMoEBlock` whose :class:`~flexmoe.MoELayer` holds the same weights: the router
+weight is the same tensor; the fused ``gate_up_proj`` / ``down_proj`` expert weights are
+viewed as flexmoe's ``w1``/``w3``/``w2`` and, by default, copied once into flexmoe's
+contiguous layout, which runs faster (``share_storage=True`` keeps the views); Switch's
+per-expert modules are stacked. ``from_flexmoe(model)`` rebuilds the original blocks from
+the (possibly trained) flexmoe weights, so ``save_pretrained`` / ``from_pretrained`` keep
+the original format.
+
+Routing semantics matched per family (read from transformers 5.x):
+  * Mixtral: softmax, top-k, renormalised; training jitter multiplies the block input.
+  * Qwen2-MoE / Qwen3-MoE / OLMoE: softmax, top-k, renormalised when ``norm_topk_prob``;
+    Qwen2-MoE adds one shared expert scaled by ``sigmoid(shared_expert_gate(x))``.
+  * DeepSeek-V3: sigmoid scores, ``e_score_correction_bias`` for the choice only (flexmoe's
+    loss-free balance bias), group-limited top-k (``n_group``, ``topk_group``), renormalised
+    when ``norm_topk_prob``, times ``routed_scaling_factor``, plus ``n_shared_experts``.
+  * Switch Transformers: top-1 softmax probability (not renormalised), a fixed
+    ``expert_capacity`` per expert and per sequence, first-come; dropped tokens output 0.
+
+Known differences: flexmoe computes router scores in float32 (float64 for float64 models)
+where some families round the scores to float32 or to the model dtype first; Switch's router
+jitter and expert dropout (training only) are not reproduced; transformers'
+``output_router_logits`` sees no router logits on converted blocks: add
+:func:`flexmoe_aux_loss` to the loss instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from flexmoe.config import MoEConfig
+from flexmoe.layer import MoELayer
+
+SUPPORTED_BLOCKS = (
+    "MixtralSparseMoeBlock",
+    "Qwen2MoeSparseMoeBlock",
+    "Qwen3MoeSparseMoeBlock",
+    "OlmoeSparseMoeBlock",
+    "DeepseekV3MoE",
+    "SwitchTransformersSparseMLP",
+)
+_BUILTIN_ACTIVATIONS = ("silu", "gelu", "relu")
+
+
+@dataclass
+class Conversion:
+    """How one transformers block maps to a MoELayer: its config, the layer's state (views of the
+    block's tensors), and what the wrapper does around the layer."""
+
+    config: MoEConfig
+    state: dict[str, torch.Tensor]
+    input_jitter: float = 0.0
+    per_sequence: bool = False
+
+
+class FlexMoEBlock(nn.Module):
+    """A transformers MoE block running on a flexmoe :class:`~flexmoe.MoELayer` (``self.moe``).
+
+    hidden_states: [batch, seq, hidden] -> [batch, seq, hidden]. Keeps the original block's
+    structure (on the meta device, no memory) so :func:`from_flexmoe` can rebuild it.
+    """
+
+    def __init__(self, moe: MoELayer, original: nn.Module, input_jitter: float, per_sequence: bool) -> None:
+        super().__init__()
+        self.moe = moe
+        self.input_jitter = input_jitter
+        self.per_sequence = per_sequence
+        self._original = (original,)  # a tuple: not a submodule, not in the state dict
+
+    @property
+    def original_class(self) -> str:
+        return type(self._original[0]).__name__
+
+    def extra_repr(self) -> str:
+        return f"from={self.original_class}, per_sequence={self.per_sequence}"
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.training and self.input_jitter > 0:
+            # Mixtral's jitter scales the whole block input (router and experts) in training.
+            noise = torch.empty_like(hidden_states).uniform_(1.0 - self.input_jitter, 1.0 + self.input_jitter)
+            hidden_states = hidden_states * noise
+        if not self.per_sequence:
+            return self.moe(hidden_states)
+        # Switch counts expert capacity per sequence: route each sequence on its own
+        # (moe.aux_loss: the mean over sequences; moe.stats: the last sequence).
+        outputs, aux_losses = [], []
+        for sequence in hidden_states:
+            outputs.append(self.moe(sequence))
+            aux_losses.append(self.moe.aux_loss)
+        self.moe.aux_loss = torch.stack(aux_losses).mean()
+        return torch.stack(outputs)
+
+
+def _activation(name: object, module_act: Callable) -> str | Callable:
+    return name if name in _BUILTIN_ACTIVATIONS else module_act
+
+
+def _fused_experts_state(experts: nn.Module) -> dict[str, torch.Tensor]:
+    """Views of transformers' fused experts (gate_up_proj [E, 2I, M], down_proj [E, M, I]) as
+    flexmoe's w1/w3 [E, M, I] and w2 [E, I, M]. No copy."""
+    for flag, expected in (
+        ("has_bias", False),
+        ("has_gate", True),
+        ("is_transposed", False),
+        ("is_concatenated", True),
+    ):
+        if getattr(experts, flag, expected) != expected:
+            raise ValueError(f"{type(experts).__name__} with {flag}={not expected} is not supported")
+    gate_up, down = experts.gate_up_proj.detach(), experts.down_proj.detach()
+    hidden = gate_up.shape[1] // 2
+    return {
+        "experts.w1": gate_up[:, :hidden].transpose(1, 2),
+        "experts.w3": gate_up[:, hidden:].transpose(1, 2),
+        "experts.w2": down.transpose(1, 2),
+    }
+
+
+def _fused_experts_export(layer: MoELayer) -> dict[str, torch.Tensor]:
+    experts = layer.experts
+    gate_up = torch.cat([experts.w1.detach().transpose(1, 2), experts.w3.detach().transpose(1, 2)], dim=1)
+    return {"experts.gate_up_proj": gate_up, "experts.down_proj": experts.w2.detach().transpose(1, 2).contiguous()}
+
+
+def _mlp_state(mlp: nn.Module) -> dict[str, torch.Tensor]:
+    """A gate/up/down MLP (nn.Linear weights [out, in]) as one shared FFN expert [1, in, out]."""
+    return {
+        f"shared_experts.ffn.{ours}": getattr(mlp, theirs).weight.detach().T.unsqueeze(0)
+        for ours, theirs in (("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj"))
+    }
+
+
+def _mlp_export(layer: MoELayer, prefix: str) -> dict[str, torch.Tensor]:
+    ffn = layer.shared_experts.ffn
+    return {
+        f"{prefix}.{theirs}.weight": getattr(ffn, ours).detach()[0].T.contiguous()
+        for ours, theirs in (("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj"))
+    }
+
+
+def _fused_config(block: nn.Module, **options) -> dict:
+    experts, gate = block.experts, block.gate
+    return dict(
+        model_dim=experts.hidden_dim,
+        num_experts=experts.num_experts,
+        hidden_dim=experts.intermediate_dim,
+        top_k=gate.top_k,
+        activation=_activation(experts.config.hidden_act, experts.act_fn),
+        bias=False,
+        gated=True,
+        aux_loss=None,
+        **options,
+    )
+
+
+def _describe(block: nn.Module) -> Conversion:
+    """Conversion of one supported block (see the module docstring for the semantics)."""
+    kind = type(block).__name__
+    if kind == "MixtralSparseMoeBlock":
+        config = MoEConfig(**_fused_config(block, normalize_gate=True))
+        state = {"router.weight": block.gate.weight.detach(), **_fused_experts_state(block.experts)}
+        return Conversion(config, state, input_jitter=float(block.jitter_noise))
+    if kind in ("Qwen3MoeSparseMoeBlock", "OlmoeSparseMoeBlock"):
+        config = MoEConfig(**_fused_config(block, normalize_gate=bool(block.gate.norm_topk_prob)))
+        return Conversion(config, {"router.weight": block.gate.weight.detach(), **_fused_experts_state(block.experts)})
+    if kind == "Qwen2MoeSparseMoeBlock":
+        shared = block.shared_expert
+        config = MoEConfig(
+            **_fused_config(
+                block,
+                normalize_gate=bool(block.gate.norm_topk_prob),
+                num_shared_experts=1,
+                shared_hidden_dim=shared.gate_proj.out_features,
+                shared_expert_gate=True,
+            )
+        )
+        state = {
+            "router.weight": block.gate.weight.detach(),
+            **_fused_experts_state(block.experts),
+            **_mlp_state(shared),
+            "shared_experts.gate.weight": block.shared_expert_gate.weight.detach(),
+        }
+        return Conversion(config, state)
+    if kind == "DeepseekV3MoE":
+        gate, num_shared = block.gate, block.config.n_shared_experts
+        config = MoEConfig(
+            **_fused_config(
+                block,
+                score_function="sigmoid",
+                normalize_gate=bool(gate.norm_topk_prob),
+                route_scale=float(gate.routed_scaling_factor),
+                num_groups=gate.num_group,
+                top_groups=gate.topk_group,
+                loss_free_balance=True,
+                num_shared_experts=num_shared,
+                shared_hidden_dim=block.shared_experts.gate_proj.out_features // num_shared,
+            )
+        )
+        state = {
+            "router.weight": gate.weight.detach(),
+            "load_balancer.bias": gate.e_score_correction_bias.detach(),
+            **_fused_experts_state(block.experts),
+            **_mlp_state(block.shared_experts),
+        }
+        return Conversion(config, state)
+    if kind == "SwitchTransformersSparseMLP":
+        router = block.router
+        if router.classifier.bias is not None:
+            raise ValueError("SwitchTransformersSparseMLP with router_bias=True is not supported")
+        if router.jitter_noise > 0:
+            warnings.warn(
+                "Switch router jitter (training only) is not reproduced on flexmoe layers", UserWarning, stacklevel=3
+            )
+        experts = [block.experts[f"expert_{e}"] for e in range(router.num_experts)]
+        config = MoEConfig(
+            model_dim=router.classifier.in_features,
+            num_experts=router.num_experts,
+            hidden_dim=experts[0].wi.out_features,
+            top_k=1,
+            normalize_gate=False,
+            expert_capacity=router.expert_capacity,
+            activation=experts[0].act,
+            bias=False,
+            aux_loss=None,
+        )
+        state = {
+            "router.weight": router.classifier.weight.detach(),
+            # Separate expert modules: stacked (a copy; from_flexmoe splits them again).
+            "experts.w1": torch.stack([e.wi.weight.detach().T for e in experts]),
+            "experts.w2": torch.stack([e.wo.weight.detach().T for e in experts]),
+        }
+        return Conversion(config, state, per_sequence=True)
+    raise ValueError(f"unsupported MoE block {kind}; supported: {SUPPORTED_BLOCKS}")
+
+
+def _export(block: FlexMoEBlock) -> dict[str, torch.Tensor]:
+    """The original block's state dict, built from the flexmoe layer's current weights."""
+    layer, kind = block.moe, block.original_class
+    if kind == "SwitchTransformersSparseMLP":
+        state = {"router.classifier.weight": layer.router.weight.detach()}
+        for e in range(layer.config.num_experts):
+            state[f"experts.expert_{e}.wi.weight"] = layer.experts.w1.detach()[e].T.contiguous()
+            state[f"experts.expert_{e}.wo.weight"] = layer.experts.w2.detach()[e].T.contiguous()
+        return state
+    state = {"gate.weight": layer.router.weight.detach(), **_fused_experts_export(layer)}
+    if kind == "Qwen2MoeSparseMoeBlock":
+        state.update(_mlp_export(layer, "shared_expert"))
+        state["shared_expert_gate.weight"] = layer.shared_experts.gate.weight.detach()
+    elif kind == "DeepseekV3MoE":
+        state.update(_mlp_export(layer, "shared_experts"))
+        state["gate.e_score_correction_bias"] = layer.load_balancer.bias.detach()
+    return state
+
+
+def _materialize_meta_buffers(layer: nn.Module, like: torch.Tensor) -> None:
+    # Non-persistent buffers (not in the state we assign) are still on meta: give them zeros.
+    for module in layer.modules():
+        for name, buffer in module._buffers.items():
+            if buffer is not None and buffer.is_meta:
+                module._buffers[name] = torch.zeros(buffer.shape, dtype=like.dtype, device=like.device)
+
+
+def _build_layer(conversion: Conversion) -> MoELayer:
+    with torch.device("meta"):
+        layer = MoELayer(conversion.config)
+    layer.load_state_dict(conversion.state, strict=True, assign=True)
+    like = conversion.state["router.weight"]
+    _materialize_meta_buffers(layer, like)
+    layer.aux_loss = torch.zeros((), dtype=like.dtype, device=like.device)
+    return layer.train(False)
+
+
+def _find_blocks(module: nn.Module, wanted: Callable[[nn.Module], bool]) -> list[tuple[nn.Module, str, nn.Module]]:
+    """(parent, attribute, block) for every block ``wanted`` selects, not descending into them."""
+    found = []
+    for name, child in module.named_children():
+        if wanted(child):
+            found.append((module, name, child))
+        else:
+            found.extend(_find_blocks(child, wanted))
+    return found
+
+
+def _is_moe_block(module: nn.Module) -> bool:
+    if isinstance(module, (MoELayer, FlexMoEBlock)):
+        return False
+    return type(module).__name__ in SUPPORTED_BLOCKS or isinstance(getattr(module, "experts", None), nn.Module)
+
+
+def to_flexmoe(model: nn.Module, *, share_storage: bool = False, **options: object) -> nn.Module:
+    """Replace every transformers MoE block of ``model`` in place by a :class:`FlexMoEBlock`
+    holding the same weights. Returns ``model``.
+
+    share_storage: keep the fused expert weights as views of transformers' tensors (no copy,
+    no extra memory even during conversion). By default they are copied once into flexmoe's
+    contiguous ``[E, M, I]`` layout, one block at a time (the original is freed after): the
+    transposed views make CPU GEMMs and gradient accumulation slower (one Mixtral block,
+    hidden 512, 512 tokens, fwd+bwd, 1 thread: 1.4x the time of contiguous weights).
+
+    options: :class:`~flexmoe.MoEConfig` fields set on every converted layer after the
+    family's own settings, e.g. ``aux_loss="gshard", aux_loss_weight=0.01`` or
+    ``capacity_factor=1.25`` (by default the layers reproduce the original exactly: dropless,
+    no aux loss; add :func:`flexmoe_aux_loss` to the loss when you enable one).
+
+    Raises ``ValueError`` naming any MoE block type that is not supported (nothing is converted
+    then) and when the model has no MoE block. Build optimizers after converting: the flexmoe
+    layers hold new Parameter objects (sharing storage with the old ones).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    blocks = _find_blocks(model, _is_moe_block)
+    unsupported = sorted({type(b).__name__ for _, _, b in blocks} - set(SUPPORTED_BLOCKS))
+    if unsupported:
+        raise ValueError(f"unsupported MoE block type(s) {unsupported}; supported: {SUPPORTED_BLOCKS}")
+    if not blocks:
+        raise ValueError(f"model {type(model).__name__} has no MoE block to convert; supported: {SUPPORTED_BLOCKS}")
+    unknown = set(options) - {f.name for f in dataclasses.fields(MoEConfig)}
+    if unknown:
+        raise TypeError(f"options must be MoEConfig fields, got unknown {sorted(unknown)}")
+    for parent, name, block in blocks:
+        conversion = _describe(block)
+        conversion.config = dataclasses.replace(conversion.config, **options)
+        if not share_storage:
+            conversion.state = {key: value.contiguous() for key, value in conversion.state.items()}
+        flex = FlexMoEBlock(_build_layer(conversion), block, conversion.input_jitter, conversion.per_sequence)
+        flex.train(block.training)
+        block.to("meta")  # the flexmoe layer holds the weights now; keep only the structure
+        setattr(parent, name, flex)
+    return model
+
+
+def from_flexmoe(model: nn.Module) -> nn.Module:
+    """Put the original transformers blocks back, with the flexmoe layers' current weights
+    (copied into the original layout). Returns ``model``; it saves with ``save_pretrained``."""
+    blocks = _find_blocks(model, lambda m: isinstance(m, FlexMoEBlock))
+    if not blocks:
+        raise ValueError(f"model {type(model).__name__} has no FlexMoEBlock (was to_flexmoe applied?)")
+    for parent, name, flex in blocks:
+        original = flex._original[0]
+        original.load_state_dict(_export(flex), strict=True, assign=True)
+        original.train(flex.training)
+        setattr(parent, name, original)
+    return model
+
+
+def flexmoe_layers(model: nn.Module) -> list[MoELayer]:
+    """The MoELayers of a converted model, in module order."""
+    return [m for m in model.modules() if isinstance(m, MoELayer)]
+
+
+def flexmoe_aux_loss(model: nn.Module) -> torch.Tensor:
+    """Sum of the converted layers' ``aux_loss`` from the last forward (scalar)."""
+    losses = [layer.aux_loss for layer in flexmoe_layers(model)]
+    return torch.stack(losses).sum() if losses else torch.zeros(())
