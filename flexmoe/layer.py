@@ -6,12 +6,26 @@ import dataclasses
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from flexmoe.config import MoEConfig, check_capacity_factor, check_top_k
 from flexmoe.experts import GROUPED_DTYPES, FFNExperts
 from flexmoe.ops import combine, dispatch
+from flexmoe.parallel.checks import agree_across_ranks, dtype_code
+from flexmoe.parallel.config import (
+    A2A_ALGORITHMS,
+    OVERLAP_CANDIDATES,
+    ParallelChoice,
+    ParallelConfig,
+    check_a2a_algorithm,
+    check_overlap_degree,
+)
+from flexmoe.parallel.data_parallel import mark_expert_parameters, non_expert_parameters
+from flexmoe.parallel.expert_parallel import run_expert_parallel
+from flexmoe.parallel.groups import SINGLE_PROCESS, ParallelGroups
+from flexmoe.parallel.layout import ExpertLayout
 from flexmoe.routing import (
     RoutingPlan,
     build_router,
@@ -35,9 +49,28 @@ class MoELayer(nn.Module):
 
     After each forward: ``layer.aux_loss`` (scalar to add to the training loss) and
     ``layer.stats`` (:class:`RoutingStats`).
+
+    Distributed: ``group`` is a process group, a shared :class:`~flexmoe.parallel.ParallelGroups`,
+    or None (the world group when ``torch.distributed`` is initialised with more than one rank,
+    else single-process); ``flexmoe.parallel.SINGLE_PROCESS`` forces a local layer. With a group
+    of W ranks, ``layer.layout`` (:class:`~flexmoe.parallel.ExpertLayout`) says which experts (or
+    hidden slices) this rank stores in ``layer.experts``; custom experts then hold the
+    ``num_experts / W`` local experts and need ``num_experts >= W``. ``parallel``
+    (:class:`~flexmoe.parallel.ParallelConfig`) sets the default parallel degree, pipelining
+    degree and all-to-all algorithm; each can be changed per call. Building a distributed
+    layer is collective: every rank of the group builds it (the router is broadcast from the
+    group's first rank).
     """
 
-    def __init__(self, config: MoEConfig | None = None, *, experts: nn.Module | None = None, **options: Any) -> None:
+    def __init__(
+        self,
+        config: MoEConfig | None = None,
+        *,
+        experts: nn.Module | None = None,
+        group: dist.ProcessGroup | ParallelGroups | object | None = None,
+        parallel: ParallelConfig | None = None,
+        **options: Any,
+    ) -> None:
         super().__init__()
         if config is None:
             config = MoEConfig(**options)
@@ -50,22 +83,133 @@ class MoELayer(nn.Module):
         self.task_embedding: nn.Embedding | None = None
         if config.granularity == "task":
             self.task_embedding = nn.Embedding(config.num_tasks, config.router_input_dim)
+        self.parallel = _check_parallel_config(parallel)
+        self.groups = _resolve_groups(group, self.parallel)
+        world_size, rank = (1, 0) if self.groups is None else (self.groups.world_size, self.groups.rank)
+        if self.groups is not None:
+            # Before anything that could fail on one rank only or issue a mismatched collective.
+            agree_across_ranks(self._settings(), 0, self.groups.group, torch.device("cpu"))
+        self.layout = ExpertLayout(config.num_experts, world_size, rank)
         if experts is None:
             if config.hidden_dim is None:
                 raise ValueError("hidden_dim is required unless custom experts are given")
-            experts = FFNExperts(
-                config.num_experts, config.model_dim, config.hidden_dim, config.activation, config.bias, config.gated
-            )
+            experts = self._build_local_experts(config)
         elif not isinstance(experts, nn.Module):
             raise TypeError(f"experts must be an nn.Module, got {type(experts).__name__}")
         elif config.expert_layout == "grouped" and not hasattr(experts, "forward_grouped"):
             raise ValueError("expert_layout='grouped' needs experts with forward_grouped(); use 'auto' or 'padded'")
+        elif self.layout.shards_per_expert > 1:
+            raise ValueError(
+                f"custom experts need num_experts ({config.num_experts}) >= the group's world size ({world_size})"
+            )
         self.experts = experts
+        mark_expert_parameters(self.experts)
+        if self.groups is not None:
+            if config.expert_layout == "grouped":
+                raise ValueError("expert_layout='grouped' is single-process only; use 'auto' or 'padded' with a group")
+            self.check_choice(self.parallel.default_choice)
+            self._broadcast_replicated_parameters()
         self.aux_loss: torch.Tensor = torch.zeros(())
         self.stats: RoutingStats | None = None
         # Set by flexmoe.task.usage while it records routing; None otherwise.
         self.last_plan: RoutingPlan | None = None
         self.record_plan = False
+
+    def _settings(self, choice: ParallelChoice | None = None, top_k: int | None = None, dtype=None) -> dict[str, int]:
+        """What every rank of the group must agree on (as ints), for :func:`agree_across_ranks`."""
+        config, parallel = self.config, self.parallel
+        choice = choice or parallel.default_choice
+        return {
+            "model_dim": config.model_dim,
+            "num_experts": config.num_experts,
+            "hidden_dim": config.hidden_dim or 0,
+            "gated": int(config.gated),
+            "bias": int(config.bias),
+            "local_world_size": 0 if self.groups is None else self.groups.local_world_size,
+            "top_k": top_k or config.top_k,
+            "dtype": -1 if dtype is None else dtype_code(dtype),
+            "parallel_degree": choice.parallel_degree,
+            "overlap_degree": choice.overlap_degree,
+            "a2a_algorithm": A2A_ALGORITHMS.index(choice.a2a_algorithm),
+        }
+
+    def _build_local_experts(self, config: MoEConfig) -> FFNExperts:
+        """This rank's experts: ``layout.local_experts`` experts of ``hidden_dim / S`` hidden units."""
+        local_hidden = self.layout.local_hidden_dim(config.hidden_dim)
+        generator = None
+        if self.groups is not None:
+            # Each rank initialises different experts/slices even when all ranks share a seed.
+            generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ())) + self.layout.rank)
+        return FFNExperts(
+            self.layout.local_experts,
+            config.model_dim,
+            local_hidden,
+            config.activation,
+            config.bias,
+            config.gated,
+            init_hidden_dim=config.hidden_dim,
+            generator=generator,
+        )
+
+    def _broadcast_replicated_parameters(self) -> None:
+        source = self.groups.global_ranks[0]
+        with torch.no_grad():
+            for _, param in non_expert_parameters(self):
+                dist.broadcast(param.data, src=source, group=self.groups.group)
+
+    # --- parallel choices -----------------------------------------------------------------
+
+    def valid_parallel_choices(self) -> list[ParallelChoice]:
+        """Every (parallel_degree, overlap_degree, a2a_algorithm) this layer can run with its group.
+
+        All give the same result; they differ in speed. Single-process: only the default.
+        """
+        if self.groups is None:
+            return [ParallelChoice(1)]
+        choices = []
+        for degree in self._valid_degrees():
+            if degree == 0:
+                choices.append(ParallelChoice(0))
+                continue
+            algorithms = [a for a in A2A_ALGORITHMS if a == "linear" or self.groups.supports_2dh(self.layout, degree)]
+            choices += [ParallelChoice(degree, d, a) for d in OVERLAP_CANDIDATES for a in algorithms]
+        return choices
+
+    def _valid_degrees(self) -> list[int]:
+        # Custom experts cannot be gathered: expert parallel only.
+        return self.layout.valid_degrees() if isinstance(self.experts, FFNExperts) else [1]
+
+    def check_choice(self, choice: ParallelChoice) -> ParallelChoice:
+        """Raise ValueError unless ``choice`` is valid for this layer's layout and group."""
+        if self.groups is None:
+            if choice.parallel_degree > 1 or choice.a2a_algorithm != "linear":
+                raise ValueError(f"a single-process layer runs parallel_degree 0 or 1 and 'linear', got {choice}")
+            return choice
+        degrees = self._valid_degrees()
+        if choice.parallel_degree not in degrees:
+            raise ValueError(f"parallel_degree must be one of {degrees} for this layout ({self.layout}), got {choice}")
+        if (
+            choice.a2a_algorithm == "2dh"
+            and choice.parallel_degree
+            and not self.groups.supports_2dh(self.layout, choice.parallel_degree)
+        ):
+            raise ValueError(
+                "a2a_algorithm='2dh' needs the whole group in the all-to-all (parallel_degree = shards per "
+                f"expert = {self.layout.shards_per_expert}) and 1 < local_world_size "
+                f"({self.groups.local_world_size}) < world_size ({self.groups.world_size})"
+            )
+        return choice
+
+    def _choice_for_call(
+        self, parallel_degree: int | None, overlap_degree: int | None, a2a_algorithm: str | None
+    ) -> ParallelChoice:
+        default = self.parallel
+        choice = ParallelChoice(
+            default.parallel_degree if parallel_degree is None else parallel_degree,
+            default.overlap_degree if overlap_degree is None else check_overlap_degree(overlap_degree),
+            default.a2a_algorithm if a2a_algorithm is None else check_a2a_algorithm(a2a_algorithm),
+        )
+        return self.check_choice(choice)
 
     def __getstate__(self) -> dict[str, Any]:
         # The last aux loss is part of the autograd graph; copies and pickles keep its value only.
@@ -88,6 +232,9 @@ class MoELayer(nn.Module):
         capacity_factor: float | None = None,
         padding_mask: torch.Tensor | None = None,
         task_ids: torch.Tensor | None = None,
+        parallel_degree: int | None = None,
+        overlap_degree: int | None = None,
+        a2a_algorithm: str | None = None,
     ) -> torch.Tensor:
         """x: [..., model_dim] -> [..., model_dim].
 
@@ -96,8 +243,12 @@ class MoELayer(nn.Module):
             (no capacity used, output 0) and sentence routing averages over the others.
         task_ids: int ``[batch]`` or ``x.shape[:-1]``; required by task-routed layers, ignored
             by the others (so a model can pass it to every layer).
+        parallel_degree, overlap_degree, a2a_algorithm: override the ``parallel`` defaults for
+            this call (None = the default; see :meth:`valid_parallel_choices`). Same result
+            for every valid choice. Every rank of the group must pass the same values.
         """
         config = self.config
+        choice = self._choice_for_call(parallel_degree, overlap_degree, a2a_algorithm)
         top_k = config.top_k if top_k is None else check_top_k(top_k, config.num_experts)
         capacity_factor = config.capacity_factor if capacity_factor is None else check_capacity_factor(capacity_factor)
         all_tokens = self._flatten_input(x)
@@ -117,7 +268,7 @@ class MoELayer(nn.Module):
             normalize_gate=config.normalize_gate,
             batch_prioritized=config.batch_prioritized_routing,
         )
-        out = self.run_experts(tokens, plan)
+        out = self.run_experts(tokens, plan, choice, top_k)
         if routed_positions is not None:
             out = out.new_zeros(all_tokens.shape[0], out.shape[1]).index_copy(0, routed_positions, out)
         self.aux_loss = self.compute_aux_loss(logits, noisy_logits, scores, top_k)
@@ -175,10 +326,16 @@ class MoELayer(nn.Module):
             return f"grouped_mm needs model_dim and hidden_dim {dims} times {itemsize} bytes to be multiples of 16"
         return None
 
-    def run_experts(self, tokens: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
-        """dispatch -> experts -> combine. tokens: [T, model_dim] -> [T, model_dim]."""
+    def run_experts(
+        self, tokens: torch.Tensor, plan: RoutingPlan, choice: ParallelChoice | None = None, top_k: int | None = None
+    ) -> torch.Tensor:
+        """dispatch -> experts -> combine. tokens: [T, model_dim] -> [T, model_dim].
+        choice and top_k (checked to agree over the group) matter only with a group."""
         if torch.is_autocast_enabled(tokens.device.type):
             tokens = tokens.to(torch.get_autocast_dtype(tokens.device.type))
+        if self.groups is not None:
+            choice = choice or self.parallel.default_choice
+            return self.run_experts_distributed(tokens, plan, choice, top_k or self.config.top_k)
         num_tokens, model_dim = tokens.shape
         if self.uses_grouped_layout(tokens.dtype):
             buffer = dispatch(tokens, plan.token_index)
@@ -193,6 +350,24 @@ class MoELayer(nn.Module):
                 f"experts must map [num_experts, capacity, model_dim] to the same shape; "
                 f"got {tuple(expert_out.shape)} for input {(plan.num_experts, plan.capacity, model_dim)}"
             )
+        return combine(expert_out.reshape(num_rows, model_dim), plan.gates, plan.token_index, rows, num_tokens)
+
+    def run_experts_distributed(
+        self, tokens: torch.Tensor, plan: RoutingPlan, choice: ParallelChoice, top_k: int
+    ) -> torch.Tensor:
+        """dispatch -> (all-to-all) -> experts -> (all-to-all) -> combine over the group.
+
+        tokens: [T, model_dim] -> [T, model_dim]. The plan is this rank's own (the same as a
+        single-process layer on these tokens); the buffer ``[num_experts, capacity, model_dim]``
+        uses the largest capacity of any rank so every rank exchanges blocks of one shape.
+        """
+        num_tokens, model_dim = tokens.shape
+        settings = self._settings(choice, top_k, tokens.dtype)
+        capacity = agree_across_ranks(settings, plan.capacity, self.groups.group, tokens.device)
+        rows = plan.expert_index * capacity + plan.slot
+        num_rows = plan.num_experts * capacity
+        buffer = dispatch(tokens, plan.token_index, rows, num_rows).view(plan.num_experts, capacity, model_dim)
+        expert_out = run_expert_parallel(buffer, self.experts, self.layout, self.groups, choice)
         return combine(expert_out.reshape(num_rows, model_dim), plan.gates, plan.token_index, rows, num_tokens)
 
     def compute_aux_loss(
@@ -226,3 +401,29 @@ class MoELayer(nn.Module):
                 top_k=top_k,
                 router_entropy=entropy,
             )
+
+
+def _check_parallel_config(parallel: ParallelConfig | None) -> ParallelConfig:
+    if parallel is None:
+        return ParallelConfig()
+    if not isinstance(parallel, ParallelConfig):
+        raise TypeError(f"parallel must be a flexmoe.parallel.ParallelConfig, got {type(parallel).__name__}")
+    return parallel
+
+
+def _resolve_groups(group: object, parallel: ParallelConfig) -> ParallelGroups | None:
+    """None (single-process), or the groups of the given / default process group."""
+    if group is SINGLE_PROCESS:
+        return None
+    if isinstance(group, ParallelGroups):
+        return group
+    if group is None:
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return None
+        return ParallelGroups(None, parallel.local_world_size)
+    if dist.is_available() and isinstance(group, dist.ProcessGroup):
+        return ParallelGroups(group, parallel.local_world_size)
+    raise TypeError(
+        "group must be a torch.distributed ProcessGroup, a flexmoe.parallel.ParallelGroups, "
+        f"flexmoe.parallel.SINGLE_PROCESS or None, got {type(group).__name__}"
+    )
