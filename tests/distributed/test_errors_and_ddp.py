@@ -1,0 +1,93 @@
+"""Mismatches raise the same error on every rank (no hang); the DDP recipe gives the
+single-process gradient of the mean loss."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from flexmoe import MoELayer
+from flexmoe.parallel import HIDDEN_AXIS, SINGLE_PROCESS, allreduce_non_expert_grads, ignore_expert_parameters
+from tests.distributed.helpers import load_global_weights
+from tests.distributed.launcher import run_distributed
+
+
+def _raises_everywhere(match: str, build, *args, **kwargs) -> None:
+    with pytest.raises(ValueError, match=match):
+        build(*args, **kwargs)
+
+
+def _mismatch_worker(rank: int, world_size: int) -> None:
+    base = dict(model_dim=6, hidden_dim=8, num_experts=4)
+    _raises_everywhere("model_dim differs", MoELayer, **dict(base, model_dim=6 + 2 * rank))
+    _raises_everywhere("num_experts differs", MoELayer, **dict(base, num_experts=4 if rank else 3))
+    _raises_everywhere("hidden_dim differs", MoELayer, **dict(base, hidden_dim=8 * (rank + 1)))
+    layer = MoELayer(**base).double()
+    x = torch.randn(3 + rank, 6, dtype=torch.float64)
+    _raises_everywhere("top_k differs", layer, x, top_k=1 + rank)
+    _raises_everywhere("parallel_degree differs", layer, x, parallel_degree=rank)
+    _raises_everywhere("overlap_degree differs", layer, x, overlap_degree=1 + rank)
+    _raises_everywhere(r"dtype differs \(torch.float64 vs torch.float32\)", layer, x.float() if rank else x)
+    # Invalid on every rank alike: rejected before any collective.
+    _raises_everywhere("parallel_degree must be one of", layer, x, parallel_degree=2)
+    _raises_everywhere("a2a_algorithm='2dh' needs", layer, x, a2a_algorithm="2dh")
+    _raises_everywhere("a2a_algorithm must be one of", layer, x, a2a_algorithm="ring")
+    with pytest.raises(TypeError, match="group must be"):
+        MoELayer(**base, group="world")
+    # The group is still in step after the errors.
+    assert layer(x).shape == x.shape
+
+
+def test_mismatches_raise_on_every_rank():
+    run_distributed(_mismatch_worker, 2)
+
+
+class _Model(nn.Module):
+    def __init__(self, group=None):
+        super().__init__()
+        self.proj = nn.Linear(6, 6)
+        self.moe = MoELayer(model_dim=6, hidden_dim=8, num_experts=2, top_k=2, group=group)
+
+    def forward(self, x):
+        return self.moe(torch.tanh(self.proj(x)), parallel_degree=self.degree)
+
+
+def _ddp_worker(rank: int, world_size: int) -> None:
+    torch.manual_seed(0)
+    reference = _Model(SINGLE_PROCESS).double()
+    with torch.no_grad():
+        reference.moe.experts.b2.normal_()
+    torch.manual_seed(1)
+    x = torch.randn(4 * world_size, 6, dtype=torch.float64)
+    target = torch.randn_like(x)
+    for degree in (0, 1, 2):
+        reference.degree = None
+        reference.zero_grad(set_to_none=True)
+        # Dropless routing: a token's output does not depend on the batch, so one global batch
+        # is the single-process run of all ranks' tokens together.
+        nn.functional.mse_loss(reference(x), target).backward()
+        for use_ddp in (True, False):
+            model = _Model().double()
+            model.proj.load_state_dict(reference.proj.state_dict())
+            load_global_weights(model.moe, reference.moe)
+            model.degree = degree
+            mine = slice(4 * rank, 4 * rank + 4)
+            if use_ddp:
+                ddp = nn.parallel.DistributedDataParallel(ignore_expert_parameters(model))
+                nn.functional.mse_loss(ddp(x[mine]), target[mine]).backward()
+            else:
+                nn.functional.mse_loss(model(x[mine]), target[mine]).backward()
+                allreduce_non_expert_grads(model)
+            for name, param in model.named_parameters():
+                expected = reference.get_parameter(name).grad
+                if name.startswith("moe.experts."):
+                    expected = model.moe.layout.shard(expected, HIDDEN_AXIS[name.rsplit(".", 1)[1]])
+                torch.testing.assert_close(
+                    param.grad, expected, rtol=1e-10, atol=1e-12, msg=lambda m, n=name, r=degree: f"{n} r={r}: {m}"
+                )
+
+
+def test_ddp_recipe_gives_single_process_gradient_of_mean_loss():
+    # world 4 with 2 experts: b2 replicated over 2 shards, all three degrees.
+    run_distributed(_ddp_worker, 4)
