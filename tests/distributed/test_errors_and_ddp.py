@@ -3,11 +3,14 @@ single-process gradient of the mean loss."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
 
 from flexmoe import MoELayer
+from flexmoe.examples import helloworld
 from flexmoe.parallel import HIDDEN_AXIS, SINGLE_PROCESS, allreduce_non_expert_grads, ignore_expert_parameters
 from tests.distributed.helpers import load_global_weights
 from tests.distributed.launcher import run_distributed
@@ -37,6 +40,9 @@ def _mismatch_worker(rank: int, world_size: int) -> None:
         MoELayer(**base, group="world")
     # The group is still in step after the errors.
     assert layer(x).shape == x.shape
+    # The example trains under an initialised group (as under torchrun).
+    args = ["--steps", "3", "--batch-tokens", "16", "--num-experts", "1", "--top-k", "1", "--parallel-degree", "2"]
+    assert math.isfinite(helloworld.main([*args, "--overlap-degree", "2"]))
 
 
 def test_mismatches_raise_on_every_rank():
