@@ -22,7 +22,7 @@ from flexmoe.parallel.config import (
     check_a2a_algorithm,
     check_overlap_degree,
 )
-from flexmoe.parallel.data_parallel import mark_expert_parameters, non_expert_parameters
+from flexmoe.parallel.data_parallel import mark_expert_module, non_expert_parameters
 from flexmoe.parallel.expert_parallel import run_expert_parallel
 from flexmoe.parallel.groups import SINGLE_PROCESS, ParallelGroups
 from flexmoe.parallel.layout import ExpertLayout
@@ -103,7 +103,7 @@ class MoELayer(nn.Module):
                 f"custom experts need num_experts ({config.num_experts}) >= the group's world size ({world_size})"
             )
         self.experts = experts
-        mark_expert_parameters(self.experts)
+        mark_expert_module(self.experts)
         if self.groups is not None:
             if config.expert_layout == "grouped":
                 raise ValueError("expert_layout='grouped' is single-process only; use 'auto' or 'padded' with a group")
@@ -115,7 +115,13 @@ class MoELayer(nn.Module):
         self.last_plan: RoutingPlan | None = None
         self.record_plan = False
 
-    def _settings(self, choice: ParallelChoice | None = None, top_k: int | None = None, dtype=None) -> dict[str, int]:
+    def _settings(
+        self,
+        choice: ParallelChoice | None = None,
+        top_k: int | None = None,
+        dtype: torch.dtype | None = None,
+        needs_grad: tuple[bool, bool] = (False, False),
+    ) -> dict[str, int]:
         """What every rank of the group must agree on (as ints), for :func:`agree_across_ranks`."""
         config, parallel = self.config, self.parallel
         choice = choice or parallel.default_choice
@@ -127,6 +133,8 @@ class MoELayer(nn.Module):
             "bias": int(config.bias),
             "local_world_size": 0 if self.groups is None else self.groups.local_world_size,
             "top_k": top_k or config.top_k,
+            "input_requires_grad": int(needs_grad[0]),
+            "experts_require_grad": int(needs_grad[1]),
             "dtype": -1 if dtype is None else dtype_code(dtype),
             "parallel_degree": choice.parallel_degree,
             "overlap_degree": choice.overlap_degree,
@@ -362,7 +370,13 @@ class MoELayer(nn.Module):
         uses the largest capacity of any rank so every rank exchanges blocks of one shape.
         """
         num_tokens, model_dim = tokens.shape
-        settings = self._settings(choice, top_k, tokens.dtype)
+        # Which exchanges backward will run: every rank must run the same ones.
+        grad_mode = torch.is_grad_enabled()
+        needs_grad = (
+            grad_mode and tokens.requires_grad,
+            grad_mode and any(p.requires_grad for p in self.experts.parameters()),
+        )
+        settings = self._settings(choice, top_k, tokens.dtype, needs_grad)
         capacity = agree_across_ranks(settings, plan.capacity, self.groups.group, tokens.device)
         rows = plan.expert_index * capacity + plan.slot
         num_rows = plan.num_experts * capacity

@@ -1,13 +1,16 @@
 """Expert parameters vs replicated parameters, for DistributedDataParallel and plain all-reduce.
 
-Expert parameters of a distributed MoE layer are marked; their gradients are already final
-after backward (the exchange's backward routes every rank's contribution to the owner; see
-:mod:`flexmoe.parallel.expert_parallel` for the mean-over-ranks convention). Everything else
-(router, embeddings, ...) is replicated and needs the usual data-parallel gradient average:
+The expert module of a distributed MoE layer is marked; the gradients of its parameters are
+final after backward (the exchange's backward routes every rank's contribution to the owner;
+see :mod:`flexmoe.parallel.expert_parallel` for the mean-over-ranks convention). Everything
+else (router, embeddings, ...) is replicated and needs the usual data-parallel average:
 
     ddp_model = DistributedDataParallel(ignore_expert_parameters(model))
     # or, without DDP, after loss.backward():
     allreduce_non_expert_grads(model)
+
+The mark sits on the module, not on the parameter objects, so it survives ``.to()``,
+``load_state_dict(assign=True)`` and anything else that replaces parameters.
 """
 
 from __future__ import annotations
@@ -18,27 +21,32 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-_MARK = "_flexmoe_expert"
+_MARK = "_flexmoe_experts"
 
 
-def mark_expert_parameters(module: nn.Module) -> None:
-    """Mark every parameter of ``module`` as an expert parameter (not data-parallel reduced)."""
-    for param in module.parameters():
-        setattr(param, _MARK, True)
+def mark_expert_module(module: nn.Module) -> None:
+    """Mark ``module`` (and so all its parameters) as holding expert parameters."""
+    setattr(module, _MARK, True)
 
 
-def is_expert_parameter(param: torch.Tensor) -> bool:
-    return bool(getattr(param, _MARK, False))
+def _expert_prefixes(model: nn.Module) -> list[str]:
+    return [name + "." if name else "" for name, module in model.named_modules() if getattr(module, _MARK, False)]
+
+
+def _is_expert(name: str, prefixes: list[str]) -> bool:
+    return any(name.startswith(prefix) for prefix in prefixes)
 
 
 def expert_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
     """(name, parameter) of every expert parameter of ``model``."""
-    return ((name, p) for name, p in model.named_parameters() if is_expert_parameter(p))
+    prefixes = _expert_prefixes(model)
+    return ((name, p) for name, p in model.named_parameters() if _is_expert(name, prefixes))
 
 
 def non_expert_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
     """(name, parameter) of every replicated parameter of ``model``."""
-    return ((name, p) for name, p in model.named_parameters() if not is_expert_parameter(p))
+    prefixes = _expert_prefixes(model)
+    return ((name, p) for name, p in model.named_parameters() if not _is_expert(name, prefixes))
 
 
 def ignore_expert_parameters(model: nn.Module) -> nn.Module:
