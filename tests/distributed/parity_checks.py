@@ -1,19 +1,17 @@
-"""Every valid (parallel degree, overlap degree, all-to-all algorithm) gives the single-process
-result on each rank's tokens: outputs, input / router / expert gradients, ragged batches."""
+"""Rank-side check: every valid (parallel degree, overlap degree, all-to-all algorithm) gives the
+single-process result on each rank's tokens: outputs, input / router / expert gradients."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from flexmoe.parallel import HIDDEN_AXIS
 from tests.distributed.helpers import local_slice, reference_grads, twin_layers
-from tests.distributed.launcher import run_distributed
 
 TIGHT = dict(rtol=1e-10, atol=1e-12)
 
 
-def _check_case(rank: int, options: dict, counts: list[int], call: dict) -> int:
+def check_case(rank: int, options: dict, counts: list[int], call: dict) -> int:
     """All valid choices of one layer against its twin; returns how many choices were checked."""
     reference, layer = twin_layers(seed=len(counts) + options["num_experts"], **options)
     torch.manual_seed(100)  # same global batch on every rank
@@ -46,32 +44,7 @@ def _check_case(rank: int, options: dict, counts: list[int], call: dict) -> int:
     return len(choices)
 
 
-def _parity_worker(rank: int, world_size: int, cases: list[tuple[dict, list[int], dict, int]]) -> None:
+def check_cases(rank: int, world_size: int, cases: list[tuple[dict, list[int], dict, int]]) -> None:
+    """cases: (layer options, tokens per rank, per-call options, expected number of valid choices)."""
     for options, counts, call, expected_choices in cases:
-        assert _check_case(rank, options, counts, call) == expected_choices, (options, world_size)
-
-
-BASE = dict(model_dim=6, hidden_dim=8, top_k=2)
-
-
-def test_world_2_every_choice_matches_single_process():
-    cases = [
-        # whole experts (S = 1): r in {0, 1}; ragged, one rank empty
-        (dict(BASE, num_experts=4), [7, 0], {}, 1 + 3),
-        (dict(BASE, num_experts=4, capacity_factor=0.5, gated=True), [9, 4], {}, 4),
-        # sharded experts (S = 2): r in {0, 1, 2}
-        (dict(BASE, num_experts=1, top_k=1), [5, 3], {}, 1 + 3 + 3),
-        (dict(BASE, num_experts=1, top_k=1, capacity_factor=-0.5), [0, 6], {}, 7),
-    ]
-    run_distributed(_parity_worker, 2, cases)
-
-
-@pytest.mark.parametrize("local_world_size", [2])
-def test_world_4_every_choice_matches_single_process(local_world_size):
-    # 2 simulated nodes of 2 ranks: 2dh is offered where the whole group exchanges.
-    cases = [
-        (dict(BASE, num_experts=8), [6, 0, 3, 5], {}, 1 + 3 * 2),
-        (dict(BASE, num_experts=2, gated=True), [4, 5, 0, 2], {"top_k": 1}, 1 + 3 + 3 * 2),
-        (dict(BASE, num_experts=1, top_k=1, capacity_factor=1.0), [3, 1, 4, 0], {}, 1 + 3 + 3 + 3 * 2),
-    ]
-    run_distributed(_parity_worker, 4, cases, local_world_size=local_world_size)
+        assert check_case(rank, options, counts, call) == expected_choices, (options, world_size)

@@ -1,5 +1,5 @@
-"""Mismatches raise the same error on every rank (no hang); the DDP recipe gives the
-single-process gradient of the mean loss."""
+"""Rank-side checks: mismatches raise the same error on every rank (no hang); the DDP recipe
+gives the single-process gradient of the mean loss."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ from flexmoe import MoELayer
 from flexmoe.examples import helloworld
 from flexmoe.parallel import HIDDEN_AXIS, SINGLE_PROCESS, allreduce_non_expert_grads, ignore_expert_parameters
 from tests.distributed.helpers import load_global_weights
-from tests.distributed.launcher import run_distributed
 
 
 def _raises_everywhere(match: str, build, *args, **kwargs) -> None:
@@ -21,7 +20,7 @@ def _raises_everywhere(match: str, build, *args, **kwargs) -> None:
         build(*args, **kwargs)
 
 
-def _mismatch_worker(rank: int, world_size: int) -> None:
+def check_mismatches(rank: int, world_size: int) -> None:
     base = dict(model_dim=6, hidden_dim=8, num_experts=4)
     _raises_everywhere("model_dim differs", MoELayer, **dict(base, model_dim=6 + 2 * rank))
     _raises_everywhere("num_experts differs", MoELayer, **dict(base, num_experts=4 if rank else 3))
@@ -46,10 +45,6 @@ def _mismatch_worker(rank: int, world_size: int) -> None:
     assert math.isfinite(helloworld.main([*args, "--overlap-degree", "2"]))
 
 
-def test_mismatches_raise_on_every_rank():
-    run_distributed(_mismatch_worker, 2)
-
-
 class _Model(nn.Module):
     def __init__(self, group=None):
         super().__init__()
@@ -60,7 +55,7 @@ class _Model(nn.Module):
         return self.moe(torch.tanh(self.proj(x)), parallel_degree=self.degree)
 
 
-def _ddp_worker(rank: int, world_size: int) -> None:
+def check_ddp_recipe(rank: int, world_size: int) -> None:
     torch.manual_seed(0)
     reference = _Model(SINGLE_PROCESS).double()
     with torch.no_grad():
@@ -93,8 +88,3 @@ def _ddp_worker(rank: int, world_size: int) -> None:
                 torch.testing.assert_close(
                     param.grad, expected, rtol=1e-10, atol=1e-12, msg=lambda m, n=name, r=degree: f"{n} r={r}: {m}"
                 )
-
-
-def test_ddp_recipe_gives_single_process_gradient_of_mean_loss():
-    # world 4 with 2 experts: b2 replicated over 2 shards, all three degrees.
-    run_distributed(_ddp_worker, 4)
