@@ -33,32 +33,21 @@ from flexmoe.parallel.groups import ParallelGroups
 from flexmoe.parallel.layout import HIDDEN_AXIS, ExpertLayout, unshard
 
 
-class _ScaleGrad(Function):
-    """Identity forward; backward multiplies the gradient by ``scale``."""
+class _ExpertGrad(Function):
+    """Identity forward; backward scales the gradient and, for a parameter replicated over
+    ``group`` (b2 on the shards of an expert), sums it over the group."""
 
     @staticmethod
-    def forward(ctx, x, scale):
-        ctx.scale = scale
+    def forward(ctx, x, scale, group):
+        ctx.scale, ctx.group = scale, group
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx, grad):
-        return grad * ctx.scale, None
-
-
-class _SumGradOver(Function):
-    """Identity forward; backward sums the gradient over ``group`` (a replicated parameter)."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad, None
+        grad = (grad * ctx.scale).contiguous()
+        if ctx.group is not None:
+            dist.all_reduce(grad, group=ctx.group)
+        return grad, None, None
 
 
 class _GatherShards(Function):
@@ -94,15 +83,14 @@ def gather_expert_weights(
     weights = {}
     for name, param in experts.expert_parameters().items():
         axis = HIDDEN_AXIS[name]
-        param = _ScaleGrad.apply(param, scale)
+        replicated = parallel_degree > 0 and axis is None and shards > 1
+        param = _ExpertGrad.apply(param, scale, groups.shard_group(layout) if replicated else None)
         if parallel_degree == 0:
             param = _GatherShards.apply(param, axis, layout.num_experts, groups.group)
-        elif axis is None:
-            if shards > 1:
-                param = _SumGradOver.apply(param, groups.shard_group(layout)) / parallel_degree
-        elif parallel_degree < shards:
-            block = groups.gather_block(layout, parallel_degree)
-            param = _GatherShards.apply(param, axis, 1, block)
+        elif replicated:
+            param = param / parallel_degree
+        elif axis is not None and parallel_degree < shards:
+            param = _GatherShards.apply(param, axis, 1, groups.gather_block(layout, parallel_degree))
         weights[name] = param
     return weights
 
