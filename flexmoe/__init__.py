@@ -3,6 +3,7 @@
 from flexmoe.config import MoEConfig
 from flexmoe.experts import FFNExperts
 from flexmoe.layer import MoELayer
+from flexmoe.parallel import ParallelConfig
 from flexmoe.routing import RoutingPlan, plan_routes
 from flexmoe.stats import RoutingStats
 from flexmoe.task import (
@@ -25,6 +26,7 @@ __all__ = [
     "FFNExperts",
     "MoEConfig",
     "MoELayer",
+    "ParallelConfig",
     "RoutingPlan",
     "RoutingStats",
     "__version__",

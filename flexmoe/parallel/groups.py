@@ -49,7 +49,8 @@ class ParallelGroups:
         self.world_size = len(self.global_ranks)
         self.rank = dist.get_rank(self.group)
         if local_world_size is None:
-            local_world_size = _local_world_size_from_torchrun() or self.world_size
+            # A group inside one node (torchrun's node size >= the group's) is one node.
+            local_world_size = min(_local_world_size_from_torchrun() or self.world_size, self.world_size)
         if local_world_size < 1 or self.world_size % local_world_size:
             raise ValueError(
                 f"local_world_size ({local_world_size}) must divide the group's world size ({self.world_size})"
