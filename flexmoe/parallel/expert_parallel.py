@@ -121,7 +121,12 @@ def run_expert_parallel(
         def compute(x: torch.Tensor) -> torch.Tensor:
             return experts.forward_with(x, weights)
     else:
-        compute = experts
+        # Custom experts: their parameters are not ours to wrap; scaling the input's gradient by
+        # W and the output's by 1/W gives the parameters the 1/W of the convention, inputs 1.
+        def compute(x: torch.Tensor) -> torch.Tensor:
+            out = experts(_ExpertGrad.apply(x, float(layout.world_size), None))
+            return _ExpertGrad.apply(out, 1.0 / layout.world_size, None)
+
     capacity = buffer.shape[1]
     chunks = [c for c in buffer.tensor_split(min(choice.overlap_degree, max(capacity, 1)), dim=1) if c.shape[1]]
     if not chunks:

@@ -4,8 +4,10 @@ single-process result on each rank's tokens: outputs, input / router / expert gr
 from __future__ import annotations
 
 import torch
+from torch import nn
 
-from flexmoe.parallel import HIDDEN_AXIS
+from flexmoe import MoELayer
+from flexmoe.parallel import HIDDEN_AXIS, SINGLE_PROCESS
 from tests.distributed.helpers import local_slice, reference_grads, twin_layers
 
 TIGHT = dict(rtol=1e-10, atol=1e-12)
@@ -48,3 +50,46 @@ def check_cases(rank: int, world_size: int, cases: list[tuple[dict, list[int], d
     """cases: (layer options, tokens per rank, per-call options, expected number of valid choices)."""
     for options, counts, call, expected_choices in cases:
         assert check_case(rank, options, counts, call) == expected_choices, (options, world_size)
+
+
+class _LinearExperts(nn.Module):
+    """A custom expert module: one bias-free linear map per expert, [n, rows, M] -> [n, rows, M]."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(weight.clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(torch.bmm(x, self.weight))
+
+
+def check_custom_experts(rank: int, world_size: int) -> None:
+    """Custom experts hold the local experts and run at r = 1, with the same gradient convention."""
+    num_experts, model_dim, counts = 2 * world_size, 6, [5, 0, 3, 4][:world_size]
+    torch.manual_seed(7)
+    weight = torch.randn(num_experts, model_dim, model_dim, dtype=torch.float64)
+    options = dict(model_dim=model_dim, num_experts=num_experts)
+    reference = MoELayer(**options, experts=_LinearExperts(weight), group=SINGLE_PROCESS).double()
+    local = slice(rank * 2, rank * 2 + 2)
+    layer = MoELayer(**options, experts=_LinearExperts(weight[local])).double()
+    layer.router.load_state_dict(reference.router.state_dict())
+    assert [c.parallel_degree for c in layer.valid_parallel_choices()] == [1, 1, 1]
+    x = torch.randn(sum(counts), model_dim, dtype=torch.float64)
+    upstream = torch.randn_like(x)
+    weight_grad = torch.zeros_like(weight)
+    for other in range(world_size):
+        reference.zero_grad()
+        part = x[local_slice(counts, other)].clone().requires_grad_(True)
+        out = reference(part)
+        (out * upstream[local_slice(counts, other)]).sum().backward()
+        weight_grad += reference.experts.weight.grad / world_size
+        if other == rank:
+            expected_out, expected_dx = out.detach(), part.grad
+    for overlap_degree in (1, 2):
+        layer.zero_grad()
+        part = x[local_slice(counts, rank)].clone().requires_grad_(True)
+        out = layer(part, overlap_degree=overlap_degree)
+        (out * upstream[local_slice(counts, rank)]).sum().backward()
+        torch.testing.assert_close(out, expected_out, **TIGHT)
+        torch.testing.assert_close(part.grad, expected_dx, **TIGHT)
+        torch.testing.assert_close(layer.experts.weight.grad, weight_grad[local], **TIGHT)

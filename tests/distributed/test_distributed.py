@@ -2,7 +2,7 @@
 
 World 2: every valid (r, d, a2a) matches the single-process layer on each rank's tokens
 (outputs and input / router / expert gradients; ragged batches, a rank with no tokens;
-whole and sharded experts), then mismatched settings raise on every rank.
+whole and sharded experts; custom experts), then mismatched settings raise on every rank.
 World 4 (2 simulated nodes of 2 ranks, so 2dh runs): the same parity, then the DDP recipe.
 """
 
@@ -10,13 +10,14 @@ from __future__ import annotations
 
 from tests.distributed.error_checks import check_ddp_recipe, check_mismatches
 from tests.distributed.launcher import run_distributed
-from tests.distributed.parity_checks import check_cases
+from tests.distributed.parity_checks import check_cases, check_custom_experts
 
 BASE = dict(model_dim=6, hidden_dim=8, top_k=2)
 
 
 def _world_2(rank: int, world_size: int, cases) -> None:
     check_cases(rank, world_size, cases)
+    check_custom_experts(rank, world_size)
     check_mismatches(rank, world_size)
 
 
