@@ -25,6 +25,8 @@ class Exchange:
 
     group: the ranks exchanging (linear). node_group / cross_node_group: the two stages of
     ``"2dh"`` (ranks of one node; ranks of one local rank across nodes).
+
+    One Exchange carries one transfer at a time: forward, then the gradient in backward.
     """
 
     algorithm: A2AAlgorithm
@@ -35,40 +37,46 @@ class Exchange:
     _pending: torch.Tensor | None = field(default=None, repr=False)
 
     def issue(self, x: torch.Tensor) -> None:
-        """Start exchanging x: [group_size, ...] (2dh runs to completion here)."""
-        x = x.contiguous()
+        """Start exchanging x: [group_size, ...]. For 2dh only the intra-node stage runs
+        asynchronously; the cross-node stage runs in :meth:`wait`."""
         if self.algorithm == "linear":
-            self._pending = torch.empty_like(x)
-            self._work = dist.all_to_all_single(self._pending, x, group=self.group, async_op=True)
+            send = x.contiguous()
+            group = self.group
         else:
-            self._pending, self._work = _all_to_all_2dh(x, self.node_group, self.cross_node_group), None
+            send = _by_destination_local_rank(x, self.node_group, self.cross_node_group)
+            group = self.node_group
+        self._pending = torch.empty_like(send)
+        self._work = dist.all_to_all_single(self._pending, send, group=group, async_op=True)
 
     def wait(self) -> torch.Tensor:
-        if self._work is not None:
-            self._work.wait()
+        """The exchanged tensor ``[group_size, ...]`` (block j from rank j)."""
+        self._work.wait()
         out, self._work, self._pending = self._pending, None, None
+        if self.algorithm == "2dh":
+            out = _across_nodes(out, self.cross_node_group)
         return out
 
 
-def _all_to_all_2dh(
+# 2dh: the same result as one linear all-to-all over the world, in two stages. Stage 1 regroups by
+# destination local rank and exchanges inside the node; stage 2 regroups by destination node and
+# exchanges among the ranks of the same local rank, so each cross-node message carries a whole
+# node's data for one rank.
+
+
+def _by_destination_local_rank(
     x: torch.Tensor, node_group: dist.ProcessGroup, cross_node_group: dist.ProcessGroup
 ) -> torch.Tensor:
-    """x: [world, ...] -> [world, ...], same result as one linear all-to-all over the world.
+    """x: [world = nodes * local, ...] -> [local_dst, node_dst, ...], the intra-node send buffer."""
+    local, nodes = dist.get_world_size(node_group), dist.get_world_size(cross_node_group)
+    return x.reshape(nodes, local, *x.shape[1:]).transpose(0, 1).contiguous()
 
-    Stage 1 regroups by destination local rank and exchanges inside the node; stage 2 regroups
-    by destination node and exchanges among the ranks of the same local rank, so each
-    cross-node message carries a whole node's data for one rank.
-    """
-    local = dist.get_world_size(node_group)
-    nodes = dist.get_world_size(cross_node_group)
-    rest = x.shape[1:]
-    by_local = x.reshape(nodes, local, *rest).transpose(0, 1).contiguous()  # [local_dst, node_dst, ...]
-    inside = torch.empty_like(by_local)
-    dist.all_to_all_single(inside, by_local, group=node_group)  # [local_src, node_dst, ...]
+
+def _across_nodes(inside: torch.Tensor, cross_node_group: dist.ProcessGroup) -> torch.Tensor:
+    """Received in-node [local_src, node_dst, ...] -> [world, ...] ordered by source rank."""
     by_node = inside.transpose(0, 1).contiguous()  # [node_dst, local_src, ...]
     across = torch.empty_like(by_node)
     dist.all_to_all_single(across, by_node, group=cross_node_group)  # [node_src, local_src, ...]
-    return across.reshape(nodes * local, *rest)
+    return across.reshape(-1, *across.shape[2:])
 
 
 class _Start(Function):
