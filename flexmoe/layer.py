@@ -88,7 +88,7 @@ class MoELayer(nn.Module):
         world_size, rank = (1, 0) if self.groups is None else (self.groups.world_size, self.groups.rank)
         if self.groups is not None:
             # Before anything that could fail on one rank only or issue a mismatched collective.
-            agree_across_ranks(self._settings(), 0, self.groups.group, torch.device("cpu"))
+            agree_across_ranks(self._settings(), 0, self.groups.group, self.groups.collective_device)
         self.layout = ExpertLayout(config.num_experts, world_size, rank)
         if experts is None:
             if config.hidden_dim is None:
@@ -108,7 +108,8 @@ class MoELayer(nn.Module):
             if config.expert_layout == "grouped":
                 raise ValueError("expert_layout='grouped' is single-process only; use 'auto' or 'padded' with a group")
             self.check_choice(self.parallel.default_choice)
-            self._broadcast_replicated_parameters()
+            # Replicated parameters start equal on every rank (as DDP would make them).
+            self.groups.broadcast_from_first_rank([p for _, p in non_expert_parameters(self)])
         self.aux_loss: torch.Tensor = torch.zeros(())
         self.stats: RoutingStats | None = None
         # Set by flexmoe.task.usage while it records routing; None otherwise.
@@ -158,12 +159,6 @@ class MoELayer(nn.Module):
             init_hidden_dim=config.hidden_dim,
             generator=generator,
         )
-
-    def _broadcast_replicated_parameters(self) -> None:
-        source = self.groups.global_ranks[0]
-        with torch.no_grad():
-            for _, param in non_expert_parameters(self):
-                dist.broadcast(param.data, src=source, group=self.groups.group)
 
     # --- parallel choices -----------------------------------------------------------------
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
+import torch
 import torch.distributed as dist
 
 from flexmoe.parallel.layout import ExpertLayout
@@ -64,6 +65,23 @@ class ParallelGroups:
 
     def __repr__(self) -> str:
         return f"ParallelGroups(world_size={self.world_size}, rank={self.rank}, local={self.local_world_size})"
+
+    @property
+    def collective_device(self) -> torch.device:
+        """Where tensors of host-side collectives (setting checks, construction broadcast) must be:
+        the current CUDA device for a pure NCCL group, else the CPU."""
+        if dist.get_backend(self.group) == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    def broadcast_from_first_rank(self, tensors: Sequence[torch.Tensor]) -> None:
+        """Overwrite ``tensors`` (in place, any device) with the group's first rank's values."""
+        device = self.collective_device
+        for tensor in tensors:
+            staged = tensor.detach().to(device)
+            dist.broadcast(staged, src=self.global_ranks[0], group=self.group)
+            with torch.no_grad():
+                tensor.copy_(staged)
 
     def subgroup(self, members: Sequence[int]) -> dist.ProcessGroup:
         """The process group of ``members`` (group positions, must include this rank), made once."""

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from flexmoe import MoELayer
@@ -18,6 +19,12 @@ from tests.distributed.helpers import load_global_weights
 def _raises_everywhere(match: str, build, *args, **kwargs) -> None:
     with pytest.raises(ValueError, match=match):
         build(*args, **kwargs)
+
+
+def _all_equal_over_ranks(tensor: torch.Tensor) -> bool:
+    pieces = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(pieces, tensor.detach().contiguous())
+    return all(torch.equal(piece, pieces[0]) for piece in pieces)
 
 
 def check_mismatches(rank: int, world_size: int) -> None:
@@ -40,6 +47,12 @@ def check_mismatches(rank: int, world_size: int) -> None:
         MoELayer(**base, group="world")
     # The group is still in step after the errors.
     assert layer(x).shape == x.shape
+    # Construction: the router is broadcast (different seeds per rank); experts differ across
+    # ranks even with one seed (each rank initialises its own experts).
+    torch.manual_seed(rank)
+    assert _all_equal_over_ranks(MoELayer(**base).router.weight)
+    torch.manual_seed(0)
+    assert not _all_equal_over_ranks(MoELayer(**base).experts.w1)
     # The example trains under an initialised group (as under torchrun).
     args = ["--steps", "3", "--batch-tokens", "16", "--num-experts", "1", "--top-k", "1", "--parallel-degree", "2"]
     assert math.isfinite(helloworld.main([*args, "--overlap-degree", "2"]))
