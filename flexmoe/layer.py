@@ -14,17 +14,18 @@ from flexmoe.config import MoEConfig, check_capacity_factor, check_top_k
 from flexmoe.experts import GROUPED_DTYPES, FFNExperts
 from flexmoe.ops import combine, dispatch
 from flexmoe.parallel.checks import agree_across_ranks, dtype_code
+from flexmoe.parallel.choices import check_choice, valid_choices
 from flexmoe.parallel.config import (
     A2A_ALGORITHMS,
-    OVERLAP_CANDIDATES,
     ParallelChoice,
     ParallelConfig,
     check_a2a_algorithm,
     check_overlap_degree,
+    check_parallel_config,
 )
 from flexmoe.parallel.data_parallel import mark_expert_module, non_expert_parameters
 from flexmoe.parallel.expert_parallel import run_expert_parallel
-from flexmoe.parallel.groups import SINGLE_PROCESS, ParallelGroups
+from flexmoe.parallel.groups import ParallelGroups, resolve_groups
 from flexmoe.parallel.layout import ExpertLayout
 from flexmoe.routing import (
     RoutingPlan,
@@ -83,8 +84,8 @@ class MoELayer(nn.Module):
         self.task_embedding: nn.Embedding | None = None
         if config.granularity == "task":
             self.task_embedding = nn.Embedding(config.num_tasks, config.router_input_dim)
-        self.parallel = _check_parallel_config(parallel)
-        self.groups = _resolve_groups(group, self.parallel)
+        self.parallel = check_parallel_config(parallel)
+        self.groups = resolve_groups(group, self.parallel.local_world_size)
         world_size, rank = (1, 0) if self.groups is None else (self.groups.world_size, self.groups.rank)
         if self.groups is not None:
             # Before anything that could fail on one rank only or issue a mismatched collective.
@@ -167,41 +168,11 @@ class MoELayer(nn.Module):
 
         All give the same result; they differ in speed. Single-process: only the default.
         """
-        if self.groups is None:
-            return [ParallelChoice(1)]
-        choices = []
-        for degree in self._valid_degrees():
-            if degree == 0:
-                choices.append(ParallelChoice(0))
-                continue
-            algorithms = [a for a in A2A_ALGORITHMS if a == "linear" or self.groups.supports_2dh(self.layout, degree)]
-            choices += [ParallelChoice(degree, d, a) for d in OVERLAP_CANDIDATES for a in algorithms]
-        return choices
-
-    def _valid_degrees(self) -> list[int]:
-        # Custom experts cannot be gathered: expert parallel only.
-        return self.layout.valid_degrees() if isinstance(self.experts, FFNExperts) else [1]
+        return valid_choices(self.layout, self.groups, isinstance(self.experts, FFNExperts))
 
     def check_choice(self, choice: ParallelChoice) -> ParallelChoice:
         """Raise ValueError unless ``choice`` is valid for this layer's layout and group."""
-        if self.groups is None:
-            if choice.parallel_degree > 1 or choice.a2a_algorithm != "linear":
-                raise ValueError(f"a single-process layer runs parallel_degree 0 or 1 and 'linear', got {choice}")
-            return choice
-        degrees = self._valid_degrees()
-        if choice.parallel_degree not in degrees:
-            raise ValueError(f"parallel_degree must be one of {degrees} for this layout ({self.layout}), got {choice}")
-        if (
-            choice.a2a_algorithm == "2dh"
-            and choice.parallel_degree
-            and not self.groups.supports_2dh(self.layout, choice.parallel_degree)
-        ):
-            raise ValueError(
-                "a2a_algorithm='2dh' needs the whole group in the all-to-all (parallel_degree = shards per "
-                f"expert = {self.layout.shards_per_expert}) and 1 < local_world_size "
-                f"({self.groups.local_world_size}) < world_size ({self.groups.world_size})"
-            )
-        return choice
+        return check_choice(choice, self.layout, self.groups, isinstance(self.experts, FFNExperts))
 
     def _choice_for_call(
         self, parallel_degree: int | None, overlap_degree: int | None, a2a_algorithm: str | None
@@ -410,29 +381,3 @@ class MoELayer(nn.Module):
                 top_k=top_k,
                 router_entropy=entropy,
             )
-
-
-def _check_parallel_config(parallel: ParallelConfig | None) -> ParallelConfig:
-    if parallel is None:
-        return ParallelConfig()
-    if not isinstance(parallel, ParallelConfig):
-        raise TypeError(f"parallel must be a flexmoe.parallel.ParallelConfig, got {type(parallel).__name__}")
-    return parallel
-
-
-def _resolve_groups(group: object, parallel: ParallelConfig) -> ParallelGroups | None:
-    """None (single-process), or the groups of the given / default process group."""
-    if group is SINGLE_PROCESS:
-        return None
-    if isinstance(group, ParallelGroups):
-        return group
-    if group is None:
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-            return None
-        return ParallelGroups(None, parallel.local_world_size)
-    if dist.is_available() and isinstance(group, dist.ProcessGroup):
-        return ParallelGroups(group, parallel.local_world_size)
-    raise TypeError(
-        "group must be a torch.distributed ProcessGroup, a flexmoe.parallel.ParallelGroups, "
-        f"flexmoe.parallel.SINGLE_PROCESS or None, got {type(group).__name__}"
-    )

@@ -17,6 +17,15 @@ def check_overlap_degree(overlap_degree: object) -> int:
     return overlap_degree
 
 
+def check_parallel_config(parallel: object) -> ParallelConfig:
+    """None -> the defaults; a ParallelConfig as is; anything else is a TypeError."""
+    if parallel is None:
+        return ParallelConfig()
+    if not isinstance(parallel, ParallelConfig):
+        raise TypeError(f"parallel must be a flexmoe.parallel.ParallelConfig, got {type(parallel).__name__}")
+    return parallel
+
+
 def check_a2a_algorithm(a2a_algorithm: object) -> str:
     if a2a_algorithm not in A2A_ALGORITHMS:
         raise ValueError(f"a2a_algorithm must be one of {A2A_ALGORITHMS}, got {a2a_algorithm!r}")

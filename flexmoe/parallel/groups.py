@@ -133,3 +133,24 @@ class ParallelGroups:
         """The ranks with this rank's local rank, one per node."""
         local = self.rank % self.local_world_size
         return self.subgroup(range(local, self.world_size, self.local_world_size))
+
+
+def resolve_groups(group: object, local_world_size: int | None = None) -> ParallelGroups | None:
+    """A layer's ``group`` argument -> its :class:`ParallelGroups`, or None for single-process.
+
+    None means the world group when torch.distributed is initialised with more than one rank.
+    """
+    if group is SINGLE_PROCESS:
+        return None
+    if isinstance(group, ParallelGroups):
+        return group
+    if group is None:
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return None
+        return ParallelGroups(None, local_world_size)
+    if dist.is_available() and isinstance(group, dist.ProcessGroup):
+        return ParallelGroups(group, local_world_size)
+    raise TypeError(
+        "group must be a torch.distributed ProcessGroup, a flexmoe.parallel.ParallelGroups, "
+        f"flexmoe.parallel.SINGLE_PROCESS or None, got {type(group).__name__}"
+    )
