@@ -128,9 +128,9 @@ def run_expert_parallel(
             return _ExpertGrad.apply(out, 1.0 / layout.world_size, None)
 
     capacity = buffer.shape[1]
-    chunks = [c for c in buffer.tensor_split(min(choice.overlap_degree, max(capacity, 1)), dim=1) if c.shape[1]]
-    if not chunks:
-        return buffer.clone()
+    # At most one chunk per slot (one empty chunk when no rank has tokens, so the expert
+    # parameters still get their zero gradients, as in a single process).
+    chunks = buffer.tensor_split(max(1, min(choice.overlap_degree, capacity)), dim=1)
     # Two exchanges per chunk (there and back); the next chunk's is issued before this one computes.
     there = [_exchange_for(groups, layout, choice) for _ in chunks]
     back = [_exchange_for(groups, layout, choice) for _ in chunks]
@@ -153,7 +153,7 @@ def _to_destinations(chunk: torch.Tensor, layout: ExpertLayout, parallel_degree:
     """[E, c, M] -> [group, local_experts, c, M]: each expert's rows once per block computing it."""
     if parallel_degree > 1:
         chunk = chunk.repeat_interleave(parallel_degree, dim=0)
-    return chunk.reshape(-1, layout.local_experts, *chunk.shape[1:])
+    return chunk.reshape(chunk.shape[0] // layout.local_experts, layout.local_experts, *chunk.shape[1:])
 
 
 def _flexible_layout(received: torch.Tensor) -> torch.Tensor:
@@ -170,4 +170,5 @@ def _from_flexible_layout(computed: torch.Tensor, shape: torch.Size) -> torch.Te
 def _sum_partials(returned: torch.Tensor, layout: ExpertLayout, chunk_shape: torch.Size) -> torch.Tensor:
     """[group, local_experts, c, M] -> [E, c, M], summing the r partial outputs of each expert."""
     num_experts, c, model_dim = chunk_shape
-    return returned.reshape(num_experts, -1, c, model_dim).sum(dim=1)
+    copies = returned.shape[0] * returned.shape[1] // num_experts  # r (1 for whole experts)
+    return returned.reshape(num_experts, copies, c, model_dim).sum(dim=1)

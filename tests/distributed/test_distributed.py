@@ -35,6 +35,8 @@ def test_world_2_choices_match_single_process_and_mismatches_raise():
         # sharded experts (S = 2): r in {0, 1, 2}
         (dict(BASE, num_experts=1, top_k=1), [5, 3], {}, 1 + 3 + 3),
         (dict(BASE, num_experts=1, top_k=1, capacity_factor=-0.5), [0, 6], {}, 7),
+        # no tokens anywhere: capacity 0, every path still runs (zero expert gradients)
+        (dict(BASE, num_experts=1, top_k=1), [0, 0], {}, 7),
     ]
     run_distributed(_world_2, 2, cases)
 
