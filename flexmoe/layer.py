@@ -347,8 +347,17 @@ class MoELayer(nn.Module):
         rows = plan.expert_index * capacity + plan.slot
         num_rows = plan.num_experts * capacity
         buffer = dispatch(tokens, plan.token_index, rows, num_rows).view(plan.num_experts, capacity, model_dim)
-        expert_out = run_expert_parallel(buffer, self.experts, self.layout, self.groups, choice)
+        expert_out = self.run_expert_step(buffer, choice)
         return combine(expert_out.reshape(num_rows, model_dim), plan.gates, plan.token_index, rows, num_tokens)
+
+    def run_expert_step(self, buffer: torch.Tensor, choice: ParallelChoice) -> torch.Tensor:
+        """(all-to-all) -> experts -> (all-to-all): buffer [num_experts, capacity, model_dim] -> same shape.
+
+        The unit whose time depends on ``choice`` (and only on it, with the capacity agreed): the
+        place a run-time tuner picks among :meth:`valid_parallel_choices` per capacity bucket and
+        times forward + backward. Every rank must pass the same choice.
+        """
+        return run_expert_parallel(buffer, self.experts, self.layout, self.groups, choice)
 
     def compute_aux_loss(
         self, logits: torch.Tensor, noisy_logits: torch.Tensor | None, scores: torch.Tensor, top_k: int
