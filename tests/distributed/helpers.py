@@ -8,15 +8,15 @@ from flexmoe import MoELayer
 from flexmoe.parallel import HIDDEN_AXIS, SINGLE_PROCESS
 
 
-def twin_layers(seed: int = 0, **options) -> tuple[MoELayer, MoELayer]:
-    """(single-process reference, distributed layer), float64, eval, non-zero biases."""
+def twin_layers(seed: int = 0, dtype: torch.dtype = torch.float64, **options) -> tuple[MoELayer, MoELayer]:
+    """(single-process reference, distributed layer) in ``dtype``, eval, non-zero biases."""
     torch.manual_seed(seed)
-    reference = MoELayer(group=SINGLE_PROCESS, **options).double().eval()
+    reference = MoELayer(group=SINGLE_PROCESS, **options).to(dtype).eval()
     with torch.no_grad():
         for name, param in reference.named_parameters():
             if name.startswith("experts.b"):
                 param.normal_(std=0.1)
-    layer = MoELayer(**options).double().eval()
+    layer = MoELayer(**options).to(dtype).eval()
     load_global_weights(layer, reference)
     return reference, layer
 

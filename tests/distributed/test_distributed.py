@@ -8,6 +8,8 @@ World 4 (2 simulated nodes of 2 ranks, so 2dh runs): the same parity, then the D
 
 from __future__ import annotations
 
+import torch
+
 from tests.distributed.error_checks import check_ddp_recipe, check_mismatches
 from tests.distributed.launcher import run_distributed
 from tests.distributed.parity_checks import check_cases, check_custom_experts
@@ -32,6 +34,7 @@ def test_world_2_choices_match_single_process_and_mismatches_raise():
         # whole experts (S = 1): r in {0, 1}; ragged, one rank empty
         (dict(BASE, num_experts=4), [7, 0], {}, 1 + 3),
         (dict(BASE, num_experts=4, capacity_factor=0.5, gated=True), [9, 4], {}, 4),
+        (dict(BASE, num_experts=2, hidden_dim=16, model_dim=8, dtype=torch.float32), [6, 3], {}, 4),
         # sharded experts (S = 2): r in {0, 1, 2}
         (dict(BASE, num_experts=1, top_k=1), [5, 3], {}, 1 + 3 + 3),
         (dict(BASE, num_experts=1, top_k=1, capacity_factor=-0.5), [0, 6], {}, 7),
