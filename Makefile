@@ -22,6 +22,11 @@ test: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) benchmarks/layer.py
 
+# Static (r, d, a2a) choices of the distributed layer over a changing workload, 2 ranks on gloo.
+.PHONY: bench-dist
+bench-dist: $(VENV)/.installed
+	$(VENV)/bin/torchrun --nproc-per-node 2 benchmarks/distributed.py
+
 # A separate venv with DeepSpeed (CPU, no compiled ops) for the optional benchmark row.
 bench-venv:
 	test -x .venv-bench/bin/python || python3 -m venv .venv-bench

@@ -3,6 +3,7 @@ gives the single-process gradient of the mean loss."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -45,8 +46,9 @@ def check_mismatches(rank: int, world_size: int) -> None:
     _raises_everywhere("a2a_algorithm must be one of", layer, x, a2a_algorithm="ring")
     with pytest.raises(TypeError, match="group must be"):
         MoELayer(**base, group="world")
-    # The group is still in step after the errors.
+    # The group is still in step after the errors; copies share the groups.
     assert layer(x).shape == x.shape
+    torch.testing.assert_close(copy.deepcopy(layer)(x), layer(x), rtol=0, atol=0)
     # Construction: the router is broadcast (different seeds per rank); experts differ across
     # ranks even with one seed (each rank initialises its own experts).
     torch.manual_seed(rank)
