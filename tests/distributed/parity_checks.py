@@ -8,6 +8,7 @@ from torch import nn
 
 from flexmoe import MoELayer
 from flexmoe.parallel import HIDDEN_AXIS, SINGLE_PROCESS
+from flexmoe.parallel.all_to_all import Exchange
 from tests.distributed.helpers import local_slice, reference_grads, twin_layers
 
 TIGHT = dict(rtol=1e-10, atol=1e-12)
@@ -99,3 +100,36 @@ def check_custom_experts(rank: int, world_size: int) -> None:
         torch.testing.assert_close(out, expected_out, **TIGHT)
         torch.testing.assert_close(part.grad, expected_dx, **TIGHT)
         torch.testing.assert_close(layer.experts.weight.grad, weight_grad[local], **TIGHT)
+
+
+class _LoggedExperts(nn.Module):
+    """Custom experts that log their forward and backward into ``log``."""
+
+    def __init__(self, log: list[str]):
+        super().__init__()
+        self.log = log
+        self.weight = nn.Parameter(torch.randn(2, 4, 4, dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.log.append("compute")
+        x = x.clone()
+        x.register_hook(lambda grad: self.log.append("compute_bwd"))
+        return torch.bmm(x, self.weight)
+
+
+def check_pipeline_order(rank: int, world_size: int, monkeypatch) -> None:
+    """With d = 2 the next chunk's exchange is issued before this chunk computes, forward and
+    backward (the structure that lets transfers overlap compute; no timing involved)."""
+    log: list[str] = []
+    issue, wait = Exchange.issue, Exchange.wait
+    monkeypatch.setattr(Exchange, "issue", lambda self, x: (log.append("issue"), issue(self, x))[1])
+    monkeypatch.setattr(Exchange, "wait", lambda self: (log.append("wait"), wait(self))[1])
+    layer = MoELayer(model_dim=4, num_experts=2 * world_size, experts=_LoggedExperts(log), top_k=1).double()
+    x = torch.randn(8, 4, dtype=torch.float64, requires_grad=True)
+    out = layer(x, overlap_degree=2, capacity_factor=2.0)
+    forward, log[:] = list(log), []
+    out.sum().backward()
+    # there_0, there_1 issued; chunk 0 computes while there_1 flies; back_0 flies while chunk 1 computes.
+    assert forward == ["issue", "issue", "wait", "compute", "issue", "wait", "compute", "issue", "wait", "wait"]
+    # Both return gradients issued; one chunk's input gradient flies while the other computes.
+    assert log == ["issue", "issue", "wait", "compute_bwd", "issue", "wait", "compute_bwd", "issue", "wait", "wait"]

@@ -2,17 +2,19 @@
 
 World 2: every valid (r, d, a2a) matches the single-process layer on each rank's tokens
 (outputs and input / router / expert gradients; ragged batches, a rank with no tokens;
-whole and sharded experts; custom experts), then mismatched settings raise on every rank.
+whole and sharded experts; custom experts), then the pipelined order of exchanges and
+compute, then mismatched settings raise on every rank.
 World 4 (2 simulated nodes of 2 ranks, so 2dh runs): the same parity, then the DDP recipe.
 """
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from tests.distributed.error_checks import check_ddp_recipe, check_mismatches
 from tests.distributed.launcher import run_distributed
-from tests.distributed.parity_checks import check_cases, check_custom_experts
+from tests.distributed.parity_checks import check_cases, check_custom_experts, check_pipeline_order
 
 BASE = dict(model_dim=6, hidden_dim=8, top_k=2)
 
@@ -20,6 +22,8 @@ BASE = dict(model_dim=6, hidden_dim=8, top_k=2)
 def _world_2(rank: int, world_size: int, cases) -> None:
     check_cases(rank, world_size, cases)
     check_custom_experts(rank, world_size)
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        check_pipeline_order(rank, world_size, monkeypatch)
     check_mismatches(rank, world_size)
 
 
