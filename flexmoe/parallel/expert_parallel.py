@@ -21,6 +21,8 @@ the same full gradient on each of them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -127,26 +129,39 @@ def run_expert_parallel(
             out = experts(_ExpertGrad.apply(x, float(layout.world_size), None))
             return _ExpertGrad.apply(out, 1.0 / layout.world_size, None)
 
-    capacity = buffer.shape[1]
     # At most one chunk per slot (one empty chunk when no rank has tokens, so the expert
     # parameters still get their zero gradients, as in a single process).
-    chunks = buffer.tensor_split(max(1, min(choice.overlap_degree, capacity)), dim=1)
-    # Two exchanges per chunk (there and back); the next chunk's is issued before this one computes.
+    chunks = buffer.tensor_split(max(1, min(choice.overlap_degree, buffer.shape[1])), dim=1)
+    return torch.cat(_pipeline(chunks, compute, layout, groups, choice), dim=1)
+
+
+def _pipeline(
+    chunks: tuple[torch.Tensor, ...],
+    compute: Callable[[torch.Tensor], torch.Tensor],
+    layout: ExpertLayout,
+    groups: ParallelGroups,
+    choice: ParallelChoice,
+) -> list[torch.Tensor]:
+    """Each chunk [E, c, M] there, through ``compute`` (flexible layout), and back: [E, c, M] each.
+
+    The next chunk's exchange is issued before this chunk computes, and this chunk's return
+    exchange before the next computes, so transfers overlap compute (backward mirrors it).
+    """
+    degree = choice.parallel_degree
     there = [_exchange_for(groups, layout, choice) for _ in chunks]
     back = [_exchange_for(groups, layout, choice) for _ in chunks]
-    sent = [start_all_to_all(_to_destinations(chunks[0], layout, choice.parallel_degree), there[0])]
+    sent = [start_all_to_all(_to_destinations(chunks[0], layout, degree), there[0])]
     returned = []
     for i in range(len(chunks)):
         if i + 1 < len(chunks):
-            sent.append(start_all_to_all(_to_destinations(chunks[i + 1], layout, choice.parallel_degree), there[i + 1]))
+            sent.append(start_all_to_all(_to_destinations(chunks[i + 1], layout, degree), there[i + 1]))
         received = finish_all_to_all(sent[i], there[i])  # [group, local_experts, c, M]
         computed = compute(_flexible_layout(received))
         returned.append(start_all_to_all(_from_flexible_layout(computed, received.shape), back[i]))
-    outputs = [
+    return [
         _sum_partials(finish_all_to_all(pending, exchange), layout, chunk.shape)
         for pending, exchange, chunk in zip(returned, back, chunks)
     ]
-    return torch.cat(outputs, dim=1)
 
 
 def _to_destinations(chunk: torch.Tensor, layout: ExpertLayout, parallel_degree: int) -> torch.Tensor:
