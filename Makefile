@@ -28,6 +28,10 @@ bench: $(VENV)/.installed
 
 bench-transformers: $(VENV)/.installed
 	$(PY) benchmarks/transformers_moe.py
+# Static (r, d, a2a) choices of the distributed layer over a changing workload, 2 ranks on gloo.
+.PHONY: bench-dist
+bench-dist: $(VENV)/.installed
+	$(VENV)/bin/torchrun --nproc-per-node 2 benchmarks/distributed.py
 
 # A separate venv with DeepSpeed (CPU, no compiled ops) for the optional benchmark row.
 bench-venv:

@@ -4,6 +4,7 @@ from flexmoe.checkpoint import convert_checkpoint, load_checkpoint, save_checkpo
 from flexmoe.config import MoEConfig
 from flexmoe.experts import FFNExperts
 from flexmoe.layer import MoELayer
+from flexmoe.parallel import ParallelConfig
 from flexmoe.routing import LoadBalanceBias, RoutingPlan, plan_routes
 from flexmoe.serving import CacheBound, Request, ServerStats, TaskServer
 from flexmoe.shared_experts import SharedExperts
@@ -31,6 +32,7 @@ __all__ = [
     "LoadBalanceBias",
     "MoEConfig",
     "MoELayer",
+    "ParallelConfig",
     "Request",
     "RoutingPlan",
     "RoutingStats",

@@ -50,35 +50,53 @@ class FFNExperts(nn.Module):
         activation: str | Callable[[torch.Tensor], torch.Tensor] = "gelu",
         bias: bool = True,
         gated: bool = False,
+        *,
+        init_hidden_dim: int | None = None,
+        generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
         self.num_experts, self.model_dim, self.hidden_dim = num_experts, model_dim, hidden_dim
+        # A hidden-dim shard of a larger expert initialises w2 with the full expert's fan-in.
+        self.init_hidden_dim = init_hidden_dim or hidden_dim
         self.activation = resolve_activation(activation)
         self.w1 = nn.Parameter(torch.empty(num_experts, model_dim, hidden_dim))
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden_dim, model_dim))
         self.w3 = nn.Parameter(torch.empty(num_experts, model_dim, hidden_dim)) if gated else None
         self.b1 = nn.Parameter(torch.zeros(num_experts, hidden_dim)) if bias else None
         self.b2 = nn.Parameter(torch.zeros(num_experts, model_dim)) if bias else None
-        self.reset_parameters()
+        self.reset_parameters(generator)
 
-    def reset_parameters(self) -> None:
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         # Same scale as nn.Linear's default for each expert (uniform in +-1/sqrt(fan_in)).
-        for weight, fan_in in ((self.w1, self.model_dim), (self.w2, self.hidden_dim), (self.w3, self.model_dim)):
+        fan_ins = ((self.w1, self.model_dim), (self.w2, self.init_hidden_dim), (self.w3, self.model_dim))
+        for weight, fan_in in fan_ins:
             if weight is not None:
-                nn.init.uniform_(weight, -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
+                nn.init.uniform_(weight, -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in), generator=generator)
         for bias in (self.b1, self.b2):
             if bias is not None:
                 nn.init.zeros_(bias)
 
+    def expert_parameters(self) -> dict[str, torch.Tensor]:
+        """The parameters present (w1, w2 and, if enabled, w3, b1, b2) by name."""
+        names = ("w1", "w3", "b1", "w2", "b2")
+        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Padded layout. x: [E, capacity, model_dim] -> [E, capacity, model_dim]."""
+        return self.forward_with(x, self.expert_parameters())
+
+    def forward_with(self, x: torch.Tensor, weights: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Padded layout with given weights (e.g. gathered from other ranks), named as
+        :meth:`expert_parameters`. x: [n, rows, model_dim], w1 [n, model_dim, h], w2 [n, h, model_dim]
+        -> [n, rows, model_dim]."""
+        w3, b1, b2 = weights.get("w3"), weights.get("b1"), weights.get("b2")
         hidden = self._hidden(
-            torch.bmm(x, self.w1.to(x.dtype)),
-            None if self.w3 is None else torch.bmm(x, self.w3.to(x.dtype)),
-            None if self.b1 is None else self.b1.to(x.dtype).unsqueeze(1),
+            torch.bmm(x, weights["w1"].to(x.dtype)),
+            None if w3 is None else torch.bmm(x, w3.to(x.dtype)),
+            None if b1 is None else b1.to(x.dtype).unsqueeze(1),
         )
-        out = torch.bmm(hidden, self.w2.to(x.dtype))
-        return out if self.b2 is None else out + self.b2.to(x.dtype).unsqueeze(1)
+        out = torch.bmm(hidden, weights["w2"].to(x.dtype))
+        return out if b2 is None else out + b2.to(x.dtype).unsqueeze(1)
 
     def forward_grouped(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         """Grouped layout. x: [rows, model_dim] sorted by expert, ``tokens_per_expert[e]``

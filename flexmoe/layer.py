@@ -6,11 +6,26 @@ import dataclasses
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from flexmoe.config import MoEConfig, check_capacity_factor, check_top_k
 from flexmoe.experts import GROUPED_DTYPES, FFNExperts
 from flexmoe.ops import combine, dispatch
+from flexmoe.parallel.checks import agree_across_ranks, dtype_code
+from flexmoe.parallel.choices import check_choice, valid_choices
+from flexmoe.parallel.config import (
+    A2A_ALGORITHMS,
+    ParallelChoice,
+    ParallelConfig,
+    check_a2a_algorithm,
+    check_overlap_degree,
+    check_parallel_config,
+)
+from flexmoe.parallel.data_parallel import mark_expert_module, non_expert_parameters
+from flexmoe.parallel.expert_parallel import run_expert_parallel
+from flexmoe.parallel.groups import ParallelGroups, resolve_groups
+from flexmoe.parallel.layout import ExpertLayout
 from flexmoe.routing import (
     RoutingPlan,
     build_router,
@@ -37,9 +52,28 @@ class MoELayer(nn.Module):
 
     After each forward: ``layer.aux_loss`` (scalar to add to the training loss) and
     ``layer.stats`` (:class:`RoutingStats`).
+
+    Distributed: ``group`` is a process group, a shared :class:`~flexmoe.parallel.ParallelGroups`,
+    or None (the world group when ``torch.distributed`` is initialised with more than one rank,
+    else single-process); ``flexmoe.parallel.SINGLE_PROCESS`` forces a local layer. With a group
+    of W ranks, ``layer.layout`` (:class:`~flexmoe.parallel.ExpertLayout`) says which experts (or
+    hidden slices) this rank stores in ``layer.experts``; custom experts then hold the
+    ``num_experts / W`` local experts and need ``num_experts >= W``. ``parallel``
+    (:class:`~flexmoe.parallel.ParallelConfig`) sets the default parallel degree, pipelining
+    degree and all-to-all algorithm; each can be changed per call. Building a distributed
+    layer is collective: every rank of the group builds it (the router is broadcast from the
+    group's first rank).
     """
 
-    def __init__(self, config: MoEConfig | None = None, *, experts: nn.Module | None = None, **options: Any) -> None:
+    def __init__(
+        self,
+        config: MoEConfig | None = None,
+        *,
+        experts: nn.Module | None = None,
+        group: dist.ProcessGroup | ParallelGroups | object | None = None,
+        parallel: ParallelConfig | None = None,
+        **options: Any,
+    ) -> None:
         super().__init__()
         if config is None:
             config = MoEConfig(**options)
@@ -52,16 +86,25 @@ class MoELayer(nn.Module):
         self.task_embedding: nn.Embedding | None = None
         if config.granularity == "task":
             self.task_embedding = nn.Embedding(config.num_tasks, config.router_input_dim)
+        self.parallel = check_parallel_config(parallel)
+        self.groups = resolve_groups(group, self.parallel.local_world_size)
+        world_size, rank = (1, 0) if self.groups is None else (self.groups.world_size, self.groups.rank)
+        if self.groups is not None:
+            # Before anything that could fail on one rank only or issue a mismatched collective.
+            agree_across_ranks(self._settings(), 0, self.groups.group, self.groups.collective_device)
+        self.layout = ExpertLayout(config.num_experts, world_size, rank)
         if experts is None:
             if config.hidden_dim is None:
                 raise ValueError("hidden_dim is required unless custom experts are given")
-            experts = FFNExperts(
-                config.num_experts, config.model_dim, config.hidden_dim, config.activation, config.bias, config.gated
-            )
+            experts = self._build_local_experts(config)
         elif not isinstance(experts, nn.Module):
             raise TypeError(f"experts must be an nn.Module, got {type(experts).__name__}")
         elif config.expert_layout == "grouped" and not hasattr(experts, "forward_grouped"):
             raise ValueError("expert_layout='grouped' needs experts with forward_grouped(); use 'auto' or 'padded'")
+        elif self.layout.shards_per_expert > 1:
+            raise ValueError(
+                f"custom experts need num_experts ({config.num_experts}) >= the group's world size ({world_size})"
+            )
         self.experts = experts
         self.shared_experts: SharedExperts | None = None
         if config.num_shared_experts:
@@ -77,11 +120,86 @@ class MoELayer(nn.Module):
         self.load_balancer: LoadBalanceBias | None = None
         if config.loss_free_balance:
             self.load_balancer = LoadBalanceBias(config.num_experts, config.balance_update_rate)
+        mark_expert_module(self.experts)
+        if self.groups is not None:
+            if config.expert_layout == "grouped":
+                raise ValueError("expert_layout='grouped' is single-process only; use 'auto' or 'padded' with a group")
+            self.check_choice(self.parallel.default_choice)
+            # Replicated parameters start equal on every rank (as DDP would make them).
+            self.groups.broadcast_from_first_rank([p for _, p in non_expert_parameters(self)])
         self.aux_loss: torch.Tensor = torch.zeros(())
         self.stats: RoutingStats | None = None
         # Set by flexmoe.task.usage while it records routing; None otherwise.
         self.last_plan: RoutingPlan | None = None
         self.record_plan = False
+
+    def _settings(
+        self,
+        choice: ParallelChoice | None = None,
+        top_k: int | None = None,
+        dtype: torch.dtype | None = None,
+        needs_grad: tuple[bool, bool] = (False, False),
+    ) -> dict[str, int]:
+        """What every rank of the group must agree on (as ints), for :func:`agree_across_ranks`."""
+        config, parallel = self.config, self.parallel
+        choice = choice or parallel.default_choice
+        return {
+            "model_dim": config.model_dim,
+            "num_experts": config.num_experts,
+            "hidden_dim": config.hidden_dim or 0,
+            "gated": int(config.gated),
+            "bias": int(config.bias),
+            "local_world_size": 0 if self.groups is None else self.groups.local_world_size,
+            "top_k": top_k or config.top_k,
+            "input_requires_grad": int(needs_grad[0]),
+            "experts_require_grad": int(needs_grad[1]),
+            "dtype": -1 if dtype is None else dtype_code(dtype),
+            "parallel_degree": choice.parallel_degree,
+            "overlap_degree": choice.overlap_degree,
+            "a2a_algorithm": A2A_ALGORITHMS.index(choice.a2a_algorithm),
+        }
+
+    def _build_local_experts(self, config: MoEConfig) -> FFNExperts:
+        """This rank's experts: ``layout.local_experts`` experts of ``hidden_dim / S`` hidden units."""
+        local_hidden = self.layout.local_hidden_dim(config.hidden_dim)
+        generator = None
+        if self.groups is not None:
+            # Each rank initialises different experts/slices even when all ranks share a seed.
+            generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ())) + self.layout.rank)
+        return FFNExperts(
+            self.layout.local_experts,
+            config.model_dim,
+            local_hidden,
+            config.activation,
+            config.bias,
+            config.gated,
+            init_hidden_dim=config.hidden_dim,
+            generator=generator,
+        )
+
+    # --- parallel choices -----------------------------------------------------------------
+
+    def valid_parallel_choices(self) -> list[ParallelChoice]:
+        """Every (parallel_degree, overlap_degree, a2a_algorithm) this layer can run with its group.
+
+        All give the same result; they differ in speed. Single-process: only the default.
+        """
+        return valid_choices(self.layout, self.groups, isinstance(self.experts, FFNExperts))
+
+    def check_choice(self, choice: ParallelChoice) -> ParallelChoice:
+        """Raise ValueError unless ``choice`` is valid for this layer's layout and group."""
+        return check_choice(choice, self.layout, self.groups, isinstance(self.experts, FFNExperts))
+
+    def _choice_for_call(
+        self, parallel_degree: int | None, overlap_degree: int | None, a2a_algorithm: str | None
+    ) -> ParallelChoice:
+        default = self.parallel
+        choice = ParallelChoice(
+            default.parallel_degree if parallel_degree is None else parallel_degree,
+            default.overlap_degree if overlap_degree is None else check_overlap_degree(overlap_degree),
+            default.a2a_algorithm if a2a_algorithm is None else check_a2a_algorithm(a2a_algorithm),
+        )
+        return self.check_choice(choice)
 
     def __getstate__(self) -> dict[str, Any]:
         # The last aux loss is part of the autograd graph; copies and pickles keep its value only.
@@ -104,6 +222,9 @@ class MoELayer(nn.Module):
         capacity_factor: float | None = None,
         padding_mask: torch.Tensor | None = None,
         task_ids: torch.Tensor | None = None,
+        parallel_degree: int | None = None,
+        overlap_degree: int | None = None,
+        a2a_algorithm: str | None = None,
     ) -> torch.Tensor:
         """x: [..., model_dim] -> [..., model_dim].
 
@@ -112,8 +233,12 @@ class MoELayer(nn.Module):
             (no capacity used, output 0) and sentence routing averages over the others.
         task_ids: int ``[batch]`` or ``x.shape[:-1]``; required by task-routed layers, ignored
             by the others (so a model can pass it to every layer).
+        parallel_degree, overlap_degree, a2a_algorithm: override the ``parallel`` defaults for
+            this call (None = the default; see :meth:`valid_parallel_choices`). Same result
+            for every valid choice. Every rank of the group must pass the same values.
         """
         config = self.config
+        choice = self._choice_for_call(parallel_degree, overlap_degree, a2a_algorithm)
         top_k = config.top_k if top_k is None else check_top_k(top_k, config.selectable_experts)
         fixed_capacity = config.expert_capacity if capacity_factor is None else None
         capacity_factor = config.capacity_factor if capacity_factor is None else check_capacity_factor(capacity_factor)
@@ -139,7 +264,7 @@ class MoELayer(nn.Module):
             route_scale=config.route_scale,
             capacity=fixed_capacity,
         )
-        out = self.run_experts(tokens, plan)
+        out = self.run_experts(tokens, plan, choice, top_k)
         if self.shared_experts is not None:
             out = out + self.shared_experts(tokens).to(out.dtype)
         if self.load_balancer is not None and self.training:
@@ -212,10 +337,16 @@ class MoELayer(nn.Module):
             return f"grouped_mm needs model_dim and hidden_dim {dims} times {itemsize} bytes to be multiples of 16"
         return None
 
-    def run_experts(self, tokens: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
-        """dispatch -> experts -> combine. tokens: [T, model_dim] -> [T, model_dim]."""
+    def run_experts(
+        self, tokens: torch.Tensor, plan: RoutingPlan, choice: ParallelChoice | None = None, top_k: int | None = None
+    ) -> torch.Tensor:
+        """dispatch -> experts -> combine. tokens: [T, model_dim] -> [T, model_dim].
+        choice and top_k (checked to agree over the group) matter only with a group."""
         if torch.is_autocast_enabled(tokens.device.type):
             tokens = tokens.to(torch.get_autocast_dtype(tokens.device.type))
+        if self.groups is not None:
+            choice = choice or self.parallel.default_choice
+            return self.run_experts_distributed(tokens, plan, choice, top_k or self.config.top_k)
         num_tokens, model_dim = tokens.shape
         if self.uses_grouped_layout(tokens.dtype):
             buffer = dispatch(tokens, plan.token_index)
@@ -231,6 +362,39 @@ class MoELayer(nn.Module):
                 f"got {tuple(expert_out.shape)} for input {(plan.num_experts, plan.capacity, model_dim)}"
             )
         return combine(expert_out.reshape(num_rows, model_dim), plan.gates, plan.token_index, rows, num_tokens)
+
+    def run_experts_distributed(
+        self, tokens: torch.Tensor, plan: RoutingPlan, choice: ParallelChoice, top_k: int
+    ) -> torch.Tensor:
+        """dispatch -> (all-to-all) -> experts -> (all-to-all) -> combine over the group.
+
+        tokens: [T, model_dim] -> [T, model_dim]. The plan is this rank's own (the same as a
+        single-process layer on these tokens); the buffer ``[num_experts, capacity, model_dim]``
+        uses the largest capacity of any rank so every rank exchanges blocks of one shape.
+        """
+        num_tokens, model_dim = tokens.shape
+        # Which exchanges backward will run: every rank must run the same ones.
+        grad_mode = torch.is_grad_enabled()
+        needs_grad = (
+            grad_mode and tokens.requires_grad,
+            grad_mode and any(p.requires_grad for p in self.experts.parameters()),
+        )
+        settings = self._settings(choice, top_k, tokens.dtype, needs_grad)
+        capacity = agree_across_ranks(settings, plan.capacity, self.groups.group, tokens.device)
+        rows = plan.expert_index * capacity + plan.slot
+        num_rows = plan.num_experts * capacity
+        buffer = dispatch(tokens, plan.token_index, rows, num_rows).view(plan.num_experts, capacity, model_dim)
+        expert_out = self.run_expert_step(buffer, choice)
+        return combine(expert_out.reshape(num_rows, model_dim), plan.gates, plan.token_index, rows, num_tokens)
+
+    def run_expert_step(self, buffer: torch.Tensor, choice: ParallelChoice) -> torch.Tensor:
+        """(all-to-all) -> experts -> (all-to-all): buffer [num_experts, capacity, model_dim] -> same shape.
+
+        The unit whose time depends on ``choice`` (and only on it, with the capacity agreed): the
+        place a run-time tuner picks among :meth:`valid_parallel_choices` per capacity bucket and
+        times forward + backward. Every rank must pass the same choice.
+        """
+        return run_expert_parallel(buffer, self.experts, self.layout, self.groups, choice)
 
     def compute_aux_loss(
         self, logits: torch.Tensor, noisy_logits: torch.Tensor | None, scores: torch.Tensor, top_k: int

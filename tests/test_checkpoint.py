@@ -15,7 +15,7 @@ from torch import nn
 from flexmoe import MoELayer, load_checkpoint, save_checkpoint
 from flexmoe.checkpoint import METADATA_FILE, CheckpointReader, convert_checkpoint, rank_file_name
 from flexmoe.cli import main as cli_main
-from flexmoe.parallel import HIDDEN_AXIS, ExpertLayout, unshard
+from flexmoe.parallel import HIDDEN_AXIS, SINGLE_PROCESS, ExpertLayout, unshard
 
 LR = 1e-2
 
@@ -25,9 +25,9 @@ class Net(nn.Module):
 
     def __init__(self, hidden_dim: int = 8):
         super().__init__()
-        self.moe1 = MoELayer(model_dim=8, num_experts=4, hidden_dim=hidden_dim)
+        self.moe1 = MoELayer(model_dim=8, num_experts=4, hidden_dim=hidden_dim, group=SINGLE_PROCESS)
         self.proj = nn.Linear(8, 8)
-        self.moe2 = MoELayer(model_dim=8, num_experts=2, hidden_dim=hidden_dim, gated=True)
+        self.moe2 = MoELayer(model_dim=8, num_experts=2, hidden_dim=hidden_dim, gated=True, group=SINGLE_PROCESS)
 
     def forward(self, x):
         x = x + self.moe1(x)

@@ -5,17 +5,26 @@ target, so experts have something to specialise on. Prints loss, step time and r
 telemetry; every layer option is a flag.
 
     python -m flexmoe.examples.helloworld --steps 200 --num-experts 8 --top-k 2
+
+Under torchrun (its RANK/WORLD_SIZE variables set) it initialises torch.distributed (NCCL on
+CUDA, else gloo), spreads the experts over the ranks and trains on a different batch per rank:
+
+    torchrun --nproc-per-node 2 -m flexmoe.examples.helloworld --parallel-degree 1 --overlap-degree 2
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import os
 import time
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from flexmoe import MoELayer
+from flexmoe.parallel import A2A_ALGORITHMS, ParallelConfig, allreduce_non_expert_grads
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -35,7 +44,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--parallel-degree", type=int, default=1, help="r: 0 data parallel, 1 expert parallel, ...")
+    p.add_argument("--overlap-degree", type=int, default=1, help="d: capacity chunks pipelined with all-to-all")
+    p.add_argument("--a2a", choices=A2A_ALGORITHMS, default="linear", help="all-to-all algorithm")
+    p.add_argument("--local-world-size", type=int, default=None, help="ranks per node for 2dh (default torchrun's)")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds before a collective fails (torchrun)")
     return p.parse_args(argv)
+
+
+def init_distributed(args: argparse.Namespace) -> bool:
+    """Initialise torch.distributed when started by torchrun; returns whether it did."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ or dist.is_initialized():
+        return dist.is_initialized()
+    use_nccl = args.device.startswith("cuda")
+    if use_nccl:
+        args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        torch.cuda.set_device(args.device)
+    dist.init_process_group("nccl" if use_nccl else "gloo", timeout=datetime.timedelta(seconds=args.timeout))
+    return True
 
 
 def make_task(clusters: int, model_dim: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,9 +80,13 @@ def sample_batch(centres, maps, batch_tokens: int, generator: torch.Generator):
 
 def main(argv: list[str] | None = None) -> float:
     args = parse_args(argv)
+    distributed = init_distributed(args)
+    rank = dist.get_rank() if distributed else 0
     torch.manual_seed(args.seed)
     generator = torch.Generator().manual_seed(args.seed)
     centres, maps = make_task(args.clusters, args.model_dim, generator)
+    if distributed:
+        generator.manual_seed(args.seed + 1000 * (rank + 1))  # same task, a different batch per rank
     layer = MoELayer(
         model_dim=args.model_dim,
         num_experts=args.num_experts,
@@ -67,10 +97,12 @@ def main(argv: list[str] | None = None) -> float:
         aux_loss=None if args.aux_loss == "none" else args.aux_loss,
         batch_prioritized_routing=args.batch_prioritized_routing,
         gated=args.gated,
+        parallel=ParallelConfig(args.parallel_degree, args.overlap_degree, args.a2a, args.local_world_size),
     ).to(args.device)
     optimizer = torch.optim.Adam(layer.parameters(), lr=args.lr)
-    print(layer)
-    progress = tqdm(range(args.steps), desc="train", unit="step")
+    if rank == 0:
+        print(layer, f"layout: {layer.layout}", sep="\n")
+    progress = tqdm(range(args.steps), desc="train", unit="step", disable=rank != 0)
     loss_value = float("nan")
     for _ in progress:
         x, target = sample_batch(centres, maps, args.batch_tokens, generator)
@@ -79,6 +111,8 @@ def main(argv: list[str] | None = None) -> float:
         loss = torch.nn.functional.mse_loss(layer(x), target)
         optimizer.zero_grad(set_to_none=True)
         (loss + layer.aux_loss).backward()
+        if distributed:
+            allreduce_non_expert_grads(layer)  # the router is replicated; expert grads are final
         optimizer.step()
         step_ms = (time.perf_counter() - start) * 1e3
         loss_value = loss.item()
@@ -90,10 +124,11 @@ def main(argv: list[str] | None = None) -> float:
             entropy=f"{float(stats.router_entropy):.2f}",
         )
     stats = layer.stats
-    print(
-        f"final loss {loss_value:.4f}; tokens per expert {stats.tokens_per_expert.tolist()}; "
-        f"capacity {stats.capacity}; dropped {stats.dropped_fraction:.1%}"
-    )
+    if rank == 0:
+        print(
+            f"final loss {loss_value:.4f}; tokens per expert {stats.tokens_per_expert.tolist()}; "
+            f"capacity {stats.capacity}; dropped {stats.dropped_fraction:.1%}"
+        )
     return loss_value
 
 

@@ -1,0 +1,48 @@
+"""Collective agreement before any exchange: the same settings on every rank, one capacity.
+
+One small all_reduce(MAX) per forward carries each setting as ``(v, -v)`` (so the max and the
+min come back together) and each rank's capacity. Settings that differ raise the same
+``ValueError`` on every rank instead of a hang in a mismatched collective; the capacity that
+comes back is the largest any rank needs, so ragged batches (different token counts per rank,
+zero included) give buffers of one shape everywhere.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+_ALGORITHMS = ("linear", "2dh")
+
+
+def dtype_code(dtype: torch.dtype) -> int:
+    return _DTYPES.index(dtype) if dtype in _DTYPES else len(_DTYPES)
+
+
+def _describe(name: str, low: int, high: int) -> str:
+    if name == "dtype":
+        names = [str(d) for d in _DTYPES] + ["other"]
+        return f"dtype differs ({names[low]} vs {names[high]})"
+    if name == "a2a_algorithm":
+        return f"a2a_algorithm differs ({_ALGORITHMS[low]!r} vs {_ALGORITHMS[high]!r})"
+    return f"{name} differs ({low} vs {high})"
+
+
+def agree_across_ranks(settings: dict[str, int], capacity: int, group: dist.ProcessGroup, device: torch.device) -> int:
+    """Check ``settings`` (name -> int) are equal on every rank of ``group`` and return the
+    largest ``capacity`` of any rank. Raises ValueError on every rank when a setting differs."""
+    values = torch.tensor(list(settings.values()), dtype=torch.int64)
+    packed = torch.cat([values, -values, torch.tensor([capacity])]).to(device)
+    dist.all_reduce(packed, op=dist.ReduceOp.MAX, group=group)
+    packed = packed.cpu()
+    count = len(settings)
+    highs, lows = packed[:count].tolist(), (-packed[count : 2 * count]).tolist()
+    differing = [_describe(name, lo, hi) for name, lo, hi in zip(settings, lows, highs) if lo != hi]
+    if differing:
+        raise ValueError(
+            "MoELayer settings must be equal on every rank of the process group: "
+            + "; ".join(differing)
+            + " (values shown are the smallest and largest over the ranks)"
+        )
+    return int(packed[-1])

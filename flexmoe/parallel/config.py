@@ -1,0 +1,81 @@
+"""How an MoE layer runs over a process group: the default parallel degree, pipelining, all-to-all."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+A2AAlgorithm = Literal["linear", "2dh"]
+A2A_ALGORITHMS: tuple[str, ...] = ("linear", "2dh")
+# Pipelining depths offered to a tuner by MoELayer.valid_parallel_choices().
+OVERLAP_CANDIDATES: tuple[int, ...] = (1, 2, 4)
+
+
+def check_overlap_degree(overlap_degree: object) -> int:
+    if isinstance(overlap_degree, bool) or not isinstance(overlap_degree, int) or overlap_degree < 1:
+        raise ValueError(f"overlap_degree must be an int >= 1, got {overlap_degree!r}")
+    return overlap_degree
+
+
+def check_parallel_config(parallel: object) -> ParallelConfig:
+    """None -> the defaults; a ParallelConfig as is; anything else is a TypeError."""
+    if parallel is None:
+        return ParallelConfig()
+    if not isinstance(parallel, ParallelConfig):
+        raise TypeError(f"parallel must be a flexmoe.parallel.ParallelConfig, got {type(parallel).__name__}")
+    return parallel
+
+
+def check_a2a_algorithm(a2a_algorithm: object) -> str:
+    if a2a_algorithm not in A2A_ALGORITHMS:
+        raise ValueError(f"a2a_algorithm must be one of {A2A_ALGORITHMS}, got {a2a_algorithm!r}")
+    return a2a_algorithm
+
+
+@dataclass(frozen=True)
+class ParallelChoice:
+    """One way to run the expert step; every valid choice gives the same result.
+
+    parallel_degree: r, 0 (data parallel: gather every expert) or a divisor of the shards per
+        expert S (r = 1: expert parallel; r = S: expert + model parallel).
+    overlap_degree: d, chunks of the capacity axis whose all-to-all overlaps expert compute.
+    a2a_algorithm: ``"linear"`` (one all_to_all_single) or ``"2dh"`` (intra-node then inter-node).
+    """
+
+    parallel_degree: int
+    overlap_degree: int = 1
+    a2a_algorithm: A2AAlgorithm = "linear"
+
+    def __post_init__(self) -> None:
+        r = self.parallel_degree
+        if isinstance(r, bool) or not isinstance(r, int) or r < 0:
+            raise ValueError(f"parallel_degree must be an int >= 0, got {r!r}")
+        check_overlap_degree(self.overlap_degree)
+        check_a2a_algorithm(self.a2a_algorithm)
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """Defaults of a distributed MoE layer (each can be overridden per call).
+
+    parallel_degree: default r (1 = expert parallel, valid for every layout).
+    overlap_degree: default pipelining depth d.
+    a2a_algorithm: default all-to-all algorithm.
+    local_world_size: ranks per node for ``"2dh"``; None = torchrun's ``LOCAL_WORLD_SIZE``
+        read once when the layer is built (so one machine can simulate several nodes).
+    """
+
+    parallel_degree: int = 1
+    overlap_degree: int = 1
+    a2a_algorithm: A2AAlgorithm = "linear"
+    local_world_size: int | None = None
+
+    def __post_init__(self) -> None:
+        ParallelChoice(self.parallel_degree, self.overlap_degree, self.a2a_algorithm)
+        size = self.local_world_size
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+            raise ValueError(f"local_world_size must be an int >= 1 or None, got {size!r}")
+
+    @property
+    def default_choice(self) -> ParallelChoice:
+        return ParallelChoice(self.parallel_degree, self.overlap_degree, self.a2a_algorithm)

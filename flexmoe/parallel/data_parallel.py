@@ -1,0 +1,72 @@
+"""Expert parameters vs replicated parameters, for DistributedDataParallel and plain all-reduce.
+
+The expert module of a distributed MoE layer is marked; the gradients of its parameters are
+final after backward (the exchange's backward routes every rank's contribution to the owner;
+see :mod:`flexmoe.parallel.expert_parallel` for the mean-over-ranks convention). Everything
+else (router, embeddings, ...) is replicated and needs the usual data-parallel average:
+
+    ddp_model = DistributedDataParallel(ignore_expert_parameters(model))
+    # or, without DDP, after loss.backward():
+    allreduce_non_expert_grads(model)
+
+The mark sits on the module, not on the parameter objects, so it survives ``.to()``,
+``load_state_dict(assign=True)`` and anything else that replaces parameters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+_MARK = "_flexmoe_experts"
+
+
+def mark_expert_module(module: nn.Module) -> None:
+    """Mark ``module`` (and so all its parameters) as holding expert parameters."""
+    setattr(module, _MARK, True)
+
+
+def _expert_prefixes(model: nn.Module) -> list[str]:
+    return [name + "." if name else "" for name, module in model.named_modules() if getattr(module, _MARK, False)]
+
+
+def _is_expert(name: str, prefixes: list[str]) -> bool:
+    return any(name.startswith(prefix) for prefix in prefixes)
+
+
+def expert_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    """(name, parameter) of every expert parameter of ``model``."""
+    prefixes = _expert_prefixes(model)
+    return ((name, p) for name, p in model.named_parameters() if _is_expert(name, prefixes))
+
+
+def non_expert_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    """(name, parameter) of every replicated parameter of ``model``."""
+    prefixes = _expert_prefixes(model)
+    return ((name, p) for name, p in model.named_parameters() if not _is_expert(name, prefixes))
+
+
+def ignore_expert_parameters(model: nn.Module) -> nn.Module:
+    """Tell DistributedDataParallel to skip the expert parameters; call before wrapping. Returns model."""
+    names = [name for name, _ in expert_parameters(model)]
+    nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)
+    return model
+
+
+def allreduce_non_expert_grads(model: nn.Module, group: dist.ProcessGroup | None = None) -> None:
+    """Average the gradients of the replicated parameters over ``group`` (DDP's job, without DDP).
+
+    Call after backward on every rank. A parameter without a gradient on this rank
+    contributes zeros, so every rank issues the same collectives.
+    """
+    size = dist.get_world_size(group)
+    for _, param in non_expert_parameters(model):
+        if not param.requires_grad:
+            continue
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
+        dist.all_reduce(param.grad, group=group)
+        param.grad.div_(size)

@@ -1,0 +1,63 @@
+"""The distributed API's single-process side: configs, choices, expert marking, errors."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from flexmoe import MoELayer, ParallelConfig
+from flexmoe.parallel import ExpertLayout, ParallelChoice, expert_parameters, non_expert_parameters
+from tests.conftest import make_layer
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(parallel_degree=-1), "parallel_degree"),
+        (dict(parallel_degree=True), "parallel_degree"),
+        (dict(overlap_degree=0), "overlap_degree"),
+        (dict(a2a_algorithm="ring"), "a2a_algorithm must be one of"),
+        (dict(local_world_size=0), "local_world_size"),
+    ],
+)
+def test_parallel_config_rejects_bad_values(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ParallelConfig(**kwargs)
+
+
+def test_single_process_layer_layout_and_choices():
+    layer = make_layer()
+    assert layer.layout == ExpertLayout(6, 1, 0)
+    assert layer.valid_parallel_choices() == [ParallelChoice(1)]
+    with pytest.raises(TypeError, match="parallel must be"):
+        MoELayer(model_dim=8, num_experts=2, hidden_dim=4, parallel={"parallel_degree": 1})
+
+
+def test_single_process_per_call_choices_give_the_same_result():
+    layer = make_layer()
+    x = torch.randn(10, 8, dtype=torch.float64)
+    expected = layer(x)
+    for kwargs in (dict(parallel_degree=0), dict(parallel_degree=1, overlap_degree=3, a2a_algorithm="linear")):
+        torch.testing.assert_close(layer(x, **kwargs), expected, rtol=0, atol=0)
+    for kwargs, match in [
+        (dict(parallel_degree=2), "single-process"),
+        (dict(a2a_algorithm="2dh"), "single-process"),
+        (dict(overlap_degree=0), "overlap_degree"),
+        (dict(a2a_algorithm="tree"), "a2a_algorithm must be one of"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            layer(x, **kwargs)
+
+
+def test_expert_parameters_are_marked_and_survive_parameter_replacement():
+    model = nn.Sequential(nn.Linear(8, 8), make_layer())
+    names = [name for name, _ in expert_parameters(model)]
+    assert names == ["1.experts.w1", "1.experts.w2", "1.experts.b1", "1.experts.b2"]
+    others = {name for name, _ in non_expert_parameters(model)}
+    assert others == {"0.weight", "0.bias", "1.router.weight"}
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(state, assign=True)  # replaces the parameter objects
+    assert [name for name, _ in expert_parameters(copy.deepcopy(model).float())] == names
