@@ -156,9 +156,9 @@ def candidates(layer: MoELayer, x: torch.Tensor):
         torch.baddbmm(b2.unsqueeze(1), h, w2).backward(grad_padded)
 
     def floor_addmm():
-        # torch.split, not slicing: a slice's backward writes a full-size gradient per expert.
-        pieces = exact.split(counts.tolist())
-        outs = [torch.addmm(b2[e], F.gelu(torch.addmm(b1[e], pieces[e], w1[e])), w2[e]) for e in range(num_experts)]
+        # split/unbind, not slicing or w1[e]: their backward writes a full-size gradient per expert.
+        pieces, w1s, b1s, w2s, b2s = exact.split(counts.tolist()), w1.unbind(), b1.unbind(), w2.unbind(), b2.unbind()
+        outs = [torch.addmm(b2s[e], F.gelu(torch.addmm(b1s[e], pieces[e], w1s[e])), w2s[e]) for e in range(num_experts)]
         torch.cat(outs).backward(grad_exact)
 
     def floor_grouped():
@@ -174,10 +174,11 @@ def candidates(layer: MoELayer, x: torch.Tensor):
         gates, chosen = torch.softmax(logits, -1).topk(layer.config.top_k, dim=-1)
         gates = gates / gates.sum(-1, keepdim=True)
         out = torch.zeros_like(x_leaf)
+        w1s, b1s, w2s, b2s = w1.unbind(), b1.unbind(), w2.unbind(), b2.unbind()  # one Linear per expert, as in HF
         for e in range(num_experts):
             token, slot = torch.where(chosen == e)
-            h = F.gelu(torch.addmm(b1[e], x_leaf[token], w1[e]))
-            y = torch.addmm(b2[e], h, w2[e]) * gates[token, slot, None]
+            h = F.gelu(torch.addmm(b1s[e], x_leaf[token], w1s[e]))
+            y = torch.addmm(b2s[e], h, w2s[e]) * gates[token, slot, None]
             out = out.index_add(0, token, y)
         out.backward(grad_x)
 
@@ -224,11 +225,18 @@ def time_config(config: Config, repeats: int, skip: set[str]) -> dict[str, float
 
 
 def peak_rss_mb(config: Config, row: str, threads: int) -> float:
+    """Peak resident memory (MB) of a fresh process while it runs one row's fwd+bwd twice.
+
+    The kernel's high-water mark (VmHWM) is reset after set-up (``/proc/self/clear_refs``), so set-up
+    transients (building every candidate, the DeepSpeed agreement check) do not count; what is
+    resident anyway (weights, inputs) does, the same for every row of a config.
+    """
     code = (
-        f"import sys, json, resource, torch; sys.path.insert(0, 'benchmarks'); import layer as b; "
+        "import sys, torch; sys.path.insert(0, 'benchmarks'); import layer as b; "
         f"torch.set_num_threads({threads}); c = b.Config(**{config.__dict__!r}); "
-        f"l, x = b.build(c); f = b.candidates(l, x)[{row!r}]; f(); f(); "
-        f"print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+        f"l, x = b.build(c); f = b.candidates(l, x)[{row!r}]; "
+        "open('/proc/self/clear_refs', 'w').write('5'); f(); f(); "
+        "print([line.split()[1] for line in open('/proc/self/status') if line.startswith('VmHWM')][0])"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return int(out.stdout.split()[-1]) / 1024
