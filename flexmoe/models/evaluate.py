@@ -1,0 +1,143 @@
+"""Translate a split and score it with sacrebleu: chrF (primary) and BLEU, per direction and mean.
+
+BLEU needs a word tokenizer; one that works offline for every script is ``char`` for scripts
+written without spaces (CJK, Thai, Lao, Khmer, Burmese) and ``13a`` for the others.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import sacrebleu
+import torch
+
+from flexmoe.data.corpus import Pair
+from flexmoe.models.batching import EncodedPairs, TaskTable, encode_pairs, pad
+from flexmoe.models.tokenizer import Tokenizer
+from flexmoe.models.translation import TranslationModel
+
+CHAR_BLEU_LANGUAGES = ("ja", "zh", "ko", "th", "lo", "km", "my", "yue")
+
+
+def bleu_tokenizer(lang: str) -> str:
+    """The sacrebleu tokenizer used for BLEU on text in ``lang``."""
+    return "char" if lang.split("_")[0].split("-")[0] in CHAR_BLEU_LANGUAGES else "13a"
+
+
+@dataclass
+class Scores:
+    """chrF and BLEU per direction (``"en-fr"``), their means over directions, and the BLEU
+    tokenizer of each direction."""
+
+    chrf: dict[str, float] = field(default_factory=dict)
+    bleu: dict[str, float] = field(default_factory=dict)
+    bleu_tokenizer: dict[str, str] = field(default_factory=dict)
+    sentences: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def mean_chrf(self) -> float:
+        return sum(self.chrf.values()) / max(len(self.chrf), 1)
+
+    @property
+    def mean_bleu(self) -> float:
+        return sum(self.bleu.values()) / max(len(self.bleu), 1)
+
+    def to_dict(self) -> dict:
+        return {
+            "chrf": self.chrf,
+            "bleu": self.bleu,
+            "bleu_tokenizer": self.bleu_tokenizer,
+            "sentences": self.sentences,
+            "mean_chrf": self.mean_chrf,
+            "mean_bleu": self.mean_bleu,
+        }
+
+    def table(self) -> str:
+        lines = [f"{'direction':<10} {'chrF':>6} {'BLEU':>6}  BLEU tokenizer  sentences"]
+        for direction in sorted(self.chrf):
+            lines.append(
+                f"{direction:<10} {self.chrf[direction]:6.1f} {self.bleu[direction]:6.1f}  "
+                f"{self.bleu_tokenizer[direction]:<14}  {self.sentences[direction]}"
+            )
+        lines.append(f"{'mean':<10} {self.mean_chrf:6.1f} {self.mean_bleu:6.1f}")
+        return "\n".join(lines)
+
+
+def score(pairs: Sequence[Pair], hypotheses: Sequence[str]) -> Scores:
+    """Corpus-level chrF and BLEU of ``hypotheses`` against ``pairs``' targets, per direction."""
+    groups: dict[str, list[int]] = {}
+    for index, pair in enumerate(pairs):
+        groups.setdefault(f"{pair.source_lang}-{pair.target_lang}", []).append(index)
+    scores = Scores()
+    for direction, indices in sorted(groups.items()):
+        hyps = [hypotheses[i] for i in indices]
+        refs = [[pairs[i].target for i in indices]]
+        tokenizer = bleu_tokenizer(pairs[indices[0]].target_lang)
+        scores.chrf[direction] = sacrebleu.corpus_chrf(hyps, refs).score
+        scores.bleu[direction] = sacrebleu.corpus_bleu(hyps, refs, tokenize=tokenizer).score
+        scores.bleu_tokenizer[direction] = tokenizer
+        scores.sentences[direction] = len(indices)
+    return scores
+
+
+def length_sorted_batches(data: EncodedPairs, batch_size: int) -> list[list[int]]:
+    """Batches of indices of similar source length (less padding), covering every example once."""
+    order = sorted(range(len(data.sources)), key=lambda i: (data.target_lang[i], len(data.sources[i])))
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+def generate_ids(
+    model: TranslationModel, data: EncodedPairs, batch_size: int = 64, max_new_tokens: int = 64
+) -> list[list[int]]:
+    """Greedy output ids of every example of ``data``, in order."""
+    outputs: list[list[int]] = [[] for _ in data.sources]
+    device = next(model.parameters()).device
+    model.eval()
+    for indices in length_sorted_batches(data, batch_size):
+        generated = model.generate(
+            pad([data.sources[i] for i in indices]).to(device),
+            torch.tensor([data.target_lang[i] for i in indices], device=device),
+            torch.tensor([data.lang_pair[i] for i in indices], device=device),
+            max_new_tokens,
+        )
+        for row, index in zip(generated.tolist(), indices):
+            outputs[index] = row
+    return outputs
+
+
+def translate_pairs(
+    model: TranslationModel,
+    tokenizer: Tokenizer,
+    tasks: TaskTable,
+    pairs: Sequence[Pair],
+    batch_size: int = 64,
+    max_new_tokens: int = 64,
+) -> list[str]:
+    """Greedy translations of ``pairs``' sources into their target languages."""
+    data = encode_pairs(pairs, tokenizer, tasks, model.config.max_len)
+    return [tokenizer.decode(ids) for ids in generate_ids(model, data, batch_size, max_new_tokens)]
+
+
+def decoding_throughput(
+    model: TranslationModel, data: EncodedPairs, batch_sizes: Sequence[int], max_new_tokens: int = 64
+) -> dict[int, float]:
+    """Greedy decoding throughput, generated tokens (up to eos) per second, for each batch size.
+
+    Each batch size decodes the same sentences (up to ``max(batch_sizes)``, batched by length);
+    the peak over the sweep is the figure Kudugunta et al. compare.
+    """
+    count = min(max(batch_sizes), len(data.sources))
+    subset = EncodedPairs(
+        data.pairs[:count], data.sources[:count], data.targets[:count], data.target_lang[:count], data.lang_pair[:count]
+    )
+    results = {}
+    for batch_size in batch_sizes:
+        generate_ids(model, subset, batch_size, max_new_tokens)  # warm-up: allocator, caches
+        start = time.perf_counter()
+        outputs = generate_ids(model, subset, batch_size, max_new_tokens)
+        seconds = time.perf_counter() - start
+        tokens = sum(len([t for t in row if t != model.config.pad_id]) for row in outputs)
+        results[batch_size] = tokens / seconds
+    return results
