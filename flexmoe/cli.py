@@ -8,6 +8,10 @@ import sys
 # command -> (module with main(argv), one-line help). Modules load only when their command runs.
 COMMANDS: dict[str, tuple[str, str]] = {
     "helloworld": ("flexmoe.examples.helloworld", "train one MoE layer on synthetic data"),
+    "mt": ("flexmoe.models.commands", "translation model: mt train|eval|translate|extract|throughput"),
+    "train": ("flexmoe.models.commands.train", "train a translation model (flexmoe train --config FILE)"),
+    "eval": ("flexmoe.models.commands.eval", "score a translation model: chrF and BLEU per direction"),
+    "translate": ("flexmoe.models.commands.translate", "translate lines with a trained model"),
 }
 
 

@@ -8,13 +8,13 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")  # files only; never a display
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+import matplotlib.pyplot as plt
+import torch
 
-from flexmoe.layer import MoELayer  # noqa: E402
-from flexmoe.models.batching import EncodedPairs, collate, model_inputs  # noqa: E402
-from flexmoe.models.translation import TranslationModel  # noqa: E402
-from flexmoe.task import expert_usage  # noqa: E402
+from flexmoe.layer import MoELayer
+from flexmoe.models.batching import EncodedPairs, collate, model_inputs
+from flexmoe.models.translation import TranslationModel
+from flexmoe.task import expert_usage
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:

@@ -22,7 +22,6 @@ from tqdm import tqdm
 from flexmoe.data.corpus import Corpus, Pair, load_tsv
 from flexmoe.models.batching import (
     DirectionSampler,
-    EncodedPairs,
     TaskTable,
     collate,
     encode_pairs,
@@ -50,12 +49,14 @@ def load_corpus(data: DataConfig) -> Corpus:
 
 @dataclass
 class TrainedModel:
-    """A model with everything needed to use it: tokenizer, task names, the run's config."""
+    """A model with everything needed to use it: tokenizer, task names, the run's config;
+    ``task``: the direction an extracted sub-network serves (``"fr"``, ``"en-fr"``), else None."""
 
     model: TranslationModel
     tokenizer: Tokenizer
     tasks: TaskTable
     run: RunConfig
+    task: str | None = None
 
 
 def build_model(run: RunConfig, tokenizer: Tokenizer, tasks: TaskTable) -> TranslationModel:

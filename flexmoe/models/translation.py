@@ -158,7 +158,7 @@ class TranslationModel(nn.Module):
         self.config = config
         self.embedding = nn.Embedding(config.vocab_size, config.model_dim, padding_idx=config.pad_id)
         nn.init.normal_(self.embedding.weight, std=config.model_dim**-0.5)
-        self.register_buffer("positions", sinusoidal_positions(config.max_len, config.model_dim), persistent=False)
+        self.register_buffer("positions", sinusoidal_positions(config.max_len, config.model_dim))
         self.encoder = nn.ModuleList(EncoderLayer(config, i) for i in range(config.encoder_layers))
         self.decoder = nn.ModuleList(DecoderLayer(config, i) for i in range(config.decoder_layers))
         self.encoder_norm, self.decoder_norm = nn.LayerNorm(config.model_dim), nn.LayerNorm(config.model_dim)
