@@ -252,7 +252,7 @@ class Trainer:
             for ids in generate_ids(self.model, data, self.config.batch_size, self.config.max_new_tokens)
         ]
         scores = score(data.pairs, hypotheses)
-        loss = sum(l * w for l, w in zip(losses, weights)) / max(sum(weights), 1)
+        loss = sum(part * w for part, w in zip(losses, weights)) / max(sum(weights), 1)
         return {"step": self.step, "split": "valid", "loss": loss, "chrf": scores.mean_chrf, "chrf_by": scores.chrf}
 
     def run(self) -> Path:

@@ -1,0 +1,92 @@
+"""Training runs: exact resume, run-file errors, the commands end to end on a tiny TSV corpus."""
+
+import json
+
+import pytest
+
+from flexmoe.cli import main as flexmoe
+from flexmoe.models.runconfig import load_run_config
+from flexmoe.models.train import Trainer, train
+from tests.translation_fixtures import one_thread, write_run_file
+
+_one_thread = pytest.fixture(autouse=True)(one_thread)
+
+
+def train_losses(run_dir):
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in records if r["split"] == "train"]
+
+
+def test_resume_continues_the_same_loss_curve(tmp_path):
+    straight = load_run_config(write_run_file(tmp_path, "straight"))
+    train(straight, progress=False)
+    expected = train_losses(tmp_path / "straight")
+    assert [step for step, _ in expected] == [1, 2, 3, 4, 5, 6]
+
+    half = load_run_config(write_run_file(tmp_path, "resumed", train={"max_steps": 3}))
+    train(half, progress=False)  # stops at 3 and checkpoints, as a kill after the step-3 checkpoint would
+    (tmp_path / "resumed" / "metrics.jsonl").open("a").write('{"step": 4, "split": "train", "loss": 99.0}\n')
+    resumed = load_run_config(write_run_file(tmp_path, "resumed"))
+    trainer = Trainer(resumed, progress=False)
+    assert trainer.step == 3
+    trainer.run()
+    assert train_losses(tmp_path / "resumed") == expected  # bit-identical, stale record dropped
+
+
+def test_resume_refuses_a_different_model(tmp_path):
+    train(load_run_config(write_run_file(tmp_path, "run", train={"max_steps": 1})), progress=False)
+    with pytest.raises(ValueError, match="different"):
+        Trainer(load_run_config(write_run_file(tmp_path, "run", model={"num_experts": 2})), progress=False)
+
+
+@pytest.mark.parametrize(
+    ("model", "train_options", "message"),
+    [
+        ({}, {"learning_rate": 0.1}, r"unknown key\(s\) \['learning_rate'\] in \[train\]"),
+        ({"experts": 4}, {}, r"unknown key\(s\) \['experts'\] in \[model\]"),
+        ({"vocab_size": 100}, {}, r"unknown key\(s\) \['vocab_size'\] in \[model\]"),
+        ({"decoder_routing": "language"}, {}, "decoder_routing must be one of"),
+        ({}, {"max_steps": 0}, "max_steps or train.max_minutes"),
+        ({}, {"batch_size": 0}, "batch_size"),
+    ],
+)
+def test_run_file_errors_name_the_key(tmp_path, model, train_options, message):
+    with pytest.raises(ValueError, match=message):
+        load_run_config(write_run_file(tmp_path, model=model, train=train_options))
+
+
+def test_unknown_table(tmp_path):
+    path = write_run_file(tmp_path)
+    path.write_text(path.read_text() + "\n[optimizer]\nlr = 1\n")
+    with pytest.raises(ValueError, match=r"unknown table\(s\) \['optimizer'\]"):
+        load_run_config(path)
+
+
+def test_commands_end_to_end(tmp_path, capsys):
+    config = write_run_file(tmp_path, "cli", model={"encoder_routing": "token", "decoder_routing": "target"})
+    assert flexmoe(["train", "--config", str(config), "--quiet"]) == 0
+    run_dir = tmp_path / "cli"
+    for name in ("checkpoint.pt", "tokenizer.model", "metrics.jsonl", "loss.png", "chrf.png", "expert_load.png"):
+        assert (run_dir / name).is_file(), name
+    assert flexmoe(["eval", "--model", str(run_dir)]) == 0
+    scores = json.loads((run_dir / "eval-test.json").read_text())
+    assert set(scores["chrf"]) == {"en-fr", "fr-en", "en-de", "de-en"}
+    assert scores["bleu_tokenizer"]["en-fr"] == "13a"
+
+    assert flexmoe(["mt", "extract", "--model", str(run_dir), "--task", "fr"]) == 0
+    out = capsys.readouterr().out
+    assert "identical translations" in out
+    same, total = out.split("identical translations: ")[1].split()[0].split("/")
+    assert same == total and int(total) > 0
+    extracted = run_dir / "extract-fr"
+    assert flexmoe(["eval", "--model", str(extracted)]) == 0
+    assert set(json.loads((extracted / "eval-test.json").read_text())["chrf"]) == {"en-fr"}
+
+    source = tmp_path / "in.txt"
+    source.write_text("one two\nthree\n")
+    capsys.readouterr()
+    assert flexmoe(["translate", "--model", str(extracted), "--to", "fr", str(source)]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 2
+    assert flexmoe(["mt", "throughput", "--model", str(run_dir), "--model", str(extracted), "--task", "fr",
+                    "--batch-sizes", "1,4"]) == 0  # fmt: skip
+    assert "peak" in capsys.readouterr().out
