@@ -74,7 +74,7 @@ def extraction_results(trained: TrainedModel, test: list[Pair], hypotheses: list
             continue
         if trained.model.config.decoder_routing == "langpair" or trained.model.config.encoder_routing == "langpair":
             return {}  # one sub-network per direction; not part of the table
-        extracted = extract_direction(trained, target)
+        extracted = extract_direction(trained.model, trained.tasks, target)
         sub_hypotheses, sub_scores = scores_of(trained, extracted, pairs)
         parent = [h for h, p in zip(hypotheses, test) if p.target_lang == target]
         results[target] = {

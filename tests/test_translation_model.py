@@ -7,7 +7,6 @@ from flexmoe import MoELayer, expert_usage
 from flexmoe.models import ModelConfig, TranslationModel
 from flexmoe.models.batching import TaskTable
 from flexmoe.models.extraction import extract_direction
-from flexmoe.models.train import TrainedModel
 from flexmoe.task import DenseFFN
 from tests.translation_fixtures import one_thread
 
@@ -122,16 +121,13 @@ def test_kv_cache_decoding_equals_recomputation(decoder_routing, use_cache):
         torch.testing.assert_close(torch.cat(steps, dim=1), full)
 
 
-def trained_wrapper(model: TranslationModel) -> TrainedModel:
-    tasks = TaskTable(("de", "en", "fr"), (("de", "en"), ("en", "de"), ("en", "en"), ("en", "fr"), ("fr", "en")))
-    return TrainedModel(model, tokenizer=None, tasks=tasks, run=None)
+TASKS = TaskTable(("de", "en", "fr"), (("de", "en"), ("en", "de"), ("en", "en"), ("en", "fr"), ("fr", "en")))
 
 
 @pytest.mark.parametrize(("encoder_routing", "decoder_routing"), [("token", "target"), ("langpair", "langpair")])
 def test_extracted_subnetwork_matches_the_full_model(encoder_routing, decoder_routing):
     model = make_model(encoder_routing=encoder_routing, decoder_routing=decoder_routing)
-    trained = trained_wrapper(model)
-    extracted = extract_direction(trained, "fr", "en")
+    extracted = extract_direction(model, TASKS, "fr", "en")
     assert any(isinstance(m, DenseFFN) for m in extracted.decoder.modules())
     reduced = sum(p.numel() for p in extracted.parameters())
     assert reduced < sum(p.numel() for p in model.parameters())
@@ -149,7 +145,7 @@ def test_extracted_subnetwork_matches_the_full_model(encoder_routing, decoder_ro
 
 def test_extraction_needs_task_routing():
     with pytest.raises(ValueError, match="no task-routed"):
-        extract_direction(trained_wrapper(make_model(decoder_routing="token")), "fr")
+        extract_direction(make_model(decoder_routing="token"), TASKS, "fr")
 
 
 @pytest.mark.parametrize(

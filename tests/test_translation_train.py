@@ -90,3 +90,52 @@ def test_commands_end_to_end(tmp_path, capsys):
     assert flexmoe(["mt", "throughput", "--model", str(run_dir), "--model", str(extracted), "--task", "fr",
                     "--batch-sizes", "1,4"]) == 0  # fmt: skip
     assert "peak" in capsys.readouterr().out
+
+
+def test_tokenizer_is_cached_and_tags_stay_whole(tmp_path):
+    from flexmoe.data import load_tsv
+    from flexmoe.models.tokenizer import EOS_ID, train_tokenizer
+    from tests.translation_fixtures import write_corpus
+
+    corpus = load_tsv(write_corpus(tmp_path))
+    first = train_tokenizer(corpus, 64, tmp_path / "cache")
+    second = train_tokenizer(corpus, 64, tmp_path / "cache")
+    assert first.model_file == second.model_file and len(list((tmp_path / "cache").iterdir())) == 1
+    ids = first.encode_source("deux trois", "fr")
+    assert ids[0] == first.tag_ids["fr"] and ids[-1] == EOS_ID
+    assert first.decode(ids[1:]) == "deux trois"
+    assert train_tokenizer(corpus, 80, tmp_path / "cache").model_file != first.model_file
+
+
+def test_temperature_sampling_flattens_directions():
+    from flexmoe.data.corpus import Pair
+    from flexmoe.models.batching import DirectionSampler, EncodedPairs
+
+    lang_pair = [0] * 900 + [1] * 100  # 9:1 data -> 9**(1/5):1 sampling at T = 5
+    pairs = [Pair("a", "b", "en", "fr")] * len(lang_pair)
+    data = EncodedPairs(pairs, [[5]] * len(pairs), [[5]] * len(pairs), [0] * len(pairs), lang_pair)
+    sampler = DirectionSampler(data, temperature=5.0, seed=0)
+    drawn = sampler.sample(20000)
+    share = sum(lang_pair[i] == 1 for i in drawn) / len(drawn)
+    assert abs(share - 1 / (1 + 9 ** (1 / 5))) < 0.02  # 0.391, vs 0.1 without temperature
+    state = sampler.state_dict()
+    again = sampler.sample(10)
+    sampler.load_state_dict(state)
+    assert sampler.sample(10) == again
+
+
+def test_results_table_reports_spread_over_seeds(tmp_path):
+    from flexmoe.models.results import render
+
+    for row, seed, chrf in (("dense", 0, 40.0), ("dense", 1, 44.0), ("token_target", 0, 50.0)):
+        scores = {"chrf": {"en-fr": chrf}, "bleu": {"en-fr": 10.0}, "bleu_tokenizer": {"en-fr": "13a"},
+                  "mean_chrf": chrf, "mean_bleu": 10.0}  # fmt: skip
+        result = {"row": row, "seed": seed, "minutes": 1, "machine": "test", "threads": 1, "scores": scores,
+                  "parameters": 10, "active_parameters": 5, "peak_tokens_per_s": 100.0}  # fmt: skip
+        if row == "token_target":
+            result["extracted"] = {"fr": {"chrf": chrf, "identical": 3, "sentences": 3, "parameters": 6}}
+        (tmp_path / row / f"seed{seed}").mkdir(parents=True)
+        (tmp_path / row / f"seed{seed}" / "results.json").write_text(json.dumps(result))
+    text = render(tmp_path)
+    assert "| dense | 2 | 42.0 ± 2.8 |" in text
+    assert "| token / target | 1 | 50.0 |" in text and "(3/3 identical)" in text

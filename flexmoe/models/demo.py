@@ -97,9 +97,8 @@ def main(argv: list[str] | None = None) -> None:
 
     moe, dense = (load_trained(run.train.run_dir) for run in runs.values())
     language = args.language if args.language in moe.tasks.target_languages else moe.tasks.target_languages[-1]
-    extracted_dir = save_extracted(
-        extract_direction(moe, language), moe, Path(moe.run.train.run_dir) / f"extract-{language}", language
-    )
+    sub_network = extract_direction(moe.model, moe.tasks, language)
+    extracted_dir = save_extracted(sub_network, moe, Path(moe.run.train.run_dir) / f"extract-{language}", language)
     extracted = load_translation_model(extracted_dir)  # reloaded from safetensors, as a server would
 
     test = per_direction_sample(corpus["test"], args.per_direction)

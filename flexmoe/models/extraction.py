@@ -24,9 +24,11 @@ from flexmoe.task.extract import count_parameters
 DESCRIPTION = "translation_run.json"
 
 
-def stack_task_ids(trained: TrainedModel, target_lang: str, source_lang: str | None) -> dict[str, int]:
+def stack_task_ids(
+    model: TranslationModel, tasks: TaskTable, target_lang: str, source_lang: str | None
+) -> dict[str, int]:
     """Task id of each task-routed stack (``"encoder"``/``"decoder"``) for one direction."""
-    config, tasks = trained.model.config, trained.tasks
+    config = model.config
     ids = {}
     for stack, routing in (("encoder", config.encoder_routing), ("decoder", config.decoder_routing)):
         if routing == "target":
@@ -41,13 +43,15 @@ def stack_task_ids(trained: TrainedModel, target_lang: str, source_lang: str | N
     return ids
 
 
-def extract_direction(trained: TrainedModel, target_lang: str, source_lang: str | None = None) -> TranslationModel:
+def extract_direction(
+    model: TranslationModel, tasks: TaskTable, target_lang: str, source_lang: str | None = None
+) -> TranslationModel:
     """A new model serving sentences into ``target_lang`` (from ``source_lang`` when a stack is
-    langpair-routed): its task-routed MoE layers become dense blocks. ``trained`` is unchanged."""
-    ids = stack_task_ids(trained, target_lang, source_lang)
-    extracted = copy.deepcopy(trained.model)
+    langpair-routed): its task-routed MoE layers become dense blocks. ``model`` is unchanged."""
+    ids = stack_task_ids(model, tasks, target_lang, source_lang)
+    extracted = copy.deepcopy(model)
     for stack, task_id in ids.items():
-        setattr(extracted, stack, extract_task(getattr(trained.model, stack), task_id))
+        setattr(extracted, stack, extract_task(getattr(model, stack), task_id))
     return extracted.eval()
 
 

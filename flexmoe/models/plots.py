@@ -54,10 +54,11 @@ def plot_chrf(records: list[dict], path: Path) -> None:
 def expert_load(model: TranslationModel, data: EncodedPairs, batch_size: int = 64) -> dict[str, torch.Tensor]:
     """Per MoE layer, [tasks, experts] share of each task's routed tokens each expert took.
     Tasks are target languages (language pairs for langpair-routed layers)."""
-    batches = [
-        model_inputs(collate(data, range(start, min(start + batch_size, len(data.sources)))))
-        for start in range(0, len(data.sources), batch_size)
-    ]
+    device = next(model.parameters()).device
+    batches = []
+    for start in range(0, len(data.sources), batch_size):
+        batch = model_inputs(collate(data, range(start, min(start + batch_size, len(data.sources)))))
+        batches.append({key: value.to(device) for key, value in batch.items()})
     usage = expert_usage(model, batches, by_task=True)
     return {name: counts / counts.sum(1, keepdim=True).clamp_min(1) for name, counts in usage.counts.items()}
 

@@ -49,7 +49,8 @@ class TrainConfig:
 
     distill_from: a teacher's ``checkpoint.pt``: train this (dense) model on the teacher's soft
     targets (weight ``distill_weight``, rest on the references), initialised from the teacher's
-    non-expert weights (Kudugunta et al.'s distillation baseline)."""
+    non-expert weights (Kudugunta et al.'s distillation baseline).
+    device: where the model trains (``"cpu"``, ``"cuda"``, ``"cuda:N"``); checkpoints are device-free."""
 
     run_dir: str = "runs/default"
     seed: int = 0
@@ -69,6 +70,7 @@ class TrainConfig:
     threads: int = 0
     distill_from: str = ""
     distill_weight: float = 0.5
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "log_every", "eval_every", "checkpoint_every", "valid_sentences", "max_new_tokens"):
@@ -83,6 +85,8 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"train.{name} must be a finite number >= 0, got {value!r}")
+        if not isinstance(self.device, str) or self.device.split(":")[0] not in ("cpu", "cuda"):
+            raise ValueError(f"train.device must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
         if self.max_steps == 0 and self.max_minutes == 0:
             raise ValueError("set train.max_steps or train.max_minutes (or both): training needs a limit")
 

@@ -141,11 +141,13 @@ class Trainer:
             shutil.copyfile(tokenizer.model_file, self.run_dir / TOKENIZER)
             self.tokenizer = Tokenizer(self.run_dir / TOKENIZER, tasks.target_languages)
         self.tasks = tasks
+        self.device = torch.device(self.config.device)
         self.model = build_model(run, self.tokenizer, tasks)
         if self.config.distill_from:
-            self.teacher = load_trained(self.config.distill_from).model
+            self.teacher = load_trained(self.config.distill_from).model.to(self.device)
             if not resume:
                 self._init_from_teacher()
+        self.model.to(self.device)
         max_len = self.model.config.max_len
         self.train_data = encode_pairs(corpus["train"], self.tokenizer, tasks, max_len)
         valid: list[Pair] = corpus.splits.get("valid") or corpus["train"]
@@ -172,9 +174,11 @@ class Trainer:
                 f"{self.run_dir} holds a checkpoint of a different [model]; use another train.run_dir or --fresh"
             )
         self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.optimizer.load_state_dict(state["optimizer"])  # follows the parameters' device
         self.sampler.load_state_dict(state["sampler"])
         torch.set_rng_state(state["torch_rng"])
+        if self.device.type == "cuda" and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
         self.step, self.elapsed_s = state["step"], state["elapsed_s"]
         self._truncate_metrics(self.step)
 
@@ -187,6 +191,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "sampler": self.sampler.state_dict(),
             "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
             "step": self.step,
             "elapsed_s": self.elapsed_s,
         }
@@ -208,6 +213,9 @@ class Trainer:
 
     # --- training ---------------------------------------------------------------------------
 
+    def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {key: value.to(self.device, non_blocking=True) for key, value in batch.items()}
+
     def done(self) -> bool:
         config = self.config
         return (config.max_steps and self.step >= config.max_steps) or (
@@ -216,7 +224,7 @@ class Trainer:
 
     def train_step(self) -> tuple[float, float, int]:
         """One optimizer step on a sampled batch -> (loss, aux loss, tokens in the batch)."""
-        batch = collate(self.train_data, self.sampler.sample(self.config.batch_size))
+        batch = self.to_device(collate(self.train_data, self.sampler.sample(self.config.batch_size)))
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate(self.step + 1, self.config.lr, self.config.warmup_steps)
         self.model.train()
@@ -243,7 +251,7 @@ class Trainer:
         self.model.eval()
         data, losses, weights = self.valid_data, [], []
         for start in range(0, len(data.sources), self.config.batch_size):
-            batch = collate(data, range(start, min(start + self.config.batch_size, len(data.sources))))
+            batch = self.to_device(collate(data, range(start, min(start + self.config.batch_size, len(data.sources)))))
             logits = self.model(**model_inputs(batch))
             losses.append(float(sequence_loss(logits, batch["target_out"], 0.0)))
             weights.append(int((batch["target_out"] != PAD_ID).sum()))

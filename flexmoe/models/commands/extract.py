@@ -22,7 +22,7 @@ def main(argv: list[str]) -> None:
 
     source_lang, _, target_lang = args.task.rpartition("-")
     trained = load_trained(args.model)
-    extracted = extract_direction(trained, target_lang, source_lang or None)
+    extracted = extract_direction(trained.model, trained.tasks, target_lang, source_lang or None)
     out = save_extracted(extracted, trained, args.out or Path(args.model) / f"extract-{args.task}", args.task)
     print(f"saved {out}")
     print(compare_extracted(trained, out, target_lang, source_lang or None, args.split, args.limit))
