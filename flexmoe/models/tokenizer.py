@@ -92,6 +92,9 @@ def train_tokenizer(corpus: Corpus, vocab_size: int, cache_dir: str | Path) -> T
             bos_id=BOS_ID,
             eos_id=EOS_ID,
             user_defined_symbols=[language_tag(lang) for lang in languages],
+            input_sentence_size=300_000,  # a bounded, seeded sample keeps training time flat on big corpora
+            shuffle_input_sentence=True,
+            seed_sentencepiece_size=1_000_000,
             num_threads=1,
             minloglevel=2,
         )
