@@ -45,7 +45,8 @@ class DataConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     """Optimisation and bookkeeping. Training stops at ``max_steps`` or after ``max_minutes`` of
-    wall time (counted across resumes), whichever comes first; 0 disables a limit (not both).
+    wall time spent in training steps (validation excluded, counted across resumes), whichever
+    comes first; 0 disables a limit (not both).
 
     distill_from: a teacher's ``checkpoint.pt``: train this (dense) model on the teacher's soft
     targets (weight ``distill_weight``, rest on the references), initialised from the teacher's

@@ -268,6 +268,7 @@ class Trainer:
         config = self.config
         bar = tqdm(total=config.max_steps or None, initial=self.step, disable=not self.progress, unit="step")
         window_loss, window_aux, window_tokens, window_start = [], [], 0, time.perf_counter()
+        first_step = self.step
         while not self.done():
             started = time.perf_counter()
             loss, aux, tokens = self.train_step()
@@ -295,6 +296,8 @@ class Trainer:
             if self.step % config.checkpoint_every == 0:
                 self.save_checkpoint()
         bar.close()
+        if self.step == first_step and first_step > 0:
+            return self.run_dir  # resumed a finished run: nothing new to validate or plot
         record = self.validate()
         self.log(record)
         if self.progress:
