@@ -22,6 +22,7 @@ from flexmoe.data.corpus import Pair
 from flexmoe.models.compare import peak_throughput, served_pairs
 from flexmoe.models.evaluate import score, translate_pairs
 from flexmoe.models.extraction import extract_direction, load_translation_model, save_extracted
+from flexmoe.models.plots import read_metrics
 from flexmoe.models.runconfig import RunConfig, load_run_config
 from flexmoe.models.train import load_corpus, load_trained, train
 from flexmoe.task.extract import count_parameters
@@ -123,10 +124,15 @@ def main(argv: list[str] | None = None) -> None:
         )
         rows.append((name, count_parameters(model.model), scores.mean_chrf, scores.mean_bleu, peak))
 
-    print(f"\n{'model':<22} {'parameters':>10} {'chrF':>6} {'BLEU':>6} {'tokens/s':>9}")
+    steps = {
+        "dense": read_metrics(dense.run.train.run_dir)[-1]["step"],
+        "task-MoE": read_metrics(moe.run.train.run_dir)[-1]["step"],
+    }
+    print(f"\n{'model':<22} {'steps':>6} {'parameters':>10} {'chrF':>6} {'BLEU':>6} {'tokens/s':>9}")
     for name, parameters, chrf, bleu, peak in rows:
         speed = f"{peak:9.0f}" if peak else f"{'':>9}"
-        print(f"{name:<22} {parameters:>10,} {chrf:6.1f} {bleu:6.1f} {speed}")
+        trained_steps = steps.get(name.split(",")[0], "")
+        print(f"{name:<22} {trained_steps:>6} {parameters:>10,} {chrf:6.1f} {bleu:6.1f} {speed}")
     same = sum(a == b for a, b in zip(outputs[f"task-MoE, into {language}"], outputs[f"extracted {language}"]))
     peaks = {name: peak for name, _, _, _, peak in rows if peak}
     print(
