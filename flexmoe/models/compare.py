@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from flexmoe.data.corpus import Pair, read_tsv
@@ -53,26 +54,34 @@ def compare_extracted(
     return "\n".join(lines)
 
 
-def peak_throughput(trained: TrainedModel, pairs: list[Pair], batch_sizes: list[int]) -> dict[int, float]:
-    """Decoding tokens/s per batch size on ``pairs`` (what the model serves of them)."""
-    pairs = served_pairs(trained, pairs)
-    data = encode_pairs(pairs, trained.tokenizer, trained.tasks, trained.model.config.max_len)
-    return decoding_throughput(trained.model, data, batch_sizes)
+def throughputs(
+    models: Mapping[str, TrainedModel], pairs: list[Pair], batch_sizes: Sequence[int]
+) -> dict[str, dict[int, float]]:
+    """Decoding tokens/s per model and batch size on ``pairs`` (what each model serves of them),
+    the models timed in turn (see :func:`decoding_throughput`)."""
+    inputs = {}
+    for name, trained in models.items():
+        served = served_pairs(trained, pairs)
+        inputs[name] = (
+            trained.model,
+            encode_pairs(served, trained.tokenizer, trained.tasks, trained.model.config.max_len),
+        )
+    return decoding_throughput(inputs, batch_sizes)
 
 
 def throughput_table(model_dirs: list[str], batch_sizes: list[int], task: str | None = None) -> str:
     """Tokens/s of each model over the sweep, the peak, and the peak's ratio to the first model's."""
-    rows, peaks = [], []
-    for directory in model_dirs:
-        trained = load_translation_model(directory)
-        pairs = load_corpus(trained.run.data)["test"]
-        if task is not None:
-            pairs = [p for p in pairs if p.target_lang == task]
-        sweep = peak_throughput(trained, pairs, batch_sizes)
-        peaks.append(max(sweep.values()))
-        cells = " ".join(f"{sweep[b]:>8.0f}" for b in batch_sizes)
-        rows.append(f"{directory:<40} {count_parameters(trained.model):>11,} {cells} {peaks[-1]:>8.0f}")
+    models = {directory: load_translation_model(directory) for directory in model_dirs}
+    pairs = load_corpus(next(iter(models.values())).run.data)["test"]
+    if task is not None:
+        pairs = [p for p in pairs if p.target_lang == task]
+    sweeps = throughputs(models, pairs, batch_sizes)
+    first_peak = max(sweeps[model_dirs[0]].values())
     header = f"{'model':<40} {'parameters':>11} " + " ".join(f"{'bs=' + str(b):>8}" for b in batch_sizes)
     lines = [header + f" {'peak':>8} {'ratio':>6}"]
-    lines += [f"{row} {peak / peaks[0]:6.2f}" for row, peak in zip(rows, peaks)]
+    for directory, sweep in sweeps.items():
+        cells = " ".join(f"{sweep[b]:>8.0f}" for b in batch_sizes)
+        peak = max(sweep.values())
+        parameters = count_parameters(models[directory].model)
+        lines.append(f"{directory:<40} {parameters:>11,} {cells} {peak:>8.0f} {peak / first_peak:6.2f}")
     return "tokens/s (greedy decoding)\n" + "\n".join(lines)

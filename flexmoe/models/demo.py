@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from flexmoe.data.corpus import Pair
-from flexmoe.models.compare import peak_throughput, served_pairs
+from flexmoe.models.compare import served_pairs, throughputs
 from flexmoe.models.evaluate import score, translate_pairs
 from flexmoe.models.extraction import extract_direction, load_translation_model, save_extracted
 from flexmoe.models.plots import read_metrics
@@ -107,6 +107,12 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\n== evaluation ({len(test)} test sentences, {args.per_direction} per direction) ==")
     rows, outputs = [], {}
     torch.set_num_threads(threads)
+    speed_models = {
+        f"dense, into {language}": dense,
+        f"task-MoE, into {language}": moe,
+        f"extracted {language}": extracted,
+    }
+    peaks = {name: max(sweep.values()) for name, sweep in throughputs(speed_models, into_language, BATCH_SIZES).items()}
     for name, model, pairs in (
         ("dense", dense, test),
         ("task-MoE", moe, test),
@@ -117,12 +123,7 @@ def main(argv: list[str] | None = None) -> None:
         hypotheses = translate_pairs(model.model, model.tokenizer, model.tasks, pairs)
         outputs[name] = hypotheses
         scores = score(pairs, hypotheses)
-        peak = (
-            max(peak_throughput(model, into_language, BATCH_SIZES).values())
-            if "into" in name or "ext" in name
-            else None
-        )
-        rows.append((name, count_parameters(model.model), scores.mean_chrf, scores.mean_bleu, peak))
+        rows.append((name, count_parameters(model.model), scores.mean_chrf, scores.mean_bleu, peaks.get(name)))
 
     steps = {
         "dense": read_metrics(dense.run.train.run_dir)[-1]["step"],
@@ -134,7 +135,6 @@ def main(argv: list[str] | None = None) -> None:
         trained_steps = steps.get(name.split(",")[0], "")
         print(f"{name:<22} {trained_steps:>6} {parameters:>10,} {chrf:6.1f} {bleu:6.1f} {speed}")
     same = sum(a == b for a, b in zip(outputs[f"task-MoE, into {language}"], outputs[f"extracted {language}"]))
-    peaks = {name: peak for name, _, _, _, peak in rows if peak}
     print(
         f"\nextracted vs full task-MoE into {language}: identical translations {same}/{len(into_language)}, "
         f"decoding throughput x{peaks[f'extracted {language}'] / peaks[f'task-MoE, into {language}']:.2f} "

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import sacrebleu
@@ -123,32 +123,35 @@ def translate_pairs(
 
 
 def decoding_throughput(
-    model: TranslationModel,
-    data: EncodedPairs,
+    models: Mapping[str, tuple[TranslationModel, EncodedPairs]],
     batch_sizes: Sequence[int],
     max_new_tokens: int = 64,
     repeats: int = 3,
-) -> dict[int, float]:
-    """Greedy decoding throughput, generated tokens (up to eos) per second, for each batch size.
+) -> dict[str, dict[int, float]]:
+    """Greedy decoding throughput, generated tokens (up to eos) per second, per model and batch size.
 
-    Batch size ``b`` decodes the first ``max(4 * b, 16)`` sentences (fewer if ``data`` is
-    smaller), batched by length, after a one-batch warm-up; the fastest of ``repeats`` timings
-    counts (a shared machine only ever adds time). The peak over the sweep is the figure
-    Kudugunta et al. compare.
+    models: name -> (model, the sentences it decodes). Batch size ``b`` decodes the first
+    ``max(4 * b, 16)`` sentences, batched by length, after a one-batch warm-up. The models are
+    timed in turn within each of ``repeats`` rounds, so a change in the machine's load hits all
+    of them alike, and each model's fastest round counts (other load only ever adds time). The
+    peak over the sweep is the figure Kudugunta et al. compare.
     """
 
-    def first(count: int) -> EncodedPairs:
+    def first(data: EncodedPairs, count: int) -> EncodedPairs:
         return EncodedPairs(*(getattr(data, f.name)[:count] for f in dataclasses.fields(EncodedPairs)))
 
-    results = {}
+    results: dict[str, dict[int, float]] = {name: {} for name in models}
     for batch_size in batch_sizes:
-        subset = first(max(4 * batch_size, 16))
-        generate_ids(model, first(batch_size), batch_size, max_new_tokens)  # warm-up: allocator, caches
-        seconds = math.inf
+        seconds = dict.fromkeys(models, math.inf)
+        tokens = {}
+        for model, data in models.values():
+            generate_ids(model, first(data, batch_size), batch_size, max_new_tokens)  # warm-up
         for _ in range(repeats):
-            start = time.perf_counter()
-            outputs = generate_ids(model, subset, batch_size, max_new_tokens)
-            seconds = min(seconds, time.perf_counter() - start)
-        tokens = sum(len([t for t in row if t != model.config.pad_id]) for row in outputs)
-        results[batch_size] = tokens / seconds
+            for name, (model, data) in models.items():
+                start = time.perf_counter()
+                outputs = generate_ids(model, first(data, max(4 * batch_size, 16)), batch_size, max_new_tokens)
+                seconds[name] = min(seconds[name], time.perf_counter() - start)
+                tokens[name] = sum(len([t for t in row if t != model.config.pad_id]) for row in outputs)
+        for name in models:
+            results[name][batch_size] = tokens[name] / seconds[name]
     return results
