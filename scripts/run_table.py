@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import platform
 import sys
 from pathlib import Path
@@ -65,30 +66,31 @@ def scores_of(trained: TrainedModel, model: torch.nn.Module, pairs: list[Pair]) 
 
 
 def extraction_results(trained: TrainedModel, test: list[Pair], hypotheses: list[str], language: str) -> dict:
-    """Per target language: the extracted sub-network's chrF, whether it equals the parent, size;
-    throughput for ``language``."""
-    results = {}
+    """Every target language's sub-network translates its sentences; scored over all directions
+    like the parent (so equal outputs give the parent's score), with the number of identical
+    translations, and ``language``'s sub-network timed in turn with its parent."""
+    config = trained.model.config
+    if "langpair" in (config.encoder_routing, config.decoder_routing):
+        return {}  # one sub-network per direction; not part of the table
+    combined = list(hypotheses)
+    result = {"identical": 0, "sentences": len(test)}
     for target in trained.tasks.target_languages:
-        pairs = [p for p in test if p.target_lang == target]
-        if not pairs:
+        indices = [i for i, p in enumerate(test) if p.target_lang == target]
+        if not indices:
             continue
-        if trained.model.config.decoder_routing == "langpair" or trained.model.config.encoder_routing == "langpair":
-            return {}  # one sub-network per direction; not part of the table
         extracted = extract_direction(trained.model, trained.tasks, target)
-        sub_hypotheses, sub_scores = scores_of(trained, extracted, pairs)
-        parent = [h for h, p in zip(hypotheses, test) if p.target_lang == target]
-        results[target] = {
-            "chrf": sub_scores["mean_chrf"],
-            "identical": sum(a == b for a, b in zip(sub_hypotheses, parent)),
-            "sentences": len(pairs),
-            "parameters": count_parameters(extracted),
-        }
-        if target == language:  # timed together with its parent, in turn
+        sub_hypotheses, _ = scores_of(trained, extracted, [test[i] for i in indices])
+        for i, hypothesis in zip(indices, sub_hypotheses):
+            result["identical"] += hypothesis == hypotheses[i]
+            combined[i] = hypothesis
+        if target == language:
             sub = dataclasses.replace(trained, model=extracted, task=target)
-            sweeps = throughputs({"extracted": sub, "parent": trained}, pairs, BATCH_SIZES)
-            results[target]["peak_tokens_per_s"] = max(sweeps["extracted"].values())
-            results[target]["parent_peak_tokens_per_s"] = max(sweeps["parent"].values())
-    return results
+            sweeps = throughputs({"extracted": sub, "parent": trained}, [test[i] for i in indices], BATCH_SIZES)
+            result["peak_tokens_per_s"] = max(sweeps["extracted"].values())
+            result["parent_peak_tokens_per_s"] = max(sweeps["parent"].values())
+            result["parameters"] = count_parameters(extracted)
+    result["scores"] = score(test, combined).to_dict()
+    return result
 
 
 def pruned_results(trained: TrainedModel, corpus, test: list[Pair], keep: int, language: str) -> dict:
@@ -133,7 +135,7 @@ def main() -> None:
     unknown = sorted(set(rows) - set(ROWS))
     if unknown:
         parser.error(f"unknown rows {unknown}; rows are {ROWS}")
-    machine = f"{platform.machine()}, {platform.processor() or 'cpu'}, torch {torch.__version__}"
+    machine = f"{platform.machine()} ({os.cpu_count()} CPUs), torch {torch.__version__}"
     for seed in (int(s) for s in args.seeds.split(",")):
         for row in [r for r in ROWS if r in rows]:
             run_dir = Path(args.out) / row / f"seed{seed}"

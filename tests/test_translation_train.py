@@ -132,10 +132,12 @@ def test_results_table_reports_spread_over_seeds(tmp_path):
                   "mean_chrf": chrf, "mean_bleu": 10.0}  # fmt: skip
         result = {"row": row, "seed": seed, "minutes": 1, "machine": "test", "threads": 1, "scores": scores,
                   "parameters": 10, "active_parameters": 5, "peak_tokens_per_s": 100.0}  # fmt: skip
+        result["steps"] = 10 + 2 * seed
         if row == "token_target":
-            result["extracted"] = {"fr": {"chrf": chrf, "identical": 3, "sentences": 3, "parameters": 6}}
+            result["extracted"] = {"scores": scores, "identical": 3, "sentences": 3, "parameters": 6,
+                                   "peak_tokens_per_s": 150.0, "parent_peak_tokens_per_s": 100.0}  # fmt: skip
         (tmp_path / row / f"seed{seed}").mkdir(parents=True)
         (tmp_path / row / f"seed{seed}" / "results.json").write_text(json.dumps(result))
     text = render(tmp_path)
-    assert "| dense | 2 | 42.0 ± 2.8 |" in text
-    assert "| token / target | 1 | 50.0 |" in text and "(3/3 identical)" in text
+    assert "| dense | 2 | 11 ± 1 | 42.0 ± 2.8 |" in text
+    assert "| token / target | 1 | 10 | 50.0 |" in text and "| 50.0 (3/3 identical) | 150 (x1.5 vs parent)" in text

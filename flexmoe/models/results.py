@@ -26,13 +26,13 @@ ROW_NAMES = {
 }
 
 
-def spread(values: list[float]) -> str:
+def spread(values: list[float], digits: int = 1) -> str:
     """``mean ± std`` over seeds (``mean`` alone for one seed)."""
     if not values:
         return "n/a"
     if len(values) == 1:
-        return f"{values[0]:.1f}"
-    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
 def load_results(runs: Path) -> dict[str, list[dict]]:
@@ -43,37 +43,40 @@ def load_results(runs: Path) -> dict[str, list[dict]]:
     return by_row
 
 
-def extracted_cell(results: list[dict]) -> str:
-    chrf, identical, sentences, speed = [], 0, 0, []
-    for result in results:
-        per_language = result.get("extracted") or {}
-        if not per_language:
-            return ""
-        chrf.append(statistics.mean(v["chrf"] for v in per_language.values()))
-        identical += sum(v["identical"] for v in per_language.values())
-        sentences += sum(v["sentences"] for v in per_language.values())
-        speed += [v["peak_tokens_per_s"] for v in per_language.values() if "peak_tokens_per_s" in v]
-    return f"{spread(chrf)} ({identical}/{sentences} identical) | {spread(speed)}"
+def extracted_cells(results: list[dict]) -> str:
+    """chrF of the extracted sub-networks (over all directions, each sentence translated by its
+    target language's sub-network), identical translations, and throughput vs the parent."""
+    extracted = [r["extracted"] for r in results if r.get("extracted")]
+    if not extracted:
+        return "|  |  |"
+    chrf = spread([e["scores"]["mean_chrf"] for e in extracted])
+    identical = sum(e["identical"] for e in extracted)
+    sentences = sum(e["sentences"] for e in extracted)
+    speed = spread([e["peak_tokens_per_s"] for e in extracted], digits=0)
+    ratio = spread([e["peak_tokens_per_s"] / e["parent_peak_tokens_per_s"] for e in extracted])
+    parameters = f"{extracted[0]['parameters']:,}"
+    return f"| {chrf} ({identical}/{sentences} identical) | {speed} (x{ratio} vs parent), {parameters} parameters |"
 
 
 def table(by_row: dict[str, list[dict]]) -> str:
     rows = [row for row in ROW_NAMES if row in by_row]
     first = by_row[rows[0]][0]
     lines = [
-        "| encoder / decoder routing | seeds | mean chrF | mean BLEU | parameters (active) "
-        f"| peak tokens/s into {first.get('language', 'fr')} | extracted chrF | extracted tokens/s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| encoder / decoder routing | seeds | steps | mean chrF | mean BLEU | parameters (active) "
+        f"| peak tokens/s into {first.get('language', 'fr')} | extracted chrF | extracted tokens/s into "
+        f"{first.get('language', 'fr')} |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         results = by_row[row]
         chrf = [r["scores"]["mean_chrf"] for r in results]
         bleu = [r["scores"]["mean_bleu"] for r in results]
-        speed = [r["peak_tokens_per_s"] for r in results if "peak_tokens_per_s" in r]
+        speed = [r["peak_tokens_per_s"] for r in results if "peak_tokens_per_s" in r]  # tokens/s
         parameters = f"{results[0].get('parameters', 0):,} ({results[0].get('active_parameters', 0):,})"
-        extracted = extracted_cell(results) or " | "
+        steps = spread([r.get("steps", 0) for r in results], digits=0)
         lines.append(
-            f"| {ROW_NAMES[row]} | {len(results)} | {spread(chrf)} | {spread(bleu)} | {parameters} "
-            f"| {spread(speed)} | {extracted} |"
+            f"| {ROW_NAMES[row]} | {len(results)} | {steps} | {spread(chrf)} | {spread(bleu)} | {parameters} "
+            f"| {spread(speed, digits=0)} {extracted_cells(results)}"
         )
     return "\n".join(lines)
 
