@@ -293,6 +293,7 @@ class Trainer:
                 window_loss, window_aux, window_tokens, window_start = [], [], 0, time.perf_counter()
             if self.step % config.eval_every == 0 and not self.done():
                 self.log(self.validate())
+                window_start = time.perf_counter()  # tokens/s measures training only
             if self.step % config.checkpoint_every == 0:
                 self.save_checkpoint()
         bar.close()
