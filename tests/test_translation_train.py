@@ -141,3 +141,22 @@ def test_results_table_reports_spread_over_seeds(tmp_path):
     text = render(tmp_path)
     assert "| dense | 2 | 11 ± 1 | 42.0 ± 2.8 |" in text
     assert "| token / target | 1 | 10 | 50.0 |" in text and "| 50.0 (3/3 identical) | 150 (x1.5 vs parent)" in text
+
+
+def test_distilled_student_starts_from_the_teachers_shared_weights(tmp_path):
+    import torch
+
+    train(load_run_config(write_run_file(tmp_path, "teacher", train={"max_steps": 2})), progress=False)
+    student_file = write_run_file(
+        tmp_path, "student", model={"num_experts": 0}, train={"distill_from": str(tmp_path / "teacher")}
+    )
+    student = Trainer(load_run_config(student_file), progress=False)
+    teacher = student.teacher.state_dict()
+    own = student.model.state_dict()
+    assert torch.equal(own["embedding.weight"], teacher["embedding.weight"])
+    assert torch.equal(own["decoder.0.ffn.fc1.weight"], teacher["decoder.0.ffn.fc1.weight"])  # dense in both
+    assert "decoder.1.ffn.fc1.weight" in own and "decoder.1.ffn.experts.w1" in teacher  # MoE -> fresh dense FFN
+    loss, _, _ = student.train_step()
+    assert loss > 0
+    teacher_tokenizer = (tmp_path / "teacher" / "tokenizer.model").read_bytes()
+    assert (tmp_path / "student" / "tokenizer.model").read_bytes() == teacher_tokenizer

@@ -126,13 +126,13 @@ class Trainer:
         torch.manual_seed(self.config.seed)
         corpus = corpus if corpus is not None else load_corpus(run.data)
         self.teacher: TranslationModel | None = None
+        teacher = load_trained(self.config.distill_from) if self.config.distill_from else None
         resume = (self.run_dir / CHECKPOINT).is_file()
         if resume:
             state = read_checkpoint(self.run_dir)
             tasks = TaskTable(tuple(state["target_languages"]), tuple(tuple(p) for p in state["lang_pairs"]))
             self.tokenizer = Tokenizer(self.run_dir / TOKENIZER, tasks.target_languages)
-        elif self.config.distill_from:
-            teacher = load_trained(self.config.distill_from)
+        elif teacher is not None:
             tasks, self.tokenizer = teacher.tasks, teacher.tokenizer
             shutil.copyfile(teacher.tokenizer.model_file, self.run_dir / TOKENIZER)
         else:
@@ -143,8 +143,8 @@ class Trainer:
         self.tasks = tasks
         self.device = torch.device(self.config.device)
         self.model = build_model(run, self.tokenizer, tasks)
-        if self.config.distill_from:
-            self.teacher = load_trained(self.config.distill_from).model.to(self.device)
+        if teacher is not None:
+            self.teacher = teacher.model.to(self.device)
             if not resume:
                 self._init_from_teacher()
         self.model.to(self.device)
