@@ -160,3 +160,11 @@ def test_distilled_student_starts_from_the_teachers_shared_weights(tmp_path):
     assert loss > 0
     teacher_tokenizer = (tmp_path / "teacher" / "tokenizer.model").read_bytes()
     assert (tmp_path / "student" / "tokenizer.model").read_bytes() == teacher_tokenizer
+
+
+def test_train_command_reports_config_errors_without_traceback(tmp_path, capsys):
+    path = write_run_file(tmp_path, train={"max_step": 3})
+    with pytest.raises(SystemExit) as exit_info:
+        flexmoe(["train", "--config", str(path)])
+    assert exit_info.value.code == 2
+    assert "unknown key(s) ['max_step'] in [train]" in capsys.readouterr().err

@@ -19,7 +19,10 @@ def main(argv: list[str]) -> None:
     from flexmoe.models.compare import evaluate_model
     from flexmoe.models.extraction import load_translation_model
 
-    trained = load_translation_model(args.model)
+    try:
+        trained = load_translation_model(args.model)
+    except FileNotFoundError as error:
+        parser.error(str(error))
     scores = evaluate_model(trained, args.split, args.tsv, args.limit, args.batch_size)
     print(scores.table())
     name = "eval-tsv.json" if args.tsv else f"eval-{args.split}.json"

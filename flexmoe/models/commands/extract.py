@@ -21,7 +21,10 @@ def main(argv: list[str]) -> None:
     from flexmoe.models.train import load_trained
 
     source_lang, _, target_lang = args.task.rpartition("-")
-    trained = load_trained(args.model)
+    try:
+        trained = load_trained(args.model)
+    except FileNotFoundError as error:
+        parser.error(str(error))
     extracted = extract_direction(trained.model, trained.tasks, target_lang, source_lang or None)
     out = save_extracted(extracted, trained, args.out or Path(args.model) / f"extract-{args.task}", args.task)
     print(f"saved {out}")

@@ -15,7 +15,10 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--fresh", action="store_true", help="delete train.run_dir's checkpoint and start over")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    run = load_run_config(args.config)
+    try:
+        run = load_run_config(args.config)
+    except (ValueError, FileNotFoundError) as error:
+        parser.error(str(error))  # a clear message and exit status 2, no traceback
     run_dir = Path(run.train.run_dir)
     if args.fresh and run_dir.exists():
         shutil.rmtree(run_dir)

@@ -18,7 +18,10 @@ def main(argv: list[str]) -> None:
     from flexmoe.models.evaluate import translate_pairs
     from flexmoe.models.extraction import load_translation_model
 
-    trained = load_translation_model(args.model)
+    try:
+        trained = load_translation_model(args.model)
+    except FileNotFoundError as error:
+        parser.error(str(error))
     trained.tasks.target_id(args.target_lang)  # a clear error before reading any input
     handle = open(args.file, encoding="utf-8") if args.file else sys.stdin
     interactive = handle.isatty()
