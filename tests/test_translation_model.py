@@ -161,3 +161,18 @@ def test_extraction_needs_task_routing():
 def test_model_config_errors(options, message):
     with pytest.raises(ValueError, match=message):
         ModelConfig(vocab_size=40, **options)
+
+
+@pytest.mark.parametrize("decoder_routing", ["target", "sentence"])
+def test_beam_search(decoder_routing):
+    model = make_model(decoder_routing=decoder_routing)
+    source, _, target_lang, lang_pair = make_batch()
+    greedy = model.generate(source, target_lang, lang_pair, max_new_tokens=6)
+    assert torch.equal(model.beam_search(source, target_lang, lang_pair, beam_size=1, max_new_tokens=6), greedy)
+    beams = model.beam_search(source, target_lang, lang_pair, beam_size=4, max_new_tokens=12)
+    assert beams.shape[0] == 4 and beams.shape[1] <= 12
+
+    uncached = model.beam_search(source, target_lang, lang_pair, beam_size=4, max_new_tokens=12, use_cache=False)
+    assert torch.equal(beams, uncached)  # the cache follows each step's reordering of the beams
+    with pytest.raises(ValueError, match="beam_size"):
+        model.beam_search(source, target_lang, lang_pair, beam_size=0)

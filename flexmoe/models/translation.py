@@ -255,3 +255,57 @@ class TranslationModel(nn.Module):
             if bool(finished.all()):
                 break
         return generated[:, 1:]
+
+    @torch.no_grad()
+    def beam_search(
+        self,
+        source: torch.Tensor,
+        target_lang: torch.Tensor,
+        lang_pair: torch.Tensor,
+        beam_size: int = 4,
+        max_new_tokens: int = 64,
+        length_penalty: float = 1.0,
+        use_cache: bool = True,
+    ) -> torch.Tensor:
+        """Beam search. source: [B, S] -> [B, <= max_new_tokens] ids of each sentence's best
+        hypothesis by ``log p / length ** length_penalty`` (``pad_id`` after ``eos``).
+        ``beam_size = 1`` is greedy decoding."""
+        if isinstance(beam_size, bool) or not isinstance(beam_size, int) or beam_size < 1:
+            raise ValueError(f"beam_size must be an int >= 1, got {beam_size!r}")
+        config = self.config
+        batch, vocab = source.shape[0], config.vocab_size
+        max_new_tokens = min(max_new_tokens, config.max_len - 1)
+        # Every sentence becomes beam_size rows: [B * beam, ...], beams of a sentence adjacent.
+        source, target_lang, lang_pair = (t.repeat_interleave(beam_size, 0) for t in (source, target_lang, lang_pair))
+        memory = self.encode(source, target_lang, lang_pair)
+        use_cache = use_cache and self.cache_is_exact
+        cache: list[LayerCache] | None = [{} for _ in self.decoder] if use_cache else None
+        generated = source.new_full((batch * beam_size, 1), config.bos_id)
+        scores = torch.full((batch, beam_size), -math.inf, device=source.device)
+        scores[:, 0] = 0.0  # one live hypothesis per sentence at the start
+        finished = torch.zeros(batch * beam_size, dtype=torch.bool, device=source.device)
+        for step in range(max_new_tokens):
+            if cache is not None:
+                logits = self.decode(generated[:, -1:], memory, source, target_lang, lang_pair, cache, offset=step)
+            else:
+                logits = self.decode(generated, memory, source, target_lang, lang_pair)
+            log_probs = F.log_softmax(logits[:, -1].float(), dim=-1)
+            # A finished hypothesis only extends with pad, at no cost.
+            log_probs[finished] = -math.inf
+            log_probs[finished, config.pad_id] = 0.0
+            candidates = (scores.unsqueeze(-1) + log_probs.view(batch, beam_size, vocab)).view(batch, -1)
+            scores, index = candidates.topk(beam_size, dim=-1)
+            rows = (torch.arange(batch, device=source.device)[:, None] * beam_size + index // vocab).view(-1)
+            tokens = (index % vocab).view(-1)
+            generated = torch.cat([generated[rows], tokens[:, None]], dim=1)
+            finished = finished[rows] | (tokens == config.eos_id)
+            if cache is not None:  # each surviving hypothesis takes its parent's keys and values
+                for layer_cache in cache:
+                    for key in ("self_keys", "self_values"):
+                        layer_cache[key] = layer_cache[key][rows]
+            if bool(finished.all()):
+                break
+        lengths = (generated[:, 1:] != config.pad_id).sum(-1).clamp_min(1).view(batch, beam_size)
+        best = (scores / lengths.float() ** length_penalty).argmax(-1)
+        rows = torch.arange(batch, device=source.device) * beam_size + best
+        return generated[rows, 1:]
