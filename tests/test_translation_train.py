@@ -85,7 +85,7 @@ def test_commands_end_to_end(tmp_path, capsys):
     source = tmp_path / "in.txt"
     source.write_text("one two\nthree\n")
     capsys.readouterr()
-    assert flexmoe(["translate", "--model", str(extracted), "--to", "fr", str(source)]) == 0
+    assert flexmoe(["translate", "--model", str(extracted), "--to", "fr", "--beam", "2", str(source)]) == 0
     assert len(capsys.readouterr().out.splitlines()) == 2
     assert flexmoe(["mt", "throughput", "--model", str(run_dir), "--model", str(extracted), "--task", "fr",
                     "--batch-sizes", "1,4"]) == 0  # fmt: skip

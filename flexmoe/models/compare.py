@@ -29,10 +29,17 @@ def evaluation_pairs(trained: TrainedModel, split: str, tsv: str | None = None, 
 
 
 def evaluate_model(
-    trained: TrainedModel, split: str = "test", tsv: str | None = None, limit: int = 0, batch_size: int = 64
+    trained: TrainedModel,
+    split: str = "test",
+    tsv: str | None = None,
+    limit: int = 0,
+    batch_size: int = 64,
+    beam_size: int = 1,
 ) -> Scores:
     pairs = evaluation_pairs(trained, split, tsv, limit)
-    hypotheses = translate_pairs(trained.model, trained.tokenizer, trained.tasks, pairs, batch_size)
+    hypotheses = translate_pairs(
+        trained.model, trained.tokenizer, trained.tasks, pairs, batch_size, beam_size=beam_size
+    )
     return score(pairs, hypotheses)
 
 

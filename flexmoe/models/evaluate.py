@@ -91,19 +91,22 @@ def length_sorted_batches(data: EncodedPairs, batch_size: int) -> list[list[int]
 
 
 def generate_ids(
-    model: TranslationModel, data: EncodedPairs, batch_size: int = 64, max_new_tokens: int = 64
+    model: TranslationModel, data: EncodedPairs, batch_size: int = 64, max_new_tokens: int = 64, beam_size: int = 1
 ) -> list[list[int]]:
-    """Greedy output ids of every example of ``data``, in order."""
+    """Output ids of every example of ``data``, in order: greedy, or beam search when ``beam_size > 1``."""
     outputs: list[list[int]] = [[] for _ in data.sources]
     device = next(model.parameters()).device
     model.eval()
     for indices in length_sorted_batches(data, batch_size):
-        generated = model.generate(
+        inputs = (
             pad([data.sources[i] for i in indices]).to(device),
             torch.tensor([data.target_lang[i] for i in indices], device=device),
             torch.tensor([data.lang_pair[i] for i in indices], device=device),
-            max_new_tokens,
         )
+        if beam_size > 1:
+            generated = model.beam_search(*inputs, beam_size=beam_size, max_new_tokens=max_new_tokens)
+        else:
+            generated = model.generate(*inputs, max_new_tokens)
         for row, index in zip(generated.tolist(), indices):
             outputs[index] = row
     return outputs
@@ -116,10 +119,11 @@ def translate_pairs(
     pairs: Sequence[Pair],
     batch_size: int = 64,
     max_new_tokens: int = 64,
+    beam_size: int = 1,
 ) -> list[str]:
-    """Greedy translations of ``pairs``' sources into their target languages."""
+    """Translations of ``pairs``' sources into their target languages (greedy, or beam search)."""
     data = encode_pairs(pairs, tokenizer, tasks, model.config.max_len)
-    return [tokenizer.decode(ids) for ids in generate_ids(model, data, batch_size, max_new_tokens)]
+    return [tokenizer.decode(ids) for ids in generate_ids(model, data, batch_size, max_new_tokens, beam_size)]
 
 
 def decoding_throughput(

@@ -15,6 +15,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--tsv", help="evaluate on this TSV file instead of the run's corpus")
     parser.add_argument("--limit", type=int, default=0, help="at most this many sentences (0: all)")
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--beam", type=int, default=1, help="beam size (default 1: greedy)")
     args = parser.parse_args(argv)
     from flexmoe.models.compare import evaluate_model
     from flexmoe.models.extraction import load_translation_model
@@ -23,7 +24,7 @@ def main(argv: list[str]) -> None:
         trained = load_translation_model(args.model)
     except FileNotFoundError as error:
         parser.error(str(error))
-    scores = evaluate_model(trained, args.split, args.tsv, args.limit, args.batch_size)
+    scores = evaluate_model(trained, args.split, args.tsv, args.limit, args.batch_size, args.beam)
     print(scores.table())
     name = "eval-tsv.json" if args.tsv else f"eval-{args.split}.json"
     (Path(args.model) / name).write_text(json.dumps(scores.to_dict(), indent=2))

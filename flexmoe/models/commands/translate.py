@@ -12,6 +12,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--model", required=True, help="a run directory or an extracted sub-network directory")
     parser.add_argument("--to", dest="target_lang", required=True, help="target language code, e.g. fr")
     parser.add_argument("--from", dest="source_lang", default="en", help="source language (langpair routing)")
+    parser.add_argument("--beam", type=int, default=1, help="beam size (default 1: greedy)")
     parser.add_argument("file", nargs="?", help="input text, one sentence a line (default: stdin)")
     args = parser.parse_args(argv)
     from flexmoe.data.corpus import Pair
@@ -33,7 +34,8 @@ def main(argv: list[str]) -> None:
             if not text:
                 continue
             pair = Pair(text, "", args.source_lang, args.target_lang)
-            print(translate_pairs(trained.model, trained.tokenizer, trained.tasks, [pair])[0], flush=True)
+            [translation] = translate_pairs(trained.model, trained.tokenizer, trained.tasks, [pair], beam_size=args.beam)
+            print(translation, flush=True)
     finally:
         if args.file:
             handle.close()
