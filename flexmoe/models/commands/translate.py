@@ -34,7 +34,8 @@ def main(argv: list[str]) -> None:
             if not text:
                 continue
             pair = Pair(text, "", args.source_lang, args.target_lang)
-            [translation] = translate_pairs(trained.model, trained.tokenizer, trained.tasks, [pair], beam_size=args.beam)
+            model, tokenizer, tasks = trained.model, trained.tokenizer, trained.tasks
+            [translation] = translate_pairs(model, tokenizer, tasks, [pair], beam_size=args.beam)
             print(translation, flush=True)
     finally:
         if args.file:
