@@ -8,7 +8,7 @@ from flexmoe.models import ModelConfig, TranslationModel
 from flexmoe.models.batching import TaskTable
 from flexmoe.models.extraction import extract_direction
 from flexmoe.task import DenseFFN
-from tests.translation_fixtures import one_thread
+from tests.test_translation_fixtures import one_thread
 
 _one_thread = pytest.fixture(autouse=True)(one_thread)
 

@@ -7,7 +7,7 @@ import pytest
 from flexmoe.cli import main as flexmoe
 from flexmoe.models.runconfig import load_run_config
 from flexmoe.models.train import Trainer, train
-from tests.translation_fixtures import one_thread, write_run_file
+from tests.test_translation_fixtures import one_thread, write_run_file
 
 _one_thread = pytest.fixture(autouse=True)(one_thread)
 
@@ -95,7 +95,7 @@ def test_commands_end_to_end(tmp_path, capsys):
 def test_tokenizer_is_cached_and_tags_stay_whole(tmp_path):
     from flexmoe.data import load_tsv
     from flexmoe.models.tokenizer import EOS_ID, train_tokenizer
-    from tests.translation_fixtures import write_corpus
+    from tests.test_translation_fixtures import write_corpus
 
     corpus = load_tsv(write_corpus(tmp_path))
     first = train_tokenizer(corpus, 64, tmp_path / "cache")

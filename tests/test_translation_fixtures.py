@@ -1,4 +1,4 @@
-"""A tiny parallel corpus and run files for the translation tests (numbers in three languages)."""
+"""Helpers (no tests) for the translation tests: a tiny parallel corpus and run files."""
 
 from __future__ import annotations
 
