@@ -11,6 +11,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "checkpoint": ("flexmoe.checkpoint_cli", "convert a checkpoint to another world size"),
     "extract": ("flexmoe.commands.extract", "save one task's sub-network (task-routed layers made dense)"),
     "infer": ("flexmoe.commands.infer", "run mixed-task inputs through per-task sub-networks"),
+    "mt": ("flexmoe.models.commands", "translation model: mt train|eval|translate|extract|throughput"),
+    "train": ("flexmoe.models.commands.train", "train a translation model (flexmoe train --config FILE)"),
+    "eval": ("flexmoe.models.commands.eval", "score a translation model: chrF and BLEU per direction"),
+    "translate": ("flexmoe.models.commands.translate", "translate lines with a trained model"),
 }
 
 

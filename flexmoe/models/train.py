@@ -1,0 +1,315 @@
+"""Training: ``flexmoe train --config configs/<name>.toml``.
+
+A run directory holds ``config.toml``-equivalent ``checkpoint.pt`` (model, optimizer, sampler
+and RNG state, step, elapsed time: a killed run resumes on the same loss curve),
+``tokenizer.model``, ``metrics.jsonl`` and PNG plots.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from flexmoe.data.corpus import Corpus, Pair, load_tsv
+from flexmoe.models.batching import (
+    DirectionSampler,
+    TaskTable,
+    collate,
+    encode_pairs,
+    model_inputs,
+)
+from flexmoe.models.evaluate import generate_ids, score
+from flexmoe.models.runconfig import DataConfig, RunConfig, run_config_from_dict
+from flexmoe.models.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer, train_tokenizer
+from flexmoe.models.translation import TranslationModel
+
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
+TOKENIZER = "tokenizer.model"
+
+
+def load_corpus(data: DataConfig) -> Corpus:
+    """The corpus a run trains on: the embedded one (built and cached on first use) or TSV files."""
+    if data.source == "cldr_demo":
+        from flexmoe.data.cldr import CorpusConfig, build_corpus  # heavy: babel data; only when used
+
+        return build_corpus(CorpusConfig.demo(), cache_dir=Path(data.cache_dir) / "corpus", progress=True)
+    files = {name: path for name, path in (("train", data.train), ("valid", data.valid), ("test", data.test)) if path}
+    return load_tsv(files)
+
+
+@dataclass
+class TrainedModel:
+    """A model with everything needed to use it: tokenizer, task names, the run's config;
+    ``task``: the direction an extracted sub-network serves (``"fr"``, ``"en-fr"``), else None."""
+
+    model: TranslationModel
+    tokenizer: Tokenizer
+    tasks: TaskTable
+    run: RunConfig
+    task: str | None = None
+
+
+def build_model(run: RunConfig, tokenizer: Tokenizer, tasks: TaskTable) -> TranslationModel:
+    config = run.model_config(
+        vocab_size=tokenizer.vocab_size,
+        num_target_langs=len(tasks.target_languages),
+        num_lang_pairs=len(tasks.lang_pairs),
+        pad_id=PAD_ID,
+        bos_id=BOS_ID,
+        eos_id=EOS_ID,
+    )
+    return TranslationModel(config)
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if path.is_dir():
+        path = path / CHECKPOINT
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: train a model first (flexmoe train --config ...)")
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def load_trained(run_dir: str | Path) -> TrainedModel:
+    """The model saved in ``run_dir`` (its ``checkpoint.pt`` and ``tokenizer.model``), in eval mode."""
+    state = read_checkpoint(run_dir)
+    run = run_config_from_dict(state["run_config"])
+    tasks = TaskTable(tuple(state["target_languages"]), tuple(tuple(p) for p in state["lang_pairs"]))
+    tokenizer = Tokenizer(Path(run_dir) / TOKENIZER, tasks.target_languages)
+    model = build_model(run, tokenizer, tasks)
+    model.load_state_dict(state["model"])
+    return TrainedModel(model.eval(), tokenizer, tasks, run)
+
+
+def learning_rate(step: int, peak: float, warmup: int) -> float:
+    """Linear warm-up to ``peak``, then inverse square root decay (needs no total step count,
+    so a wall-time budget can end training anywhere)."""
+    if warmup == 0:
+        return peak
+    return peak * min(step / warmup, math.sqrt(warmup / max(step, 1)))
+
+
+def sequence_loss(logits: torch.Tensor, target_out: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+    """Mean token cross-entropy over non-padding targets. logits [B, T, V], target_out [B, T]."""
+    return F.cross_entropy(
+        logits.flatten(0, 1).float(), target_out.flatten(), ignore_index=PAD_ID, label_smoothing=label_smoothing
+    )
+
+
+def distillation_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, target_out: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) per non-padding token, averaged. logits: [B, T, V]."""
+    real = target_out != PAD_ID
+    student = F.log_softmax(logits[real].float(), dim=-1)
+    teacher = F.log_softmax(teacher_logits[real].float(), dim=-1)
+    return F.kl_div(student, teacher, log_target=True, reduction="batchmean")
+
+
+class Trainer:
+    """One run: data, model, optimizer, sampler; :meth:`run` trains to the configured limit."""
+
+    def __init__(self, run: RunConfig, corpus: Corpus | None = None, progress: bool = True) -> None:
+        self.run_config, self.config, self.progress = run, run.train, progress
+        self.run_dir = Path(self.config.run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.config.threads:
+            torch.set_num_threads(self.config.threads)
+        torch.manual_seed(self.config.seed)
+        corpus = corpus if corpus is not None else load_corpus(run.data)
+        self.teacher: TranslationModel | None = None
+        teacher = load_trained(self.config.distill_from) if self.config.distill_from else None
+        resume = (self.run_dir / CHECKPOINT).is_file()
+        if resume:
+            state = read_checkpoint(self.run_dir)
+            tasks = TaskTable(tuple(state["target_languages"]), tuple(tuple(p) for p in state["lang_pairs"]))
+            self.tokenizer = Tokenizer(self.run_dir / TOKENIZER, tasks.target_languages)
+        elif teacher is not None:
+            tasks, self.tokenizer = teacher.tasks, teacher.tokenizer
+            shutil.copyfile(teacher.tokenizer.model_file, self.run_dir / TOKENIZER)
+        else:
+            tasks = TaskTable.from_pairs(corpus["train"])
+            tokenizer = train_tokenizer(corpus, run.data.vocab_size, Path(run.data.cache_dir) / "tokenizers")
+            shutil.copyfile(tokenizer.model_file, self.run_dir / TOKENIZER)
+            self.tokenizer = Tokenizer(self.run_dir / TOKENIZER, tasks.target_languages)
+        self.tasks = tasks
+        self.device = torch.device(self.config.device)
+        self.model = build_model(run, self.tokenizer, tasks)
+        if teacher is not None:
+            self.teacher = teacher.model.to(self.device)
+            if not resume:
+                self._init_from_teacher()
+        self.model.to(self.device)
+        max_len = self.model.config.max_len
+        self.train_data = encode_pairs(corpus["train"], self.tokenizer, tasks, max_len)
+        valid: list[Pair] = corpus.splits.get("valid") or corpus["train"]
+        self.valid_data = encode_pairs(valid[: self.config.valid_sentences], self.tokenizer, tasks, max_len)
+        self.sampler = DirectionSampler(self.train_data, run.data.temperature, self.config.seed)
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=self.config.lr, weight_decay=self.config.weight_decay
+        )
+        self.step, self.elapsed_s = 0, 0.0
+        if resume:
+            self._restore(state)
+
+    def _init_from_teacher(self) -> None:
+        """Copy every teacher tensor whose name and shape the student shares (all but the experts)."""
+        own = self.model.state_dict()
+        shared = {k: v for k, v in self.teacher.state_dict().items() if k in own and own[k].shape == v.shape}
+        self.model.load_state_dict(shared, strict=False)
+
+    # --- checkpoints ------------------------------------------------------------------------
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        if state["run_config"]["model"] != self.run_config.to_dict()["model"]:
+            raise ValueError(
+                f"{self.run_dir} holds a checkpoint of a different [model]; use another train.run_dir or --fresh"
+            )
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])  # follows the parameters' device
+        self.sampler.load_state_dict(state["sampler"])
+        torch.set_rng_state(state["torch_rng"])
+        if self.device.type == "cuda" and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
+        self.step, self.elapsed_s = state["step"], state["elapsed_s"]
+        self._truncate_metrics(self.step)
+
+    def save_checkpoint(self) -> Path:
+        state = {
+            "run_config": self.run_config.to_dict(),
+            "target_languages": list(self.tasks.target_languages),
+            "lang_pairs": [list(p) for p in self.tasks.lang_pairs],
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
+            "step": self.step,
+            "elapsed_s": self.elapsed_s,
+        }
+        partial = self.run_dir / (CHECKPOINT + ".partial")
+        torch.save(state, partial)
+        partial.replace(self.run_dir / CHECKPOINT)  # a kill mid-write leaves the last good checkpoint
+        return self.run_dir / CHECKPOINT
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drop records logged after the checkpoint, which the resumed run logs again."""
+        path = self.run_dir / METRICS
+        if path.is_file():
+            records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            path.write_text("".join(json.dumps(r) + "\n" for r in records if r["step"] <= step))
+
+    def log(self, record: dict[str, Any]) -> None:
+        with (self.run_dir / METRICS).open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    # --- training ---------------------------------------------------------------------------
+
+    def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {key: value.to(self.device, non_blocking=True) for key, value in batch.items()}
+
+    def done(self) -> bool:
+        config = self.config
+        return (config.max_steps and self.step >= config.max_steps) or (
+            config.max_minutes and self.elapsed_s >= config.max_minutes * 60
+        )
+
+    def train_step(self) -> tuple[float, float, int]:
+        """One optimizer step on a sampled batch -> (loss, aux loss, tokens in the batch)."""
+        batch = self.to_device(collate(self.train_data, self.sampler.sample(self.config.batch_size)))
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate(self.step + 1, self.config.lr, self.config.warmup_steps)
+        self.model.train()
+        logits = self.model(**model_inputs(batch))
+        aux = self.model.aux_loss()
+        loss = sequence_loss(logits, batch["target_out"], self.config.label_smoothing)
+        if self.teacher is not None:
+            with torch.no_grad():
+                teacher_logits = self.teacher(**model_inputs(batch))
+            kd = distillation_loss(logits, teacher_logits, batch["target_out"])
+            loss = (1 - self.config.distill_weight) * loss + self.config.distill_weight * kd
+        self.optimizer.zero_grad(set_to_none=True)
+        (loss + aux).backward()
+        if self.config.clip_norm:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.clip_norm)
+        self.optimizer.step()
+        self.step += 1
+        tokens = int((batch["source"] != PAD_ID).sum() + (batch["target_out"] != PAD_ID).sum())
+        return loss.item(), aux.item(), tokens
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, Any]:
+        """Loss (no label smoothing) and greedy chrF on the validation subset."""
+        self.model.eval()
+        data, losses, weights = self.valid_data, [], []
+        for start in range(0, len(data.sources), self.config.batch_size):
+            batch = self.to_device(collate(data, range(start, min(start + self.config.batch_size, len(data.sources)))))
+            logits = self.model(**model_inputs(batch))
+            losses.append(float(sequence_loss(logits, batch["target_out"], 0.0)))
+            weights.append(int((batch["target_out"] != PAD_ID).sum()))
+        hypotheses = [
+            self.tokenizer.decode(ids)
+            for ids in generate_ids(self.model, data, self.config.batch_size, self.config.max_new_tokens)
+        ]
+        scores = score(data.pairs, hypotheses)
+        loss = sum(part * w for part, w in zip(losses, weights)) / max(sum(weights), 1)
+        return {"step": self.step, "split": "valid", "loss": loss, "chrf": scores.mean_chrf, "chrf_by": scores.chrf}
+
+    def run(self) -> Path:
+        """Train until ``max_steps`` or ``max_minutes``; returns the run directory."""
+        config = self.config
+        bar = tqdm(total=config.max_steps or None, initial=self.step, disable=not self.progress, unit="step")
+        window_loss, window_aux, window_tokens, window_start = [], [], 0, time.perf_counter()
+        first_step = self.step
+        while not self.done():
+            started = time.perf_counter()
+            loss, aux, tokens = self.train_step()
+            self.elapsed_s += time.perf_counter() - started
+            window_loss.append(loss)
+            window_aux.append(aux)
+            window_tokens += tokens
+            bar.update(1)
+            if self.step % config.log_every == 0:
+                seconds = time.perf_counter() - window_start
+                record = {
+                    "step": self.step,
+                    "split": "train",
+                    "loss": sum(window_loss) / len(window_loss),
+                    "aux_loss": sum(window_aux) / len(window_aux),
+                    "tokens_per_s": window_tokens / max(seconds, 1e-9),
+                    "lr": self.optimizer.param_groups[0]["lr"],
+                    "elapsed_s": self.elapsed_s,
+                }
+                self.log(record)
+                bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                window_loss, window_aux, window_tokens, window_start = [], [], 0, time.perf_counter()
+            if self.step % config.eval_every == 0 and not self.done():
+                self.log(self.validate())
+                window_start = time.perf_counter()  # tokens/s measures training only
+            if self.step % config.checkpoint_every == 0:
+                self.save_checkpoint()
+        bar.close()
+        if self.step == first_step and first_step > 0:
+            return self.run_dir  # resumed a finished run: nothing new to validate or plot
+        record = self.validate()
+        self.log(record)
+        if self.progress:
+            print(f"step {self.step}: valid loss {record['loss']:.3f}, chrF {record['chrf']:.1f}")
+        self.save_checkpoint()
+        from flexmoe.models.plots import plot_run  # matplotlib only once there is something to draw
+
+        plot_run(self.run_dir, self.model, self.valid_data, list(self.tasks.target_languages))
+        return self.run_dir
+
+
+def train(run: RunConfig, corpus: Corpus | None = None, progress: bool = True) -> Path:
+    """Train (or resume) the run ``run`` describes; returns its directory."""
+    return Trainer(run, corpus, progress).run()
