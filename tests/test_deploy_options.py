@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from flexmoe import MoELayer, extract_task, prune_experts
+from flexmoe import MoELayer, expert_usage, extract_task, prune_experts
 from flexmoe.parallel import ExpertLayout
 from flexmoe.routing import group_limited_scores
 from flexmoe.serving import TaskServer
@@ -143,6 +143,12 @@ def test_shared_experts_in_the_extracted_block_and_its_parameters():
     assert sum(p.numel() for p in gated.decoder.parameters()) == 2 * ffn - 16 + ffn + 16
 
 
+def test_report_names_capacity_limits():
+    report = extract_task(build("fixed_capacity"), 0).extraction_report
+    assert report.capacity_limited == {"decoder": "expert_capacity=64"} and "does not bind" in str(report)
+    assert extract_task(build("shared"), 0).extraction_report.capacity_limited == {}
+
+
 def test_gated_shared_subnetwork_saves_and_loads(tmp_path):
     model = build("qwen2_moe")
     sub = extract_task(model, 2)
@@ -203,6 +209,18 @@ def test_pruning_keeps_group_limit_over_the_kept_groups():
         pruned.record_plan = True
         pruned(x)
         assert set(pruned.last_plan.expert_index.tolist()) == set(kept_rows)
+
+
+def test_usage_chosen_whole_groups_prune_exactly():
+    layer = token_layer("deepseek_v3")
+    x = tokens_whose_groups_are(layer, {0, 2})
+    usage = expert_usage(nn.Sequential(layer), [{"input": x}])
+    keep = usage.top_groups(2, num_groups=4)["0"]
+    assert sorted(keep) == [0, 1, 4, 5] and keep[0] // 2 == keep[1] // 2
+    pruned = prune_experts(layer, keep)
+    torch.testing.assert_close(pruned(x), layer(x), **EXACT)
+    with pytest.raises(ValueError, match="must divide"):
+        usage.top_groups(1, num_groups=3)
 
 
 def test_pruning_errors_for_groups_and_shards():

@@ -24,13 +24,15 @@ from flexmoe.task.single_process import check_single_process
 @dataclass
 class ExtractionReport:
     """What :func:`extract_task` did: reduced layers (name -> experts kept), layers kept whole
-    (name -> why), what became of each reduced layer's shared experts (name -> how), and
-    parameter counts before and after."""
+    (name -> why), what became of each reduced layer's shared experts (name -> how), reduced
+    layers whose full version has a capacity limit (name -> the limit: where it binds, the full
+    model drops tokens that the dense block keeps), and parameter counts before and after."""
 
     task_id: int
     reduced: dict[str, tuple[int, ...]] = field(default_factory=dict)
     kept_whole: dict[str, str] = field(default_factory=dict)
     shared_experts: dict[str, str] = field(default_factory=dict)
+    capacity_limited: dict[str, str] = field(default_factory=dict)
     parameters_before: int = 0
     parameters_after: int = 0
 
@@ -41,6 +43,10 @@ class ExtractionReport:
         ]
         lines += [f"  reduced    {name}: experts {list(experts)}" for name, experts in self.reduced.items()]
         lines += [f"  shared     {name}: {how}" for name, how in self.shared_experts.items()]
+        lines += [
+            f"  capacity   {name}: {limit} (equal only where it does not bind)"
+            for name, limit in self.capacity_limited.items()
+        ]
         lines += [f"  kept whole {name}: {why}" for name, why in self.kept_whole.items()]
         return "\n".join(lines)
 
@@ -137,6 +143,17 @@ def dense_block_for_task(layer: MoELayer, task_id: int) -> DenseFFN:
     return block
 
 
+def _capacity_note(layer: MoELayer) -> str | None:
+    config = layer.config
+    if config.expert_capacity is not None:
+        return f"expert_capacity={config.expert_capacity}"
+    if config.capacity_factor > 0:
+        return f"capacity_factor={config.capacity_factor}"
+    if config.capacity_factor < 0:
+        return f"capacity_factor={config.capacity_factor} (capped dropless)"
+    return None
+
+
 def _shared_note(layer: MoELayer) -> str | None:
     shared = layer.shared_experts
     if shared is None:
@@ -197,8 +214,12 @@ def extract_task(model: nn.Module, task_id: int) -> nn.Module:
         block = dense_block_for_task(module, task_id)
         memo[id(module)] = block  # deepcopy places the block instead of copying the layer
         report.reduced[name or "<root>"] = block.experts
-        if _shared_note(module) is not None:
-            report.shared_experts[name or "<root>"] = _shared_note(module)
+        for notes, note in (
+            (report.shared_experts, _shared_note(module)),
+            (report.capacity_limited, _capacity_note(module)),
+        ):
+            if note is not None:
+                notes[name or "<root>"] = note
     extracted = copy.deepcopy(model, memo)
     report.parameters_after = count_parameters(extracted)
     extracted.extraction_report = report
