@@ -125,7 +125,8 @@ def dense_block_for_task(layer: MoELayer, task_id: int) -> DenseFFN:
         units.add(experts, chosen, gates.to(fold_dtype))
         shared = layer.shared_experts
         if shared is not None and shared.gate is None:  # a constant weight 1: foldable
-            units.add(shared.ffn, torch.zeros(1, dtype=torch.long), torch.ones(1, dtype=fold_dtype))
+            device = shared.ffn.w1.device
+            units.add(shared.ffn, torch.zeros(1, dtype=torch.long, device=device), gates.new_ones(1, dtype=fold_dtype))
         gated_shared = shared is not None and shared.gate is not None
         block = DenseFFN(
             config.model_dim,
