@@ -26,6 +26,7 @@ from torch import nn
 
 from flexmoe.layer import MoELayer
 from flexmoe.task.extract import extract_task, reducible_layers
+from flexmoe.task.single_process import check_single_process
 
 
 def _check_optional_positive_int(name: str, value: object) -> None:
@@ -122,6 +123,11 @@ class TaskServer:
     bound: the :class:`CacheBound` on resident sub-networks.
     extract: how to build a task's sub-network (default :func:`extract_task`); e.g. a loader
         of sub-networks saved with :func:`flexmoe.save_subnetwork`.
+
+    Every routing option of the layers is served as the full model routes it (score function,
+    loss-free selection bias, group limit, route scale; shared experts, gated or not, are part
+    of each sub-network). Raises ValueError for a model holding expert-parallel shards
+    (``layer.layout.world_size > 1``): serve a single-process copy.
     """
 
     def __init__(
@@ -136,6 +142,7 @@ class TaskServer:
         bound = CacheBound() if bound is None else bound
         if not isinstance(bound, CacheBound):
             raise TypeError(f"bound must be a CacheBound, got {type(bound).__name__}")
+        check_single_process(model, "TaskServer")
         self.model = model.eval()
         self.bound = bound
         self.extract = extract

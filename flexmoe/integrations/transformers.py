@@ -337,12 +337,48 @@ def to_flexmoe(model: nn.Module, *, share_storage: bool = False, **options: obje
     return model
 
 
+# Fields that the original block's own config fixes: a layer that changed them (pruned by
+# flexmoe.prune_experts, regrouped) no longer fits the transformers block.
+_STRUCTURAL_FIELDS = ("num_experts", "num_groups", "top_groups", "num_shared_experts", "shared_expert_gate")
+
+
+def _check_restorable(where: str, flex: FlexMoEBlock) -> None:
+    """Raise ValueError if ``flex`` no longer holds a layer of the original block's structure."""
+    layer, kind = flex.moe, flex.original_class
+    if not isinstance(layer, MoELayer):
+        raise ValueError(
+            f"{where}: holds a {type(layer).__name__} (a sub-network from flexmoe.extract_task?), not a MoELayer; "
+            f"it cannot go back into a {kind}: save it with flexmoe.save_subnetwork instead"
+        )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # _describe's notes on the original block were given at to_flexmoe
+        original = _describe(flex._original[0]).config
+    changed = {
+        field: (getattr(original, field), getattr(layer.config, field))
+        for field in _STRUCTURAL_FIELDS
+        if getattr(original, field) != getattr(layer.config, field)
+    }
+    if changed:
+        details = ", ".join(f"{field} {before} -> {after}" for field, (before, after) in changed.items())
+        raise ValueError(
+            f"{where}: the flexmoe layer no longer fits the original {kind} ({details}; pruned with "
+            "flexmoe.prune_experts?); from_flexmoe needs the converted model itself: prune a copy, and save "
+            "the pruned model with torch.save / safetensors instead of save_pretrained"
+        )
+
+
 def from_flexmoe(model: nn.Module) -> nn.Module:
     """Put the original transformers blocks back, with the flexmoe layers' current weights
-    (copied into the original layout). Returns ``model``; it saves with ``save_pretrained``."""
+    (copied into the original layout). Returns ``model``; it saves with ``save_pretrained``.
+
+    Raises ValueError, before replacing anything, if a layer no longer fits its original block:
+    pruned (``flexmoe.prune_experts``: fewer experts, groups changed) or extracted to a DenseFFN.
+    """
     blocks = _find_blocks(model, lambda m: isinstance(m, FlexMoEBlock))
     if not blocks:
         raise ValueError(f"model {type(model).__name__} has no FlexMoEBlock (was to_flexmoe applied?)")
+    for parent, name, flex in blocks:  # all checked before any block is replaced
+        _check_restorable(f"{type(parent).__name__}.{name}", flex)
     for parent, name, flex in blocks:
         original = flex._original[0]
         original.load_state_dict(_export(flex), strict=True, assign=True)

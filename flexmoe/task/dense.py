@@ -2,20 +2,28 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
 from flexmoe.experts import resolve_activation
+from flexmoe.shared_experts import SharedExperts
 
 
 class DenseFFN(nn.Module):
-    """``act(x @ w1 + b1) [* (x @ w3)] @ w2 + b2`` on every token; no router, no dispatch.
+    """``act(x @ w1 + b1) [* (x @ w3)] @ w2 + b2`` on every token, plus an optional gated shared
+    branch ``sigmoid(x @ g) * FFN_shared(x)``; no router, no dispatch.
 
     Built by :func:`flexmoe.extract_task` from a task's top-k experts: their hidden units are
-    concatenated (``hidden_dim = k * expert_hidden``) and the fixed gate weights are folded into
-    ``w2`` and ``b2``, so one dense GEMM pair computes exactly ``sum_j gate_j * expert_j(x)``.
-    Call-compatible with :class:`~flexmoe.MoELayer` (``padding_mask`` zeroes padding positions
-    as the MoE layer does; ``task_ids``, if given, must all be ``task_id``).
+    concatenated (``hidden_dim = k * expert_hidden``, plus the shared experts' width when they
+    are ungated) and the fixed gate weights are folded into ``w2`` and ``b2``, so one dense GEMM
+    pair computes exactly ``sum_j gate_j * expert_j(x) [+ shared(x)]``. Shared experts scaled
+    by a per-token sigmoid gate (``shared_expert_gate``) cannot be folded into constants: they
+    stay a :class:`~flexmoe.SharedExperts` branch (``shared_experts``, hidden width
+    ``gated_shared_hidden_dim``). Call-compatible with :class:`~flexmoe.MoELayer`
+    (``padding_mask`` zeroes padding positions as the MoE layer does; ``task_ids``, if given,
+    must all be ``task_id``).
 
     w1 [model_dim, hidden_dim], b1 [hidden_dim], w2 [hidden_dim, model_dim], b2 [model_dim],
     w3 [model_dim, hidden_dim] when gated.
@@ -25,11 +33,12 @@ class DenseFFN(nn.Module):
         self,
         model_dim: int,
         hidden_dim: int,
-        activation: str = "gelu",
+        activation: str | Callable[[torch.Tensor], torch.Tensor] = "gelu",
         bias: bool = True,
         gated: bool = False,
         task_id: int | None = None,
         experts: tuple[int, ...] = (),
+        gated_shared_hidden_dim: int | None = None,
     ) -> None:
         super().__init__()
         self.model_dim, self.hidden_dim, self.activation_name = model_dim, hidden_dim, activation
@@ -40,6 +49,11 @@ class DenseFFN(nn.Module):
         self.w3 = nn.Parameter(torch.empty(model_dim, hidden_dim)) if gated else None
         self.b1 = nn.Parameter(torch.zeros(hidden_dim)) if bias else None
         self.b2 = nn.Parameter(torch.zeros(model_dim)) if bias else None
+        self.shared_experts: SharedExperts | None = None
+        if gated_shared_hidden_dim is not None:
+            self.shared_experts = SharedExperts(
+                1, model_dim, gated_shared_hidden_dim, activation, bias, gated, gated_output=True
+            )
         self.aux_loss = torch.zeros(())
         self.stats = None
 
@@ -55,11 +69,14 @@ class DenseFFN(nn.Module):
             "gated": self.w3 is not None,
             "task_id": self.task_id,
             "experts": list(self.experts),
+            "gated_shared_hidden_dim": None if self.shared_experts is None else self.shared_experts.ffn.hidden_dim,
         }
 
     def extra_repr(self) -> str:
+        shared = "" if self.shared_experts is None else ", gated shared branch"
         return (
-            f"model_dim={self.model_dim}, hidden_dim={self.hidden_dim}, task_id={self.task_id}, experts={self.experts}"
+            f"model_dim={self.model_dim}, hidden_dim={self.hidden_dim}, task_id={self.task_id}, "
+            f"experts={self.experts}{shared}"
         )
 
     def forward(
@@ -83,6 +100,9 @@ class DenseFFN(nn.Module):
         out = hidden @ self.w2.to(x.dtype)
         if self.b2 is not None:
             out = out + self.b2.to(x.dtype)
+        if self.shared_experts is not None:
+            tokens = x.reshape(-1, self.model_dim)
+            out = out + self.shared_experts(tokens).to(out.dtype).reshape(out.shape)
         if padding_mask is not None:
             out = out.masked_fill(padding_mask.unsqueeze(-1), 0)
         return out

@@ -31,12 +31,32 @@ class ExpertUsage:
         total[: len(new)] += new
         self.counts[layer_name] = total
 
+    def _usage_row(self, name: str, task: int | None) -> torch.Tensor:
+        counts = self.counts[name]
+        return counts.sum(0) if task is None else (counts[task] if task < len(counts) else counts[0] * 0)
+
     def top_experts(self, m: int, task: int | None = None) -> dict[str, list[int]]:
         """Per layer, the ``m`` most used experts (of ``task``, or over all tasks), most used first."""
         keep = {}
-        for name, counts in self.counts.items():
-            row = counts.sum(0) if task is None else (counts[task] if task < len(counts) else counts[0] * 0)
+        for name in self.counts:
+            row = self._usage_row(name, task)
             keep[name] = torch.argsort(row, descending=True, stable=True)[: min(m, len(row))].tolist()
+        return keep
+
+    def top_groups(self, m: int, num_groups: int, task: int | None = None) -> dict[str, list[int]]:
+        """Per layer, the experts of its ``m`` most used groups (``num_groups`` equal contiguous
+        groups, as group-limited routing forms them), most used group first, each group's experts
+        together: a ``keep`` that :func:`flexmoe.prune_experts` accepts for group-limited layers."""
+        if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups <= 0:
+            raise ValueError(f"num_groups must be a positive int, got {num_groups!r}")
+        keep = {}
+        for name in self.counts:
+            row = self._usage_row(name, task)
+            if len(row) % num_groups:
+                raise ValueError(f"num_groups ({num_groups}) must divide layer {name!r}'s {len(row)} experts")
+            size = len(row) // num_groups
+            groups = torch.argsort(row.view(num_groups, size).sum(1), descending=True, stable=True)[:m].tolist()
+            keep[name] = [group * size + e for group in groups for e in range(size)]
         return keep
 
 
