@@ -12,12 +12,12 @@ import torch
 Activation = Literal["gelu", "relu", "silu"] | Callable[[torch.Tensor], torch.Tensor]
 RouterKind = Literal["linear", "cosine"]
 AuxLossKind = Literal["gshard", "load_importance"]
-ExpertLayout = Literal["auto", "padded", "grouped"]
+ExpertLayout = Literal["auto", "padded", "grouped", "per_expert"]
 
 ACTIVATIONS = ("gelu", "relu", "silu")
 ROUTERS = ("linear", "cosine")
 AUX_LOSSES = ("gshard", "load_importance", None)
-EXPERT_LAYOUTS = ("auto", "padded", "grouped")
+EXPERT_LAYOUTS = ("auto", "padded", "grouped", "per_expert")
 GRANULARITIES = ("token", "sentence", "task")
 Granularity = Literal["token", "sentence", "task"]
 ScoreFunction = Literal["softmax", "sigmoid"]
@@ -119,10 +119,12 @@ class MoEConfig:
         activation: ``"gelu"``, ``"relu"``, ``"silu"`` or a callable.
         bias: biases in the expert FFNs. gated: SwiGLU-style experts (``w3``).
         expert_layout: ``"grouped"`` runs the built-in experts on exact token counts
-            (tokens sorted by expert, ``grouped_mm``; no padded slots), ``"padded"``
-            on the ``[experts, capacity, model_dim]`` buffer (``bmm``), ``"auto"`` picks
-            grouped where it can (built-in experts, float32/bfloat16/float16) and
-            padded otherwise (float64, custom experts).
+            (tokens sorted by expert, ``grouped_mm``; no padded slots); ``"per_expert"`` on
+            exact counts too, one plain GEMM pair per expert (any dtype); ``"padded"`` on the
+            ``[experts, capacity, model_dim]`` buffer (``bmm``). ``"auto"``: on CPU,
+            per_expert when experts average at least ``PER_EXPERT_MIN_ROWS`` rows (where
+            plain GEMMs beat CPU ``grouped_mm``), else grouped; on other devices grouped;
+            padded where grouped cannot run (float64, custom experts).
 
     Checks:
         check_finite: raise on NaN/inf in the input (off by default: costs a sync).

@@ -24,6 +24,11 @@ _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 # grouped_mm refuses float64; those dtypes take the padded path.
 GROUPED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
+# expert_layout="auto" on CPU: from this many rows per expert on average, one plain GEMM pair per
+# expert beats CPU grouped_mm (benchmarks/layer.py measures both); below it, the per-expert loop's
+# overhead dominates.
+PER_EXPERT_MIN_ROWS = 64
+
 
 def resolve_activation(activation: str | Callable[[torch.Tensor], torch.Tensor]) -> Callable:
     if callable(activation):
@@ -117,6 +122,27 @@ class FFNExperts(nn.Module):
         out = F.grouped_mm(hidden, self.w2.to(x.dtype), offs=offsets)
         b2 = per_row(self.b2)
         return out if b2 is None else out + b2
+
+    def forward_per_expert(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        """Grouped layout, one GEMM pair per expert (any dtype, float64 included).
+        x: [rows, model_dim] sorted by expert, ``tokens_per_expert[e]`` rows for expert e ->
+        [rows, model_dim]. Reads the counts on the host (one sync on CUDA: meant for CPU, where
+        plain per-expert GEMMs beat ``grouped_mm`` once experts get many rows)."""
+        counts = tokens_per_expert.tolist()
+        # split/unbind (not x[a:b], w1[e]): their backward builds one gradient, not one per expert.
+        pieces = x.split(counts)
+        weights = [None if w is None else w.to(x.dtype).unbind() for w in (self.w1, self.w3, self.w2)]
+        biases = [None if b is None else b.to(x.dtype).unbind() for b in (self.b1, self.b2)]
+        outs = []
+        for e, piece in enumerate(pieces):
+            if counts[e] == 0:
+                outs.append(piece)
+                continue
+            w1, w3, w2 = (None if w is None else w[e] for w in weights)
+            b1, b2 = (None if b is None else b[e] for b in biases)
+            hidden = self._hidden(piece @ w1, None if w3 is None else piece @ w3, b1)
+            outs.append(hidden @ w2 if b2 is None else torch.addmm(b2, hidden, w2))
+        return torch.cat(outs) if outs else x.new_zeros(0, self.model_dim)
 
     def _hidden(self, pre: torch.Tensor, gate_in: torch.Tensor | None, b1: torch.Tensor | None) -> torch.Tensor:
         if b1 is not None:

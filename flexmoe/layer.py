@@ -10,7 +10,7 @@ import torch.distributed as dist
 from torch import nn
 
 from flexmoe.config import MoEConfig, check_capacity_factor, check_top_k
-from flexmoe.experts import GROUPED_DTYPES, FFNExperts
+from flexmoe.experts import GROUPED_DTYPES, PER_EXPERT_MIN_ROWS, FFNExperts
 from flexmoe.ops import combine, dispatch
 from flexmoe.parallel.checks import agree_across_ranks, dtype_code
 from flexmoe.parallel.choices import check_choice, valid_choices
@@ -99,8 +99,13 @@ class MoELayer(nn.Module):
             experts = self._build_local_experts(config)
         elif not isinstance(experts, nn.Module):
             raise TypeError(f"experts must be an nn.Module, got {type(experts).__name__}")
-        elif config.expert_layout == "grouped" and not hasattr(experts, "forward_grouped"):
-            raise ValueError("expert_layout='grouped' needs experts with forward_grouped(); use 'auto' or 'padded'")
+        elif config.expert_layout in ("grouped", "per_expert") and not hasattr(
+            experts, f"forward_{config.expert_layout}"
+        ):
+            raise ValueError(
+                f"expert_layout={config.expert_layout!r} needs experts with forward_{config.expert_layout}(); "
+                "use 'auto' or 'padded'"
+            )
         elif self.layout.shards_per_expert > 1:
             raise ValueError(
                 f"custom experts need num_experts ({config.num_experts}) >= the group's world size ({world_size})"
@@ -122,8 +127,10 @@ class MoELayer(nn.Module):
             self.load_balancer = LoadBalanceBias(config.num_experts, config.balance_update_rate)
         mark_expert_module(self.experts)
         if self.groups is not None:
-            if config.expert_layout == "grouped":
-                raise ValueError("expert_layout='grouped' is single-process only; use 'auto' or 'padded' with a group")
+            if config.expert_layout in ("grouped", "per_expert"):
+                raise ValueError(
+                    f"expert_layout={config.expert_layout!r} is single-process only; with a group use 'auto'"
+                )
             self.check_choice(self.parallel.default_choice)
             # Replicated parameters start equal on every rank (as DDP would make them).
             self.groups.broadcast_from_first_rank([p for _, p in non_expert_parameters(self)])
@@ -319,12 +326,31 @@ class MoELayer(nn.Module):
         ``model_dim`` and ``hidden_dim`` a multiple of 16 bytes).
         """
         layout = self.config.expert_layout
-        if layout == "padded":
+        if layout in ("padded", "per_expert"):
             return False
         reason = self._grouped_unsupported_reason(dtype)
         if layout == "grouped" and reason:
             raise ValueError(f"expert_layout='grouped' cannot run here: {reason}; use 'auto' or 'padded'")
         return reason is None
+
+    def expert_kernel(self, tokens: torch.Tensor, plan: RoutingPlan) -> str:
+        """How the experts run this call (single process): ``"grouped"`` (exact counts,
+        ``grouped_mm``), ``"per_expert"`` (exact counts, one GEMM pair per expert) or ``"padded"``
+        (``[experts, capacity, model_dim]``, ``bmm``). See ``MoEConfig.expert_layout``."""
+        layout = self.config.expert_layout
+        if layout in ("padded", "per_expert"):
+            return layout
+        if not self.uses_grouped_layout(tokens.dtype):
+            return "padded"
+        many_rows = plan.num_kept >= PER_EXPERT_MIN_ROWS * plan.num_experts
+        if (
+            layout == "auto"
+            and tokens.device.type == "cpu"
+            and many_rows
+            and hasattr(self.experts, "forward_per_expert")
+        ):
+            return "per_expert"
+        return "grouped"
 
     def _grouped_unsupported_reason(self, dtype: torch.dtype) -> str | None:
         if not hasattr(self.experts, "forward_grouped"):
@@ -348,9 +374,11 @@ class MoELayer(nn.Module):
             choice = choice or self.parallel.default_choice
             return self.run_experts_distributed(tokens, plan, choice, top_k or self.config.top_k)
         num_tokens, model_dim = tokens.shape
-        if self.uses_grouped_layout(tokens.dtype):
+        kernel = self.expert_kernel(tokens, plan)
+        if kernel != "padded":
             buffer = dispatch(tokens, plan.token_index)
-            expert_out = self.experts.forward_grouped(buffer, plan.kept_per_expert)
+            run = self.experts.forward_grouped if kernel == "grouped" else self.experts.forward_per_expert
+            expert_out = run(buffer, plan.kept_per_expert)
             return combine(expert_out, plan.gates, plan.token_index, None, num_tokens)
         rows = plan.padded_rows()
         num_rows = plan.num_experts * plan.capacity

@@ -168,3 +168,54 @@ def test_gate_noise_only_in_training():
     assert not torch.allclose(noisy, eval_out)
     layer.aux_loss.backward()  # the smooth load estimate carries a gradient to the router
     assert layer.router.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("top_k,capacity_factor,gated", [(1, 1.0, False), (2, 0.5, True), (2, 0.0, False)])
+def test_per_expert_float64_matches_reference(top_k, capacity_factor, gated):
+    """The per-expert kernel runs float64 on exact counts: tight against the reference."""
+    layer = make_layer(top_k=top_k, capacity_factor=capacity_factor, gated=gated, expert_layout="per_expert")
+    x = torch.randn(41, 8, dtype=torch.float64)
+    (out, aux, cap, g), (ref_out, ref_aux, ref_cap, ref_g) = _run_both(layer, x)
+    assert cap == ref_cap
+    torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(aux, ref_aux, rtol=1e-10, atol=1e-12)
+    for name, ref in ref_g.items():
+        torch.testing.assert_close(g[name], ref, rtol=1e-9, atol=1e-11, msg=name)
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_per_expert_kernel_with_empty_experts_matches_padded(gated):
+    """Experts with no row get zero gradients (not missing ones); rows land where they belong."""
+    layer = make_layer(gated=gated)
+    counts = torch.tensor([3, 0, 5, 2, 0, 1])
+    rows = torch.randn(int(counts.sum()), 8, dtype=torch.float64, requires_grad=True)
+    padded = torch.zeros(6, 5, 8, dtype=torch.float64)
+    starts = torch.cumsum(counts, 0) - counts
+    for e in range(6):
+        padded[e, : counts[e]] = rows[starts[e] : starts[e] + counts[e]]
+    upstream = torch.randn(rows.shape, dtype=torch.float64)
+    layer.zero_grad()
+    layer.experts.forward_per_expert(rows, counts).backward(upstream)
+    got = [rows.grad.clone()] + [p.grad.clone() for p in layer.experts.parameters()]
+    rows.grad, expected_out = None, layer.experts(padded)
+    layer.zero_grad()
+    expected_grad_out = torch.zeros_like(expected_out)
+    for e in range(6):
+        expected_grad_out[e, : counts[e]] = upstream[starts[e] : starts[e] + counts[e]]
+    expected_out.backward(expected_grad_out)
+    expected = [rows.grad] + [p.grad for p in layer.experts.parameters()]
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert torch.count_nonzero(got[1][1]) == 0  # w1 of expert 1 (no rows): zero gradient
+
+
+def test_auto_picks_per_expert_on_cpu_only_for_many_rows():
+    from flexmoe.experts import PER_EXPERT_MIN_ROWS
+
+    layer = make_layer(torch.float32, num_experts=4, hidden_dim=16, top_k=1)
+    layer.record_plan = True
+    for tokens, expected in ((8, "grouped"), (4 * PER_EXPERT_MIN_ROWS, "per_expert")):
+        x = torch.randn(tokens, 8)
+        layer(x)
+        assert layer.expert_kernel(x, layer.last_plan) == expected
+    assert layer.expert_kernel(x.double(), layer.last_plan) == "padded"  # float64 auto: padded
