@@ -442,15 +442,21 @@ class MoELayer(nn.Module):
         """:meth:`run_expert_step` with the tuner's choice for ``key``: buffer [E, capacity, M] -> same.
 
         While ``key`` is tuning, the step is timed forward + backward (``measure_layer_call``)
-        and reported to the tuner; once decided it runs untimed. Every rank calls the tuner in
-        the same order (same keys, same candidates), so every rank runs the same choice.
+        and reported to the tuner, scaled to the bucket's capacity; once decided it runs
+        untimed. Every rank calls the tuner in the same order (same keys, same candidates), so
+        every rank runs the same choice.
         """
         choice = self.tuner.choose(key, self.valid_parallel_choices())
         if not self.tuner.is_tuning(key):
             return self.run_expert_step(buffer, choice)
 
+        # Calls of one bucket differ in capacity by up to 2x: report the time scaled to the
+        # bucket's capacity (the step's cost grows linearly with it), so that a candidate timed
+        # on a small capacity does not beat one timed on a large capacity for that reason alone.
+        scale = key.capacity_bucket / max(buffer.shape[1], 1)
+
         def report(seconds: float) -> None:
-            self.tuner.record(key, choice, seconds)
+            self.tuner.record(key, choice, seconds * scale)
 
         return measure_layer_call(lambda x: self.run_expert_step(x, choice), buffer, report)
 

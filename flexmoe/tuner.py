@@ -207,6 +207,11 @@ class Tuner:
     def decisions(self) -> dict[TuningKey, Choice]:
         return dict(self._decisions)
 
+    @property
+    def pending(self) -> tuple[TuningKey, ...]:
+        """Keys met (candidates handed out) but not decided yet."""
+        return tuple(self._candidates)
+
     # --- deciding ----------------------------------------------------------------------------
 
     def _decide(self, key: TuningKey) -> None:
