@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Any
 
 import torch
@@ -442,9 +443,9 @@ class MoELayer(nn.Module):
         """:meth:`run_expert_step` with the tuner's choice for ``key``: buffer [E, capacity, M] -> same.
 
         While ``key`` is tuning, the step is timed forward + backward (``measure_layer_call``)
-        and reported to the tuner, scaled to the bucket's capacity; once decided it runs
-        untimed. Every rank calls the tuner in the same order (same keys, same candidates), so
-        every rank runs the same choice.
+        and reported to the tuner, scaled to the bucket's capacity (the ranks are aligned by a
+        barrier before each clock reading); once decided it runs untimed. Every rank calls the
+        tuner in the same order (same keys, same candidates), so every rank runs the same choice.
         """
         choice = self.tuner.choose(key, self.valid_parallel_choices())
         if not self.tuner.is_tuning(key):
@@ -458,7 +459,13 @@ class MoELayer(nn.Module):
         def report(seconds: float) -> None:
             self.tuner.record(key, choice, seconds * scale)
 
-        return measure_layer_call(lambda x: self.run_expert_step(x, choice), buffer, report)
+        return measure_layer_call(lambda x: self.run_expert_step(x, choice), buffer, report, clock=self._aligned_clock)
+
+    def _aligned_clock(self) -> float:
+        """The time once every rank of the group got here (tuning only): a rank's measurement
+        then holds the step itself, not its wait for a peer that came late to the step."""
+        dist.barrier(group=self.groups.group)
+        return time.perf_counter()
 
     def compute_aux_loss(
         self, logits: torch.Tensor, noisy_logits: torch.Tensor | None, scores: torch.Tensor, top_k: int
