@@ -4,8 +4,9 @@ as a ratio to the per-step best choice, all measured in one run.
 The trace: every step draws a capacity factor in 0.5..4 and a router skew (same draws on every
 rank), so the routed load, hence the capacity and the message sizes, change step by step.
 Per step every valid choice of the layer runs forward+backward ``--repeats`` times,
-interleaved; a choice's time is the median over repeats of the slowest rank. The table gives,
-per choice, the sum over steps of its time divided by the sum over steps of the per-step best.
+interleaved in a new random order per repeat; a choice's time is the median over repeats of
+the slowest rank. The table gives, per choice, the sum over steps of its time divided by the
+sum over steps of the per-step best.
 
 The tuned run (``MoELayer(tuner=Tuner(...))``, same weights, same trace and batches) first
 passes over the trace until the tuner has decided every capacity bucket it met (the tuning
@@ -25,6 +26,7 @@ import argparse
 import copy
 import os
 import platform
+import random
 import statistics
 import time
 
@@ -128,12 +130,14 @@ def run_config(num_experts: int, args: argparse.Namespace, device: torch.device)
     entries: list[ParallelChoice | None] = [*choices, None]
     layers = {entry: tuned if entry is None else layer for entry in entries}
     seconds: dict[ParallelChoice | None, list[float]] = {entry: [] for entry in entries}
-    for (factor, _), (x, upstream) in zip(trace, batches):
+    for step, ((factor, _), (x, upstream)) in enumerate(zip(trace, batches)):
         for entry in entries:  # warm-up: sub-groups are created on first use
             time_choice(layers[entry], x, upstream, factor, entry)
         samples: dict[ParallelChoice | None, list[float]] = {entry: [] for entry in entries}
-        for _ in range(args.repeats):
-            for entry in entries:
+        for repeat in range(args.repeats):
+            # A new order per repeat (the same on every rank): no entry always runs after the same one.
+            order = random.Random(args.seed + 1000 * step + repeat).sample(entries, len(entries))
+            for entry in order:
                 samples[entry].append(time_choice(layers[entry], x, upstream, factor, entry))
         for entry in entries:
             seconds[entry].append(statistics.median(samples[entry]))

@@ -99,10 +99,8 @@ class MoELayer(nn.Module):
         if config.granularity == "task":
             self.task_embedding = nn.Embedding(config.num_tasks, config.router_input_dim)
         self.parallel = check_parallel_config(parallel)
-        if tuner is not None and not isinstance(tuner, Tuner):
-            raise TypeError(f"tuner must be a flexmoe.Tuner or None, got {type(tuner).__name__}")
-        self.tuner = tuner
         self.groups = resolve_groups(group, self.parallel.local_world_size)
+        self.tuner = self._check_tuner(tuner)
         world_size, rank = (1, 0) if self.groups is None else (self.groups.world_size, self.groups.rank)
         if self.groups is not None:
             # Before anything that could fail on one rank only or issue a mismatched collective.
@@ -147,6 +145,19 @@ class MoELayer(nn.Module):
         # Set by flexmoe.task.usage while it records routing; None otherwise.
         self.last_plan: RoutingPlan | None = None
         self.record_plan = False
+
+    def _check_tuner(self, tuner: object) -> Tuner | None:
+        if tuner is not None and not isinstance(tuner, Tuner):
+            raise TypeError(f"tuner must be a flexmoe.Tuner or None, got {type(tuner).__name__}")
+        if tuner is not None and self.groups is not None:
+            # The tuner agrees on decisions over its group: it must be the layer's ranks.
+            tuner_ranks = dist.get_process_group_ranks(tuner.group or dist.group.WORLD)
+            if tuner_ranks != self.groups.global_ranks:
+                raise ValueError(
+                    f"the tuner's group (ranks {tuner_ranks}) must be the layer's (ranks {self.groups.global_ranks}): "
+                    "pass Tuner(group=...) the layer's process group"
+                )
+        return tuner
 
     def _settings(
         self,

@@ -19,7 +19,7 @@ from tests.distributed.checkpoint_checks import check_checkpoints
 from tests.distributed.error_checks import check_ddp_recipe, check_mismatches
 from tests.distributed.launcher import run_distributed
 from tests.distributed.parity_checks import check_cases, check_custom_experts, check_pipeline_order
-from tests.distributed.tuner_checks import check_tuned_layer
+from tests.distributed.tuner_checks import check_tuned_layer, check_tuner_group
 
 BASE = dict(model_dim=6, hidden_dim=8, top_k=2)
 
@@ -41,6 +41,7 @@ def _world_2(rank: int, world_size: int, cases, cache_dir: str) -> None:
 def _world_4(rank: int, world_size: int, cases, cache_dir: str) -> None:
     check_cases(rank, world_size, cases)
     check_tuned_layer(rank, world_size, dict(TUNED, num_experts=2), cache_dir)  # r in {0, 1, 2}, 2dh
+    check_tuner_group(rank, world_size)
     check_checkpoints(rank, world_size, cache_dir)
     # 2 experts over 4 ranks: b2 replicated over 2 shards, all three degrees.
     check_ddp_recipe(rank, world_size)

@@ -77,3 +77,14 @@ def check_tuned_layer(rank: int, world_size: int, options: dict, cache_dir: str)
 
 def _no_measuring(*args, **kwargs):
     raise AssertionError("a layer whose tuner loaded a decision must not measure")
+
+
+def check_tuner_group(rank: int, world_size: int) -> None:
+    """A layer on a sub-group needs a tuner over that sub-group (decisions are agreed on it)."""
+    pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]  # every rank creates every group
+    pair = pairs[rank // 2]
+    options = dict(model_dim=6, hidden_dim=8, num_experts=2, group=pair)
+    with pytest.raises(ValueError, match="the tuner's group"):
+        MoELayer(**options, tuner=Tuner())
+    layer = MoELayer(**options, tuner=Tuner(group=pair))
+    assert layer(torch.randn(4, 6)).shape == (4, 6)
