@@ -4,10 +4,17 @@ as a ratio to the per-step best choice, all measured in one run.
 The trace: every step draws a capacity factor in 0.5..4 and a router skew (same draws on every
 rank), so the routed load, hence the capacity and the message sizes, change step by step.
 Per step every valid choice of the layer runs forward+backward ``--repeats`` times,
-interleaved; a choice's time is the median over repeats of the slowest rank. The table gives,
-per choice, the sum over steps of its time divided by the sum over steps of the per-step best.
+interleaved in a new random order per repeat; a choice's time is the median over repeats of
+the slowest rank. The table gives, per choice, the sum over steps of its time divided by the
+sum over steps of the per-step best.
 
-    torchrun --nproc-per-node 2 benchmarks/distributed.py [--threads 1] [--steps 8] [--repeats 3]
+The tuned run (``MoELayer(tuner=Tuner(...))``, same weights, same trace and batches) first
+passes over the trace until the tuner has decided every capacity bucket it met (the tuning
+phase: each call one candidate, timed once), then joins the interleaved repeats above as one
+more entry (the steady state). Rows: the steady state, and the tuning passes (their total time
+over that many passes of the per-step best).
+
+    torchrun --nproc-per-node 2 benchmarks/distributed.py [--threads 1] [--steps 8] [--repeats 3] [--trials 3]
     torchrun --nproc-per-node 4 benchmarks/distributed.py --local-world-size 2   # 2dh: 2 "nodes"
 
 gloo on CPU, NCCL when CUDA is available.
@@ -16,16 +23,20 @@ gloo on CPU, NCCL when CUDA is available.
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import platform
+import random
 import statistics
 import time
 
 import torch
 import torch.distributed as dist
 
-from flexmoe import MoELayer
+from flexmoe import MoELayer, Tuner
 from flexmoe.parallel import ParallelChoice, ParallelConfig
+
+MAX_TUNING_PASSES = 64
 
 
 def parse_args() -> argparse.Namespace:
@@ -39,6 +50,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--local-world-size", type=int, default=None, help="ranks per simulated node (2dh)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--trials", type=int, default=3, help="tuner: timed calls per candidate and capacity bucket")
     return p.parse_args()
 
 
@@ -51,20 +63,23 @@ def make_trace(steps: int, seed: int) -> list[tuple[float, float]]:
 
 
 def time_choice(
-    layer: MoELayer, x: torch.Tensor, upstream: torch.Tensor, factor: float, choice: ParallelChoice
+    layer: MoELayer, x: torch.Tensor, upstream: torch.Tensor, factor: float, choice: ParallelChoice | None
 ) -> float:
-    """Seconds of one forward+backward with ``choice``, the slowest rank's."""
+    """Seconds of one forward+backward with ``choice`` (None: the layer's tuner picks), the slowest rank's."""
     dist.barrier()
     if x.is_cuda:
         torch.cuda.synchronize()
     start = time.perf_counter()
-    out = layer(
-        x,
-        capacity_factor=factor,
-        parallel_degree=choice.parallel_degree,
-        overlap_degree=choice.overlap_degree,
-        a2a_algorithm=choice.a2a_algorithm,
+    fixed = (
+        {}
+        if choice is None
+        else dict(
+            parallel_degree=choice.parallel_degree,
+            overlap_degree=choice.overlap_degree,
+            a2a_algorithm=choice.a2a_algorithm,
+        )
     )
+    out = layer(x, capacity_factor=factor, **fixed)
     out.backward(upstream)
     if x.is_cuda:
         torch.cuda.synchronize()
@@ -73,10 +88,15 @@ def time_choice(
     return float(elapsed)
 
 
-def tuned_run(layer: MoELayer, trace, batches) -> list[float] | None:
-    """HOOK for the run-time tuner (flexmoe.tuner): per-step seconds of the tuned layer over
-    the same trace and batches, or None while the tuner is not wired into MoELayer."""
-    return None
+def tuning_passes(tuned: MoELayer, trace, batches) -> list[float]:
+    """Per-pass seconds of the tuned layer over the trace until every capacity bucket met is decided."""
+    passes = []
+    while len(passes) < MAX_TUNING_PASSES:
+        passes.append(sum(time_choice(tuned, x, up, factor, None) for (factor, _), (x, up) in zip(trace, batches)))
+        # Every rank meets and decides the same keys in the same order: a local check suffices.
+        if not tuned.tuner.pending:
+            break
+    return passes
 
 
 def run_config(num_experts: int, args: argparse.Namespace, device: torch.device) -> None:
@@ -101,18 +121,27 @@ def run_config(num_experts: int, args: argparse.Namespace, device: torch.device)
         upstream = torch.randn(args.tokens, args.model_dim, generator=generator)
         batches.append((x.to(device).requires_grad_(True), upstream.to(device)))
 
-    seconds: dict[ParallelChoice, list[float]] = {choice: [] for choice in choices}
-    for (factor, _), (x, upstream) in zip(trace, batches):
-        for choice in choices:  # warm-up: sub-groups are created on first use
-            time_choice(layer, x, upstream, factor, choice)
-        samples: dict[ParallelChoice, list[float]] = {choice: [] for choice in choices}
-        for _ in range(args.repeats):
-            for choice in choices:
-                samples[choice].append(time_choice(layer, x, upstream, factor, choice))
-        for choice in choices:
-            seconds[choice].append(statistics.median(samples[choice]))
+    tuned = copy.deepcopy(layer)  # same weights, shares the process groups
+    tuned.tuner = Tuner(trials_per_candidate=args.trials)
+    for choice in choices:  # sub-groups are created on first use: not part of tuning's cost
+        time_choice(layer, *batches[0], trace[0][0], choice)
+    passes = tuning_passes(tuned, trace, batches)
+    # None: the tuned layer, now in its steady state (decided choices, untimed by the tuner).
+    entries: list[ParallelChoice | None] = [*choices, None]
+    layers = {entry: tuned if entry is None else layer for entry in entries}
+    seconds: dict[ParallelChoice | None, list[float]] = {entry: [] for entry in entries}
+    for step, ((factor, _), (x, upstream)) in enumerate(zip(trace, batches)):
+        for entry in entries:  # warm-up: sub-groups are created on first use
+            time_choice(layers[entry], x, upstream, factor, entry)
+        samples: dict[ParallelChoice | None, list[float]] = {entry: [] for entry in entries}
+        for repeat in range(args.repeats):
+            # A new order per repeat (the same on every rank): no entry always runs after the same one.
+            order = random.Random(args.seed + 1000 * step + repeat).sample(entries, len(entries))
+            for entry in order:
+                samples[entry].append(time_choice(layers[entry], x, upstream, factor, entry))
+        for entry in entries:
+            seconds[entry].append(statistics.median(samples[entry]))
     best = [min(seconds[c][step] for c in choices) for step in range(len(trace))]
-    tuned = tuned_run(layer, trace, batches)
     if rank:
         return
     layout = layer.layout
@@ -121,15 +150,21 @@ def run_config(num_experts: int, args: argparse.Namespace, device: torch.device)
         f"local experts {layout.local_experts}); T={args.tokens}/rank M={args.model_dim} H={args.hidden_dim} "
         f"k={layer.config.top_k}; {len(trace)} steps, capacity factor 0.5..4, skew 0..3"
     )
-    print(f"{'choice (r, d, a2a)':<24} {'time / per-step best':>22} {'steps it was best':>18}")
+    print(f"{'choice (r, d, a2a)':<32} {'time / per-step best':>22} {'steps it was best':>18}")
     total_best = sum(best)
     for choice in choices:
         wins = sum(seconds[choice][s] == best[s] for s in range(len(trace)))
         label = f"r={choice.parallel_degree} d={choice.overlap_degree} {choice.a2a_algorithm}"
-        print(f"{label:<24} {sum(seconds[choice]) / total_best:>22.2f} {wins:>18}")
-    print(f"{'per-step best (oracle)':<24} {1.0:>22.2f} {len(trace):>18}")
-    tuned_text = "not wired yet (tuned_run hook)" if tuned is None else f"{sum(tuned) / total_best:.2f}"
-    print(f"{'tuned':<24} {tuned_text:>22}")
+        print(f"{label:<32} {sum(seconds[choice]) / total_best:>22.2f} {wins:>18}")
+    print(f"{'per-step best (oracle)':<32} {1.0:>22.2f} {len(trace):>18}")
+    print(f"{'tuned, steady state':<32} {sum(seconds[None]) / total_best:>22.2f}")
+    tuning_label = f"tuned, tuning ({len(passes)} passes)"
+    print(f"{tuning_label:<32} {sum(passes) / (len(passes) * total_best):>22.2f}")
+    decided = sorted((key.capacity_bucket, choice) for key, choice in tuned.tuner.decisions.items())
+    print(
+        "tuner decisions (capacity bucket: r d a2a): "
+        + ", ".join(f"{bucket}: {c.parallel_degree} {c.overlap_degree} {c.a2a_algorithm}" for bucket, c in decided)
+    )
 
 
 def main() -> None:

@@ -96,18 +96,41 @@ def expert_tensor_specs(model: nn.Module, rank: int, world_size: int) -> dict[st
     return specs
 
 
-def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
+def _moe_layers(model: nn.Module) -> list[MoELayer]:
+    return [module for module in model.modules() if isinstance(module, MoELayer)]
+
+
+def _rank_and_world(rank: int | None, world_size: int | None, model: nn.Module | None = None) -> tuple[int, int]:
+    """Given values, else the model's MoE layers' layout (a layer on a sub-group, or a
+    single-process layer under torch.distributed, knows its own), else torch.distributed's."""
+    layouts = {(layer.layout.rank, layer.layout.world_size) for layer in _moe_layers(model)} if model else set()
     distributed = dist.is_available() and dist.is_initialized()
+    if len(layouts) == 1:
+        (layout_rank, layout_world), *_ = layouts
+    else:  # no MoE layer, or layouts that disagree (expert_tensor_specs names the culprit)
+        layout_rank, layout_world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     if world_size is None:
-        world_size = dist.get_world_size() if distributed else 1
+        world_size = layout_world
     if rank is None:
-        rank = dist.get_rank() if distributed else 0
+        rank = layout_rank
     for name, value in (("rank", rank), ("world_size", world_size)):
         if isinstance(value, bool) or not isinstance(value, int):
             raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"need world_size >= 1 and 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
     return rank, world_size
+
+
+def _saving_group(model: nn.Module, world_size: int) -> Any:
+    """The process group whose ranks write this checkpoint together (for the barriers): the MoE
+    layers' group, else the world group when it has ``world_size`` ranks, else None (one
+    process writes every rank file, as in tests and conversions)."""
+    for layer in _moe_layers(model):
+        if layer.groups is not None and layer.groups.world_size == world_size:
+            return layer.groups.group
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() == world_size > 1:
+        return dist.group.WORLD
+    return None
 
 
 def _parameter_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[int, str]:
@@ -136,12 +159,14 @@ def save_checkpoint(
 ) -> Path:
     """Write this rank's part of a checkpoint of ``model`` (and ``optimizer``) into ``directory``.
 
-    Every rank calls it; rank and world size default to torch.distributed's (0 and 1 when not
-    initialised). Each MoE layer's ``layout`` must be the one of this rank and world size.
+    Every rank of the MoE layers' group calls it; rank and world size default to the layers'
+    ``layout`` (so a model on a sub-group, or a single-process model under torch.distributed,
+    needs no arguments), else torch.distributed's (0 and 1 when not initialised). Each MoE
+    layer's ``layout`` must be the one of this rank and world size.
     ``extra``: JSON-serialisable data returned by :func:`load_checkpoint` (step, epoch...).
     Returns the directory.
     """
-    rank, world_size = _rank_and_world(rank, world_size)
+    rank, world_size = _rank_and_world(rank, world_size, model)
     directory = Path(directory)
     specs = expert_tensor_specs(model, rank, world_size)
     model_state = model.state_dict()
@@ -170,13 +195,13 @@ def save_checkpoint(
     except TypeError as error:
         raise TypeError(f"extra and optimizer hyperparameters must be JSON-serialisable: {error}") from None
     _write_tensors(directory / rank_file_name(rank, world_size), tensors, rank, world_size)
-    collective = dist.is_available() and dist.is_initialized() and dist.get_world_size() == world_size
-    if collective:
-        dist.barrier()  # every shard is on disk before the description marks the checkpoint complete
+    group = _saving_group(model, world_size)
+    if group is not None:
+        dist.barrier(group)  # every shard is on disk before the description marks the checkpoint complete
     if rank == 0:
         write_text_atomically(directory / METADATA_FILE, description_text)
-    if collective:
-        dist.barrier()  # no rank returns (and, say, loads it back) before the checkpoint is complete
+    if group is not None:
+        dist.barrier(group)  # no rank returns (and, say, loads it back) before the checkpoint is complete
     return directory
 
 
@@ -313,11 +338,12 @@ def load_checkpoint(
 ) -> dict[str, Any] | None:
     """Load a checkpoint saved at any world size into this rank's ``model`` (and ``optimizer``).
 
-    Expert tensors are resharded to this rank's layout (``layer.layout``, world 1 when absent).
+    Expert tensors are resharded to this rank's layout (``layer.layout``, world 1 when absent);
+    rank and world size default as in :func:`save_checkpoint`.
     Raises ``ValueError`` when the architecture does not match (missing or unexpected keys,
     shapes, expert counts). Returns the ``extra`` given to :func:`save_checkpoint`.
     """
-    rank, world_size = _rank_and_world(rank, world_size)
+    rank, world_size = _rank_and_world(rank, world_size, model)
     reader = CheckpointReader(directory)
     specs = expert_tensor_specs(model, rank, world_size)
     model_state = model.state_dict()

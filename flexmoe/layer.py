@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Any
 
 import torch
@@ -40,6 +41,7 @@ from flexmoe.routing.granularity import check_padding_mask, routing_units
 from flexmoe.routing.scores import routing_scores
 from flexmoe.shared_experts import SharedExperts
 from flexmoe.stats import RoutingStats
+from flexmoe.tuner import Tuner, TuningKey, measure_layer_call
 
 
 class MoELayer(nn.Module):
@@ -63,6 +65,15 @@ class MoELayer(nn.Module):
     degree and all-to-all algorithm; each can be changed per call. Building a distributed
     layer is collective: every rank of the group builds it (the router is broadcast from the
     group's first rank).
+
+    ``tuner`` (:class:`~flexmoe.Tuner`): run-time tuning of the distributed expert step. Each
+    call that passes none of ``parallel_degree`` / ``overlap_degree`` / ``a2a_algorithm``
+    asks the tuner for a choice among :meth:`valid_parallel_choices`, keyed by the call's
+    workload (:meth:`tuning_key`: world size, bucket of the agreed capacity, shapes, dtype,
+    device); while that key is being tuned the expert step is timed forward + backward and
+    reported, afterwards the decided choice runs untimed. Several layers may share one tuner
+    (keys differ by shape). Every rank must build its layers with tuners alike. A
+    single-process layer has one candidate, so it has nothing to tune.
     """
 
     def __init__(
@@ -72,6 +83,7 @@ class MoELayer(nn.Module):
         experts: nn.Module | None = None,
         group: dist.ProcessGroup | ParallelGroups | object | None = None,
         parallel: ParallelConfig | None = None,
+        tuner: Tuner | None = None,
         **options: Any,
     ) -> None:
         super().__init__()
@@ -88,6 +100,7 @@ class MoELayer(nn.Module):
             self.task_embedding = nn.Embedding(config.num_tasks, config.router_input_dim)
         self.parallel = check_parallel_config(parallel)
         self.groups = resolve_groups(group, self.parallel.local_world_size)
+        self.tuner = self._check_tuner(tuner)
         world_size, rank = (1, 0) if self.groups is None else (self.groups.world_size, self.groups.rank)
         if self.groups is not None:
             # Before anything that could fail on one rank only or issue a mismatched collective.
@@ -140,12 +153,26 @@ class MoELayer(nn.Module):
         self.last_plan: RoutingPlan | None = None
         self.record_plan = False
 
+    def _check_tuner(self, tuner: object) -> Tuner | None:
+        if tuner is not None and not isinstance(tuner, Tuner):
+            raise TypeError(f"tuner must be a flexmoe.Tuner or None, got {type(tuner).__name__}")
+        if tuner is not None and self.groups is not None:
+            # The tuner agrees on decisions over its group: it must be the layer's ranks.
+            tuner_ranks = dist.get_process_group_ranks(tuner.group or dist.group.WORLD)
+            if tuner_ranks != self.groups.global_ranks:
+                raise ValueError(
+                    f"the tuner's group (ranks {tuner_ranks}) must be the layer's (ranks {self.groups.global_ranks}): "
+                    "pass Tuner(group=...) the layer's process group"
+                )
+        return tuner
+
     def _settings(
         self,
         choice: ParallelChoice | None = None,
         top_k: int | None = None,
         dtype: torch.dtype | None = None,
         needs_grad: tuple[bool, bool] = (False, False),
+        tuned: bool = False,
     ) -> dict[str, int]:
         """What every rank of the group must agree on (as ints), for :func:`agree_across_ranks`."""
         config, parallel = self.config, self.parallel
@@ -164,6 +191,7 @@ class MoELayer(nn.Module):
             "parallel_degree": choice.parallel_degree,
             "overlap_degree": choice.overlap_degree,
             "a2a_algorithm": A2A_ALGORITHMS.index(choice.a2a_algorithm),
+            "tuned": int(tuned),
         }
 
     def _build_local_experts(self, config: MoEConfig) -> FFNExperts:
@@ -199,7 +227,10 @@ class MoELayer(nn.Module):
 
     def _choice_for_call(
         self, parallel_degree: int | None, overlap_degree: int | None, a2a_algorithm: str | None
-    ) -> ParallelChoice:
+    ) -> ParallelChoice | None:
+        """The call's choice; None when the tuner picks it (a tuner is set, nothing was passed)."""
+        if self.tuner is not None and (parallel_degree, overlap_degree, a2a_algorithm) == (None, None, None):
+            return None
         default = self.parallel
         choice = ParallelChoice(
             default.parallel_degree if parallel_degree is None else parallel_degree,
@@ -242,7 +273,8 @@ class MoELayer(nn.Module):
             by the others (so a model can pass it to every layer).
         parallel_degree, overlap_degree, a2a_algorithm: override the ``parallel`` defaults for
             this call (None = the default; see :meth:`valid_parallel_choices`). Same result
-            for every valid choice. Every rank of the group must pass the same values.
+            for every valid choice. Every rank of the group must pass the same values. With a
+            ``tuner``, passing none of them lets the tuner choose; passing any fixes the choice.
         """
         config = self.config
         choice = self._choice_for_call(parallel_degree, overlap_degree, a2a_algorithm)
@@ -367,11 +399,11 @@ class MoELayer(nn.Module):
         self, tokens: torch.Tensor, plan: RoutingPlan, choice: ParallelChoice | None = None, top_k: int | None = None
     ) -> torch.Tensor:
         """dispatch -> experts -> combine. tokens: [T, model_dim] -> [T, model_dim].
-        choice and top_k (checked to agree over the group) matter only with a group."""
+        choice and top_k (checked to agree over the group) matter only with a group; choice
+        None: the tuner's (when the layer has one), else the ``parallel`` default."""
         if torch.is_autocast_enabled(tokens.device.type):
             tokens = tokens.to(torch.get_autocast_dtype(tokens.device.type))
         if self.groups is not None:
-            choice = choice or self.parallel.default_choice
             return self.run_experts_distributed(tokens, plan, choice, top_k or self.config.top_k)
         num_tokens, model_dim = tokens.shape
         kernel = self.expert_kernel(tokens, plan)
@@ -392,14 +424,17 @@ class MoELayer(nn.Module):
         return combine(expert_out.reshape(num_rows, model_dim), plan.gates, plan.token_index, rows, num_tokens)
 
     def run_experts_distributed(
-        self, tokens: torch.Tensor, plan: RoutingPlan, choice: ParallelChoice, top_k: int
+        self, tokens: torch.Tensor, plan: RoutingPlan, choice: ParallelChoice | None, top_k: int
     ) -> torch.Tensor:
         """dispatch -> (all-to-all) -> experts -> (all-to-all) -> combine over the group.
 
         tokens: [T, model_dim] -> [T, model_dim]. The plan is this rank's own (the same as a
         single-process layer on these tokens); the buffer ``[num_experts, capacity, model_dim]``
         uses the largest capacity of any rank so every rank exchanges blocks of one shape.
+        choice None: the tuner picks it for the agreed capacity (the default without a tuner).
         """
+        tuned = choice is None and self.tuner is not None
+        choice = choice or self.parallel.default_choice
         num_tokens, model_dim = tokens.shape
         # Which exchanges backward will run: every rank must run the same ones.
         grad_mode = torch.is_grad_enabled()
@@ -407,12 +442,15 @@ class MoELayer(nn.Module):
             grad_mode and tokens.requires_grad,
             grad_mode and any(p.requires_grad for p in self.experts.parameters()),
         )
-        settings = self._settings(choice, top_k, tokens.dtype, needs_grad)
+        settings = self._settings(choice, top_k, tokens.dtype, needs_grad, tuned)
         capacity = agree_across_ranks(settings, plan.capacity, self.groups.group, tokens.device)
         rows = plan.expert_index * capacity + plan.slot
         num_rows = plan.num_experts * capacity
         buffer = dispatch(tokens, plan.token_index, rows, num_rows).view(plan.num_experts, capacity, model_dim)
-        expert_out = self.run_expert_step(buffer, choice)
+        if tuned:
+            expert_out = self.run_tuned_expert_step(buffer, self.tuning_key(capacity, top_k, buffer))
+        else:
+            expert_out = self.run_expert_step(buffer, choice)
         return combine(expert_out.reshape(num_rows, model_dim), plan.gates, plan.token_index, rows, num_tokens)
 
     def run_expert_step(self, buffer: torch.Tensor, choice: ParallelChoice) -> torch.Tensor:
@@ -423,6 +461,50 @@ class MoELayer(nn.Module):
         times forward + backward. Every rank must pass the same choice.
         """
         return run_expert_parallel(buffer, self.experts, self.layout, self.groups, choice)
+
+    def tuning_key(self, capacity: int, top_k: int, buffer: torch.Tensor) -> TuningKey:
+        """The tuner's key for a call at the agreed ``capacity``: the same on every rank, since
+        it reads only agreed settings, shapes, dtype and device type, never values."""
+        layout = self.layout
+        return TuningKey.for_call(
+            world_size=layout.world_size,
+            capacity=capacity,
+            model_dim=self.config.model_dim,
+            hidden_dim=self.config.hidden_dim or 1,  # custom experts: their shapes are the layer's own
+            local_experts=layout.local_experts,
+            top_k=top_k,
+            dtype=buffer.dtype,
+            device=buffer.device,
+            shards_per_expert=layout.shards_per_expert,
+        )
+
+    def run_tuned_expert_step(self, buffer: torch.Tensor, key: TuningKey) -> torch.Tensor:
+        """:meth:`run_expert_step` with the tuner's choice for ``key``: buffer [E, capacity, M] -> same.
+
+        While ``key`` is tuning, the step is timed forward + backward (``measure_layer_call``)
+        and reported to the tuner, scaled to the bucket's capacity (the ranks are aligned by a
+        barrier before each clock reading); once decided it runs untimed. Every rank calls the
+        tuner in the same order (same keys, same candidates), so every rank runs the same choice.
+        """
+        choice = self.tuner.choose(key, self.valid_parallel_choices())
+        if not self.tuner.is_tuning(key):
+            return self.run_expert_step(buffer, choice)
+
+        # Calls of one bucket differ in capacity by up to 2x: report the time scaled to the
+        # bucket's capacity (the step's cost grows linearly with it), so that a candidate timed
+        # on a small capacity does not beat one timed on a large capacity for that reason alone.
+        scale = key.capacity_bucket / max(buffer.shape[1], 1)
+
+        def report(seconds: float) -> None:
+            self.tuner.record(key, choice, seconds * scale)
+
+        return measure_layer_call(lambda x: self.run_expert_step(x, choice), buffer, report, clock=self._aligned_clock)
+
+    def _aligned_clock(self) -> float:
+        """The time once every rank of the group got here (tuning only): a rank's measurement
+        then holds the step itself, not its wait for a peer that came late to the step."""
+        dist.barrier(group=self.groups.group)
+        return time.perf_counter()
 
     def compute_aux_loss(
         self, logits: torch.Tensor, noisy_logits: torch.Tensor | None, scores: torch.Tensor, top_k: int

@@ -1,6 +1,7 @@
 """Run-time tuner: pick the fastest equivalent way to run an MoE layer call, per workload.
 
-The layer offers candidates (:class:`Choice`: parallel degree ``r``, overlap degree ``d``,
+The layer offers candidates (:class:`Choice`, an alias of
+:class:`flexmoe.parallel.ParallelChoice`: parallel degree ``r``, overlap degree ``d``,
 all-to-all algorithm) that it guarantees give the same result, and a :class:`TuningKey` that
 describes the workload (world size, capacity bucket, shapes, dtype, device). For each key the
 :class:`Tuner` hands out every candidate ``trials_per_candidate`` times in turn, collects the
@@ -26,18 +27,17 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from flexmoe.files import read_json_document, write_text_atomically
-
-A2AAlgorithm = Literal["linear", "2dh"]
-A2A_ALGORITHMS: tuple[str, ...] = get_args(A2AAlgorithm)
+from flexmoe.parallel.config import ParallelChoice
 
 CACHE_FORMAT = "flexmoe-tuner-cache"
-CACHE_VERSION = 1
+# 2: keys gained shards_per_expert (layouts with different candidates no longer share a key).
+CACHE_VERSION = 2
 
 
 def _check_int(name: str, value: Any, minimum: int) -> None:
@@ -47,31 +47,8 @@ def _check_int(name: str, value: Any, minimum: int) -> None:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
 
 
-@dataclass(frozen=True, order=True)
-class Choice:
-    """One way to run a layer call. Frozen and hashable; ordered by its fields (the tie-break).
-
-    parallel_degree: r, 0 (data parallel) or a divisor of the shards per expert.
-    overlap_degree: d >= 1, the number of capacity chunks pipelined with the all-to-all.
-    a2a_algorithm: ``"linear"`` or ``"2dh"``.
-    """
-
-    parallel_degree: int
-    overlap_degree: int = 1
-    a2a_algorithm: A2AAlgorithm = "linear"
-
-    def __post_init__(self) -> None:
-        _check_int("parallel_degree", self.parallel_degree, 0)
-        _check_int("overlap_degree", self.overlap_degree, 1)
-        if self.a2a_algorithm not in A2A_ALGORITHMS:
-            raise ValueError(f"a2a_algorithm must be one of {A2A_ALGORITHMS}, got {self.a2a_algorithm!r}")
-
-    def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Choice:
-        return cls(**data)
+# One choice type for the layer and the tuner: the parallel package's (the lower layer).
+Choice = ParallelChoice
 
 
 def capacity_bucket(capacity: int) -> int:
@@ -85,7 +62,8 @@ def capacity_bucket(capacity: int) -> int:
 @dataclass(frozen=True)
 class TuningKey:
     """The workload a decision applies to. Build it with :meth:`for_call` (which buckets the
-    capacity); ``dtype`` is e.g. ``"float32"``, ``device_type`` e.g. ``"cuda"``."""
+    capacity); ``dtype`` is e.g. ``"float32"``, ``device_type`` e.g. ``"cuda"``.
+    ``shards_per_expert``: S of the layout (experts split over ranks), which sets the candidates."""
 
     world_size: int
     capacity_bucket: int
@@ -95,9 +73,10 @@ class TuningKey:
     top_k: int
     dtype: str
     device_type: str
+    shards_per_expert: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("world_size", "model_dim", "hidden_dim", "local_experts", "top_k"):
+        for name in ("world_size", "model_dim", "hidden_dim", "local_experts", "top_k", "shards_per_expert"):
             _check_int(name, getattr(self, name), 1)
         _check_int("capacity_bucket", self.capacity_bucket, 0)
         if self.capacity_bucket != capacity_bucket(self.capacity_bucket):
@@ -118,6 +97,7 @@ class TuningKey:
         top_k: int,
         dtype: torch.dtype,
         device: torch.device | str,
+        shards_per_expert: int = 1,
     ) -> TuningKey:
         """The key of one layer call; reads only shapes, dtype and device, never values."""
         if not isinstance(dtype, torch.dtype):
@@ -131,6 +111,7 @@ class TuningKey:
             top_k=top_k,
             dtype=str(dtype).removeprefix("torch."),
             device_type=torch.device(device).type,
+            shards_per_expert=shards_per_expert,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -225,6 +206,11 @@ class Tuner:
     @property
     def decisions(self) -> dict[TuningKey, Choice]:
         return dict(self._decisions)
+
+    @property
+    def pending(self) -> tuple[TuningKey, ...]:
+        """Keys met (candidates handed out) but not decided yet."""
+        return tuple(self._candidates)
 
     # --- deciding ----------------------------------------------------------------------------
 

@@ -303,3 +303,50 @@ def test_output_can_be_modified_in_place():
     out.mul_(3).sum().backward()
     assert measured == [2.0]
     torch.testing.assert_close(x.grad, torch.full_like(x, 6.0))
+
+
+# --- the tuner inside MoELayer (single process; the distributed cases run in tests/distributed) ----
+
+
+def test_one_choice_type_shared_with_the_parallel_package():
+    from flexmoe.parallel import ParallelChoice
+
+    assert Choice is ParallelChoice
+    assert sorted([C, B, A]) == [A, C, B]  # ordered by (r, d, algorithm): the tie-break
+
+
+def test_single_process_layer_with_tuner_equals_the_plain_layer(tmp_path):
+    from flexmoe import MoELayer
+    from tests.conftest import make_layer
+
+    plain = make_layer()
+    tuner = Tuner(cache_path=tmp_path / "cache.json")
+    tuned = make_layer(tuner=tuner)
+    tuned.load_state_dict(plain.state_dict())
+    # One candidate at world 1 (no exchange: r and d do not change the computation).
+    assert tuned.valid_parallel_choices() == [Choice(1)]
+    for _ in range(3):
+        x = torch.randn(10, 8, dtype=torch.float64, requires_grad=True)
+        outputs, grads = [], []
+        for layer in (plain, tuned):
+            layer.zero_grad(set_to_none=True)
+            x.grad = None
+            out = layer(x)
+            out.pow(2).sum().backward()
+            outputs.append(out)
+            grads.append([x.grad, *(p.grad for p in layer.parameters())])
+        torch.testing.assert_close(outputs[1], outputs[0], rtol=0, atol=0)
+        for got, expected in zip(*grads):
+            torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    # An explicit choice still works beside the tuner.
+    torch.testing.assert_close(tuned(x, overlap_degree=2), plain(x), rtol=0, atol=0)
+    with pytest.raises(TypeError, match="tuner must be"):
+        MoELayer(model_dim=8, num_experts=2, hidden_dim=4, tuner="auto")
+
+
+def test_layer_tuning_key_reads_the_agreed_capacity_and_layout():
+    from tests.conftest import make_layer
+
+    layer = make_layer(top_k=2)
+    key = layer.tuning_key(9, 2, torch.zeros(6, 9, 8, dtype=torch.float64))
+    assert key == TuningKey(1, 16, 8, 12, 6, 2, "float64", "cpu", shards_per_expert=1)

@@ -10,6 +10,11 @@ Under torchrun (its RANK/WORLD_SIZE variables set) it initialises torch.distribu
 CUDA, else gloo), spreads the experts over the ranks and trains on a different batch per rank:
 
     torchrun --nproc-per-node 2 -m flexmoe.examples.helloworld --parallel-degree 1 --overlap-degree 2
+
+``--tune`` lets a run-time tuner pick the parallel degree, overlap degree and all-to-all per
+capacity bucket instead (``--tune-cache tuned.json`` keeps its decisions for the next run):
+
+    torchrun --nproc-per-node 2 -m flexmoe.examples.helloworld --tune --tune-cache tuned.json
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from flexmoe import MoELayer
+from flexmoe import MoELayer, Tuner
 from flexmoe.parallel import A2A_ALGORITHMS, ParallelConfig, allreduce_non_expert_grads
 
 
@@ -48,6 +53,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--overlap-degree", type=int, default=1, help="d: capacity chunks pipelined with all-to-all")
     p.add_argument("--a2a", choices=A2A_ALGORITHMS, default="linear", help="all-to-all algorithm")
     p.add_argument("--local-world-size", type=int, default=None, help="ranks per node for 2dh (default torchrun's)")
+    p.add_argument("--tune", action="store_true", help="pick r, d and a2a per capacity bucket with a run-time tuner")
+    p.add_argument("--tune-cache", default=None, help="JSON file of tuner decisions, read and written (with --tune)")
+    p.add_argument("--tune-trials", type=int, default=2, help="timed steps per candidate and capacity bucket")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds before a collective fails (torchrun)")
     return p.parse_args(argv)
 
@@ -87,6 +95,9 @@ def main(argv: list[str] | None = None) -> float:
     centres, maps = make_task(args.clusters, args.model_dim, generator)
     if distributed:
         generator.manual_seed(args.seed + 1000 * (rank + 1))  # same task, a different batch per rank
+    if args.tune_cache and not args.tune:
+        raise ValueError("--tune-cache needs --tune")
+    tuner = Tuner(args.tune_trials, args.tune_cache) if args.tune else None
     layer = MoELayer(
         model_dim=args.model_dim,
         num_experts=args.num_experts,
@@ -98,6 +109,7 @@ def main(argv: list[str] | None = None) -> float:
         batch_prioritized_routing=args.batch_prioritized_routing,
         gated=args.gated,
         parallel=ParallelConfig(args.parallel_degree, args.overlap_degree, args.a2a, args.local_world_size),
+        tuner=tuner,
     ).to(args.device)
     optimizer = torch.optim.Adam(layer.parameters(), lr=args.lr)
     if rank == 0:
@@ -129,6 +141,10 @@ def main(argv: list[str] | None = None) -> float:
             f"final loss {loss_value:.4f}; tokens per expert {stats.tokens_per_expert.tolist()}; "
             f"capacity {stats.capacity}; dropped {stats.dropped_fraction:.1%}"
         )
+        if tuner is not None:
+            for key, choice in tuner.decisions.items():
+                print(f"tuned: capacity bucket {key.capacity_bucket} -> {choice}")
+            print(f"capacity buckets still tuning: {len(tuner.pending)}")
     return loss_value
 
 

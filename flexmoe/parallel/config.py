@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 A2AAlgorithm = Literal["linear", "2dh"]
 A2A_ALGORITHMS: tuple[str, ...] = ("linear", "2dh")
@@ -11,10 +12,16 @@ A2A_ALGORITHMS: tuple[str, ...] = ("linear", "2dh")
 OVERLAP_CANDIDATES: tuple[int, ...] = (1, 2, 4)
 
 
+def _check_int(name: str, value: object, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int >= {minimum}, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return value
+
+
 def check_overlap_degree(overlap_degree: object) -> int:
-    if isinstance(overlap_degree, bool) or not isinstance(overlap_degree, int) or overlap_degree < 1:
-        raise ValueError(f"overlap_degree must be an int >= 1, got {overlap_degree!r}")
-    return overlap_degree
+    return _check_int("overlap_degree", overlap_degree, 1)
 
 
 def check_parallel_config(parallel: object) -> ParallelConfig:
@@ -32,9 +39,12 @@ def check_a2a_algorithm(a2a_algorithm: object) -> str:
     return a2a_algorithm
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, order=True)
 class ParallelChoice:
     """One way to run the expert step; every valid choice gives the same result.
+
+    Frozen and hashable; ordered by its fields (the run-time tuner's tie-break). The tuner's
+    ``flexmoe.tuner.Choice`` is this class.
 
     parallel_degree: r, 0 (data parallel: gather every expert) or a divisor of the shards per
         expert S (r = 1: expert parallel; r = S: expert + model parallel).
@@ -47,11 +57,16 @@ class ParallelChoice:
     a2a_algorithm: A2AAlgorithm = "linear"
 
     def __post_init__(self) -> None:
-        r = self.parallel_degree
-        if isinstance(r, bool) or not isinstance(r, int) or r < 0:
-            raise ValueError(f"parallel_degree must be an int >= 0, got {r!r}")
+        _check_int("parallel_degree", self.parallel_degree, 0)
         check_overlap_degree(self.overlap_degree)
         check_a2a_algorithm(self.a2a_algorithm)
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ParallelChoice:
+        return cls(**data)
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from flexmoe import MoELayer
+from flexmoe import MoELayer, Tuner
 from flexmoe.examples import helloworld
 from flexmoe.parallel import HIDDEN_AXIS, SINGLE_PROCESS, allreduce_non_expert_grads, ignore_expert_parameters
 from tests.distributed.helpers import load_global_weights
@@ -40,6 +40,9 @@ def check_mismatches(rank: int, world_size: int) -> None:
     _raises_everywhere("overlap_degree differs", layer, x, overlap_degree=1 + rank)
     _raises_everywhere("input_requires_grad differs", layer, x.clone().requires_grad_(rank == 0))
     _raises_everywhere(r"dtype differs \(torch.float64 vs torch.float32\)", layer, x.float() if rank else x)
+    layer.tuner = Tuner() if rank == 0 else None  # one rank tuning, the other not
+    _raises_everywhere("tuned differs", layer, x)
+    layer.tuner = None
     # Invalid on every rank alike: rejected before any collective.
     _raises_everywhere("parallel_degree must be one of", layer, x, parallel_degree=2)
     _raises_everywhere("a2a_algorithm='2dh' needs", layer, x, a2a_algorithm="2dh")
@@ -58,6 +61,7 @@ def check_mismatches(rank: int, world_size: int) -> None:
     # The example trains under an initialised group (as under torchrun).
     args = ["--steps", "3", "--batch-tokens", "16", "--num-experts", "1", "--top-k", "1", "--parallel-degree", "2"]
     assert math.isfinite(helloworld.main([*args, "--overlap-degree", "2"]))
+    assert math.isfinite(helloworld.main([*args, "--tune", "--tune-trials", "1"]))
 
 
 class _Model(nn.Module):

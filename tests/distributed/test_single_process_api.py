@@ -14,17 +14,18 @@ from tests.conftest import make_layer
 
 
 @pytest.mark.parametrize(
-    "kwargs,match",
+    "kwargs,error,match",
     [
-        (dict(parallel_degree=-1), "parallel_degree"),
-        (dict(parallel_degree=True), "parallel_degree"),
-        (dict(overlap_degree=0), "overlap_degree"),
-        (dict(a2a_algorithm="ring"), "a2a_algorithm must be one of"),
-        (dict(local_world_size=0), "local_world_size"),
+        (dict(parallel_degree=-1), ValueError, "parallel_degree"),
+        (dict(parallel_degree=True), TypeError, "parallel_degree"),
+        (dict(overlap_degree=0), ValueError, "overlap_degree"),
+        (dict(overlap_degree=1.5), TypeError, "overlap_degree"),
+        (dict(a2a_algorithm="ring"), ValueError, "a2a_algorithm must be one of"),
+        (dict(local_world_size=0), ValueError, "local_world_size"),
     ],
 )
-def test_parallel_config_rejects_bad_values(kwargs, match):
-    with pytest.raises(ValueError, match=match):
+def test_parallel_config_rejects_bad_values(kwargs, error, match):
+    with pytest.raises(error, match=match):
         ParallelConfig(**kwargs)
 
 
