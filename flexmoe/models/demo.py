@@ -12,6 +12,7 @@ import dataclasses
 import multiprocessing
 import os
 import platform
+import random
 import shutil
 import time
 from pathlib import Path
@@ -31,16 +32,19 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 BATCH_SIZES = [1, 16, 64]
 
 
-def per_direction_sample(pairs: list[Pair], per_direction: int) -> list[Pair]:
-    """The first ``per_direction`` pairs of each direction (test sets can be large; decoding is slow)."""
+def per_direction_sample(pairs: list[Pair], per_direction: int, seed: int = 0) -> list[Pair]:
+    """``per_direction`` pairs of each direction, drawn at random (seeded) so every kind of phrase
+    is represented (the corpus lists pairs kind by kind), kept in corpus order."""
+    order = list(range(len(pairs)))
+    random.Random(seed).shuffle(order)
     taken: dict[tuple[str, str], int] = {}
     kept = []
-    for pair in pairs:
-        key = (pair.source_lang, pair.target_lang)
+    for index in order:
+        key = (pairs[index].source_lang, pairs[index].target_lang)
         if taken.get(key, 0) < per_direction:
             taken[key] = taken.get(key, 0) + 1
-            kept.append(pair)
-    return kept
+            kept.append(index)
+    return [pairs[index] for index in sorted(kept)]
 
 
 def demo_config(name: str, minutes: float, tsv_dir: str | None) -> RunConfig:

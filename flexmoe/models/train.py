@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import shutil
 import time
 from dataclasses import dataclass
@@ -151,7 +152,9 @@ class Trainer:
         max_len = self.model.config.max_len
         self.train_data = encode_pairs(corpus["train"], self.tokenizer, tasks, max_len)
         valid: list[Pair] = corpus.splits.get("valid") or corpus["train"]
-        self.valid_data = encode_pairs(valid[: self.config.valid_sentences], self.tokenizer, tasks, max_len)
+        # A seeded random subset: the corpus lists pairs kind by kind, so a prefix would be one kind.
+        picked = sorted(random.Random(0).sample(range(len(valid)), min(self.config.valid_sentences, len(valid))))
+        self.valid_data = encode_pairs([valid[i] for i in picked], self.tokenizer, tasks, max_len)
         self.sampler = DirectionSampler(self.train_data, run.data.temperature, self.config.seed)
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=self.config.lr, weight_decay=self.config.weight_decay
