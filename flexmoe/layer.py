@@ -33,7 +33,6 @@ from flexmoe.routing import (
     gshard_balance_loss,
     load_importance_loss,
     plan_routes,
-    router_entropy,
     router_z_loss,
 )
 from flexmoe.routing.balance import LoadBalanceBias
@@ -527,7 +526,6 @@ class MoELayer(nn.Module):
 
     def _record_stats(self, plan: RoutingPlan, scores: torch.Tensor, top_k: int) -> RoutingStats:
         with torch.no_grad():
-            entropy = router_entropy(scores) if scores.shape[0] else scores.new_zeros(())
             return RoutingStats(
                 tokens_per_expert=plan.tokens_per_expert,
                 kept_per_expert=plan.kept_per_expert,
@@ -535,5 +533,5 @@ class MoELayer(nn.Module):
                 capacity=plan.capacity,
                 num_tokens=plan.num_tokens,
                 top_k=top_k,
-                router_entropy=entropy,
+                routing_scores=scores.detach(),  # the entropy is computed when read
             )

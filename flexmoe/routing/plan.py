@@ -89,11 +89,15 @@ def top_k_gates(
     return gates, experts
 
 
-def placement_order(top1_scores: torch.Tensor, batch_prioritized: bool) -> torch.Tensor:
-    """[tokens] order in which tokens claim slots within each choice rank."""
-    if batch_prioritized:
-        return torch.sort(top1_scores.detach(), descending=True, stable=True).indices
-    return torch.arange(top1_scores.numel(), device=top1_scores.device)
+def placement_order(scores: torch.Tensor, experts: torch.Tensor, batch_prioritized: bool) -> torch.Tensor | None:
+    """[tokens] order in which tokens claim slots within each choice rank; None for input order.
+
+    Batch-prioritized: descending score of each token's first choice (``experts[:, 0]``), ties
+    in input order."""
+    if not batch_prioritized:
+        return None
+    top1_scores = scores.detach().gather(1, experts[:, :1]).squeeze(1)
+    return torch.sort(top1_scores, descending=True, stable=True).indices
 
 
 def plan_routes(
@@ -127,12 +131,16 @@ def plan_routes(
         top_groups=top_groups,
         route_scale=route_scale,
     )
-    order = placement_order(scores.gather(1, experts[:, :1]).squeeze(1), batch_prioritized)
+    order = placement_order(scores, experts, batch_prioritized)
 
-    # Sequence of claims: choice-major, tokens in placement order within a choice.
-    claim_expert = experts[order].T.reshape(-1)
-    claim_token = order.repeat(top_k)
-    claim_choice = torch.arange(top_k, device=device).repeat_interleave(num_tokens)
+    # Sequence of claims: choice-major, tokens in placement order within a choice. In input
+    # order the token of claim i is i % num_tokens, so no gather by the order is needed.
+    if order is None:
+        claim_expert = experts.T.reshape(-1)
+        claim_token = torch.arange(num_tokens, device=device).repeat(top_k)
+    else:
+        claim_expert = experts[order].T.reshape(-1)
+        claim_token = order.repeat(top_k)
 
     tokens_per_expert = torch.bincount(claim_expert, minlength=num_experts)
     fixed_capacity = capacity is not None
@@ -149,7 +157,8 @@ def plan_routes(
         by_expert, sorted_expert, slot = by_expert[keep], sorted_expert[keep], slot[keep]
 
     token_index = claim_token[by_expert]
-    choice_index = claim_choice[by_expert]
+    # Claims are choice-major, so claim i is choice i // num_tokens.
+    choice_index = by_expert // num_tokens if top_k > 1 else torch.zeros_like(by_expert)
     return RoutingPlan(
         token_index=token_index,
         choice_index=choice_index,
