@@ -238,10 +238,26 @@ class MoELayer(nn.Module):
         )
         return self.check_choice(choice)
 
+    @property
+    def aux_loss(self) -> torch.Tensor:
+        """Scalar auxiliary loss of the last forward (see :meth:`compute_aux_loss`); after a
+        forward without grad it is computed on first read."""
+        pending = self.__dict__.get("_pending_aux_loss")
+        if pending is not None:
+            with torch.no_grad():
+                self.aux_loss = self.compute_aux_loss(*pending)
+        return self.__dict__["_aux_loss"]
+
+    @aux_loss.setter
+    def aux_loss(self, value: torch.Tensor) -> None:
+        self.__dict__["_pending_aux_loss"] = None
+        self.__dict__["_aux_loss"] = value
+
     def __getstate__(self) -> dict[str, Any]:
         # The last aux loss is part of the autograd graph; copies and pickles keep its value only.
         state = self.__dict__.copy()
-        state["aux_loss"] = self.aux_loss.detach()
+        state["_aux_loss"] = self.aux_loss.detach()
+        state["_pending_aux_loss"] = None
         return state
 
     def extra_repr(self) -> str:
@@ -309,7 +325,11 @@ class MoELayer(nn.Module):
             self.load_balancer.record(plan.tokens_per_expert)
         if routed_positions is not None:
             out = out.new_zeros(all_tokens.shape[0], out.shape[1]).index_copy(0, routed_positions, out)
-        self.aux_loss = self.compute_aux_loss(logits, noisy_logits, scores, top_k)
+        if torch.is_grad_enabled():
+            self.aux_loss = self.compute_aux_loss(logits, noisy_logits, scores, top_k)
+        else:
+            # Nothing can differentiate it: compute it only if read (inference seldom does).
+            self._pending_aux_loss = (logits, noisy_logits, scores, top_k)
         self.stats = self._record_stats(plan, scores, top_k)
         self.last_plan = plan if self.record_plan else None
         return out.reshape(*x.shape[:-1], out.shape[-1])
