@@ -133,14 +133,12 @@ def plan_routes(
     )
     order = placement_order(scores, experts, batch_prioritized)
 
-    # Sequence of claims: choice-major, tokens in placement order within a choice. In input
-    # order the token of claim i is i % num_tokens, so no gather by the order is needed.
-    if order is None:
-        claim_expert = experts.T.reshape(-1)
-        claim_token = torch.arange(num_tokens, device=device).repeat(top_k)
-    else:
-        claim_expert = experts[order].T.reshape(-1)
-        claim_token = order.repeat(top_k)
+    # Sequence of claims: choice-major, tokens in placement order within a choice, so claim i
+    # is choice i // num_tokens of the token at placement position i % num_tokens.
+    if order is not None:
+        experts, gates = experts[order], gates[order]
+    claim_expert = experts.T.reshape(-1)
+    claim_gate = gates.T.reshape(-1)
 
     tokens_per_expert = torch.bincount(claim_expert, minlength=num_experts)
     fixed_capacity = capacity is not None
@@ -153,18 +151,18 @@ def plan_routes(
     group_start = torch.cumsum(tokens_per_expert, 0) - tokens_per_expert
     slot = torch.arange(sorted_expert.numel(), device=device) - group_start[sorted_expert]
     if capacity_factor != 0 or fixed_capacity:  # dropless needs no cut: capacity is the largest load
-        keep = slot < capacity
-        by_expert, sorted_expert, slot = by_expert[keep], sorted_expert[keep], slot[keep]
+        kept = torch.nonzero(slot < capacity).squeeze(1)
+        by_expert, sorted_expert, slot = by_expert[kept], sorted_expert[kept], slot[kept]
 
-    token_index = claim_token[by_expert]
-    # Claims are choice-major, so claim i is choice i // num_tokens.
+    position = by_expert % num_tokens if top_k > 1 else by_expert
+    token_index = position if order is None else order[position]
     choice_index = by_expert // num_tokens if top_k > 1 else torch.zeros_like(by_expert)
     return RoutingPlan(
         token_index=token_index,
         choice_index=choice_index,
         expert_index=sorted_expert,
         slot=slot,
-        gates=gates.reshape(-1)[token_index * top_k + choice_index],
+        gates=claim_gate[by_expert],
         tokens_per_expert=tokens_per_expert,
         kept_per_expert=tokens_per_expert.clamp(max=capacity),
         capacity=capacity,
