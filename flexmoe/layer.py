@@ -260,6 +260,11 @@ class MoELayer(nn.Module):
         state["_pending_aux_loss"] = None
         return state
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        if "aux_loss" in state:  # pickled before aux_loss became a property
+            state["_aux_loss"] = state.pop("aux_loss")
+        super().__setstate__(state)
+
     def extra_repr(self) -> str:
         c = self.config
         return (
