@@ -9,7 +9,7 @@ interleaved per repeat and the median is reported. Upstream gradients are dense 
 tensors (``out.sum().backward()`` would hand back a stride-0 gradient that sends CPU bmm
 backward onto a slow path). ``--memory`` adds the peak RSS of each row, one subprocess per row.
 
-    python benchmarks/layer.py [--threads 1] [--repeats 5] [--quick] [--memory]
+    python benchmarks/layer.py [--threads 1] [--repeats 5] [--quick] [--memory] [--only 'E64 k1']
 """
 
 from __future__ import annotations
@@ -259,9 +259,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="small configs, 2 repeats: a smoke run")
     parser.add_argument("--memory", action="store_true", help="peak RSS per row (one subprocess per row)")
     parser.add_argument("--no-einsum", action="store_true", help="skip the einsum reference (slow, memory-hungry)")
+    parser.add_argument("--only", metavar="SUBSTRING", help="run only the configs whose label contains SUBSTRING")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     configs, repeats = (QUICK, 2) if args.quick else (CONFIGS, args.repeats)
+    if args.only is not None:
+        configs = [c for c in configs if args.only in c.label()]
+        if not configs:
+            parser.error(f"--only {args.only!r} matches no config label")
     skip = {"einsum reference"} if args.no_einsum else set()
     ds_missing = deepspeed_available()
     ds_note = "DeepSpeed-MoE row included" if ds_missing is None else f"DeepSpeed-MoE row skipped: {ds_missing}"

@@ -33,7 +33,6 @@ from flexmoe.routing import (
     gshard_balance_loss,
     load_importance_loss,
     plan_routes,
-    router_entropy,
     router_z_loss,
 )
 from flexmoe.routing.balance import LoadBalanceBias
@@ -239,11 +238,32 @@ class MoELayer(nn.Module):
         )
         return self.check_choice(choice)
 
+    @property
+    def aux_loss(self) -> torch.Tensor:
+        """Scalar auxiliary loss of the last forward (see :meth:`compute_aux_loss`); after a
+        forward without grad it is computed on first read."""
+        pending = self.__dict__.get("_pending_aux_loss")
+        if pending is not None:
+            with torch.no_grad():
+                self.aux_loss = self.compute_aux_loss(*pending)
+        return self.__dict__["_aux_loss"]
+
+    @aux_loss.setter
+    def aux_loss(self, value: torch.Tensor) -> None:
+        self.__dict__["_pending_aux_loss"] = None
+        self.__dict__["_aux_loss"] = value
+
     def __getstate__(self) -> dict[str, Any]:
         # The last aux loss is part of the autograd graph; copies and pickles keep its value only.
         state = self.__dict__.copy()
-        state["aux_loss"] = self.aux_loss.detach()
+        state["_aux_loss"] = self.aux_loss.detach()
+        state["_pending_aux_loss"] = None
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        if "aux_loss" in state:  # pickled before aux_loss became a property
+            state["_aux_loss"] = state.pop("aux_loss")
+        super().__setstate__(state)
 
     def extra_repr(self) -> str:
         c = self.config
@@ -310,7 +330,11 @@ class MoELayer(nn.Module):
             self.load_balancer.record(plan.tokens_per_expert)
         if routed_positions is not None:
             out = out.new_zeros(all_tokens.shape[0], out.shape[1]).index_copy(0, routed_positions, out)
-        self.aux_loss = self.compute_aux_loss(logits, noisy_logits, scores, top_k)
+        if torch.is_grad_enabled():
+            self.aux_loss = self.compute_aux_loss(logits, noisy_logits, scores, top_k)
+        else:
+            # Nothing can differentiate it: compute it only if read (inference seldom does).
+            self._pending_aux_loss = (logits, noisy_logits, scores, top_k)
         self.stats = self._record_stats(plan, scores, top_k)
         self.last_plan = plan if self.record_plan else None
         return out.reshape(*x.shape[:-1], out.shape[-1])
@@ -527,7 +551,6 @@ class MoELayer(nn.Module):
 
     def _record_stats(self, plan: RoutingPlan, scores: torch.Tensor, top_k: int) -> RoutingStats:
         with torch.no_grad():
-            entropy = router_entropy(scores) if scores.shape[0] else scores.new_zeros(())
             return RoutingStats(
                 tokens_per_expert=plan.tokens_per_expert,
                 kept_per_expert=plan.kept_per_expert,
@@ -535,5 +558,5 @@ class MoELayer(nn.Module):
                 capacity=plan.capacity,
                 num_tokens=plan.num_tokens,
                 top_k=top_k,
-                router_entropy=entropy,
+                routing_scores=scores.detach(),  # the entropy is computed when read
             )

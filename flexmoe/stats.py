@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+
+from flexmoe.routing.losses import router_entropy
 
 
 @dataclass
@@ -16,7 +18,10 @@ class RoutingStats:
     kept_per_expert:   [num_experts] pairs each expert accepted.
     dropped: pairs dropped by the capacity limit (0 when dropless).
     capacity: slots per expert. num_tokens: tokens routed. top_k: choices per token.
-    router_entropy: mean entropy of the routing distribution (nats; log(num_experts) = uniform).
+    routing_scores: [num_tokens, num_experts] the router's scores (detached), kept so that
+        ``router_entropy`` is computed only when read.
+    router_entropy: mean entropy of the routing distribution (nats; log(num_experts) = uniform),
+        computed on first access.
     """
 
     tokens_per_expert: torch.Tensor
@@ -25,7 +30,17 @@ class RoutingStats:
     capacity: int
     num_tokens: int
     top_k: int
-    router_entropy: torch.Tensor
+    routing_scores: torch.Tensor = field(repr=False)
+    _router_entropy: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
+
+    @property
+    def router_entropy(self) -> torch.Tensor:
+        """Scalar mean routing entropy in nats (0 for an empty batch)."""
+        if self._router_entropy is None:
+            scores = self.routing_scores
+            with torch.no_grad():
+                self._router_entropy = router_entropy(scores) if scores.shape[0] else scores.new_zeros(())
+        return self._router_entropy
 
     @property
     def dropped_fraction(self) -> float:

@@ -1,5 +1,6 @@
 """dispatch/combine autograd against torch.autograd.gradcheck and plain indexing."""
 
+import pytest
 import torch
 
 from flexmoe.ops import combine, dispatch
@@ -27,19 +28,24 @@ def test_combine_gradcheck_both_layouts():
     assert torch.autograd.gradcheck(lambda o, g: combine(o, g, token_index, None, 7), (grouped, gates))
 
 
-def test_dispatch_combine_match_plain_indexing():
+@pytest.mark.parametrize("requires_grad", [False, True])  # the inference path skips autograd.Function
+def test_dispatch_combine_match_plain_indexing(requires_grad):
     token_index, rows = _indices()
-    x = torch.randn(7, 3, dtype=torch.float64)
+    x = torch.randn(7, 3, dtype=torch.float64, requires_grad=requires_grad)
     buffer = dispatch(x, token_index, rows, 12)
     expected = torch.zeros(12, 3, dtype=torch.float64)
     expected[rows] = x[token_index]
-    torch.testing.assert_close(buffer, expected)
+    torch.testing.assert_close(buffer.detach(), expected.detach())
+    assert buffer.requires_grad == requires_grad
     gates = torch.rand(9, dtype=torch.float64)
     out = combine(buffer, gates, token_index, rows, 7)
+    grouped_out = combine(dispatch(x, token_index), gates, token_index, None, 7)
     expected_out = torch.zeros(7, 3, dtype=torch.float64)
     for i in range(9):
-        expected_out[token_index[i]] += gates[i] * x[token_index[i]]
-    torch.testing.assert_close(out, expected_out)
+        expected_out[token_index[i]] += gates[i] * x.detach()[token_index[i]]
+    torch.testing.assert_close(out.detach(), expected_out)
+    torch.testing.assert_close(grouped_out.detach(), expected_out)
+    assert out.requires_grad == grouped_out.requires_grad == requires_grad
 
 
 def test_half_precision_combine_keeps_float32_gate_grad():

@@ -15,16 +15,40 @@ from torch.autograd import Function
 from torch.autograd.function import once_differentiable
 
 
+def _dispatch_forward(
+    x: torch.Tensor, token_index: torch.Tensor, rows: torch.Tensor | None, num_rows: int
+) -> torch.Tensor:
+    picked = x.index_select(0, token_index)
+    if rows is None:
+        return picked
+    buffer = x.new_zeros(num_rows, x.shape[1])
+    return buffer.index_copy_(0, rows, picked)
+
+
+def _combine_forward(
+    expert_out: torch.Tensor,
+    gates: torch.Tensor,
+    token_index: torch.Tensor,
+    rows: torch.Tensor | None,
+    num_tokens: int,
+) -> torch.Tensor:
+    picked = expert_out if rows is None else expert_out.index_select(0, rows)
+    weighted = picked * gates.to(picked.dtype).unsqueeze(1)
+    out = picked.new_zeros(num_tokens, picked.shape[1])
+    return out.index_add_(0, token_index, weighted)
+
+
+def _needs_autograd(*tensors: torch.Tensor) -> bool:
+    # Inference skips the autograd.Function machinery (a fixed cost that matters at decode sizes).
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 class _Dispatch(Function):
     @staticmethod
     def forward(ctx, x, token_index, rows, num_rows):
         ctx.num_tokens = x.shape[0]
         ctx.save_for_backward(token_index, rows)
-        picked = x.index_select(0, token_index)
-        if rows is None:
-            return picked
-        buffer = x.new_zeros(num_rows, x.shape[1])
-        return buffer.index_copy_(0, rows, picked)
+        return _dispatch_forward(x, token_index, rows, num_rows)
 
     @staticmethod
     @once_differentiable
@@ -38,11 +62,8 @@ class _Dispatch(Function):
 class _Combine(Function):
     @staticmethod
     def forward(ctx, expert_out, gates, token_index, rows, num_tokens):
-        picked = expert_out if rows is None else expert_out.index_select(0, rows)
         ctx.save_for_backward(expert_out, gates, token_index, rows)
-        weighted = picked * gates.to(picked.dtype).unsqueeze(1)
-        out = picked.new_zeros(num_tokens, picked.shape[1])
-        return out.index_add_(0, token_index, weighted)
+        return _combine_forward(expert_out, gates, token_index, rows, num_tokens)
 
     @staticmethod
     @once_differentiable
@@ -73,6 +94,8 @@ def dispatch(
     row in a ``[num_rows, dim]`` zero-filled buffer, or None for the grouped layout
     (returns ``[kept, dim]`` in entry order). Backward scatters-adds into x's gradient.
     """
+    if not _needs_autograd(x):
+        return _dispatch_forward(x, token_index, rows, num_rows)
     return _Dispatch.apply(x, token_index, rows, num_rows)
 
 
@@ -89,4 +112,6 @@ def combine(
     gates: [kept]; token_index: [kept]. Returns [num_tokens, dim]; tokens with no kept
     choice get zeros. One backward produces both the expert-output and the gate gradient.
     """
+    if not _needs_autograd(expert_out, gates):
+        return _combine_forward(expert_out, gates, token_index, rows, num_tokens)
     return _Combine.apply(expert_out, gates, token_index, rows, num_tokens)

@@ -89,11 +89,15 @@ def top_k_gates(
     return gates, experts
 
 
-def placement_order(top1_scores: torch.Tensor, batch_prioritized: bool) -> torch.Tensor:
-    """[tokens] order in which tokens claim slots within each choice rank."""
-    if batch_prioritized:
-        return torch.sort(top1_scores.detach(), descending=True, stable=True).indices
-    return torch.arange(top1_scores.numel(), device=top1_scores.device)
+def placement_order(scores: torch.Tensor, experts: torch.Tensor, batch_prioritized: bool) -> torch.Tensor | None:
+    """[tokens] order in which tokens claim slots within each choice rank; None for input order.
+
+    Batch-prioritized: descending score of each token's first choice (``experts[:, 0]``), ties
+    in input order."""
+    if not batch_prioritized:
+        return None
+    top1_scores = scores.detach().gather(1, experts[:, :1]).squeeze(1)
+    return torch.sort(top1_scores, descending=True, stable=True).indices
 
 
 def plan_routes(
@@ -127,12 +131,14 @@ def plan_routes(
         top_groups=top_groups,
         route_scale=route_scale,
     )
-    order = placement_order(scores.gather(1, experts[:, :1]).squeeze(1), batch_prioritized)
+    order = placement_order(scores, experts, batch_prioritized)
 
-    # Sequence of claims: choice-major, tokens in placement order within a choice.
-    claim_expert = experts[order].T.reshape(-1)
-    claim_token = order.repeat(top_k)
-    claim_choice = torch.arange(top_k, device=device).repeat_interleave(num_tokens)
+    # Sequence of claims: choice-major, tokens in placement order within a choice, so claim i
+    # is choice i // num_tokens of the token at placement position i % num_tokens.
+    if order is not None:
+        experts, gates = experts[order], gates[order]
+    claim_expert = experts.T.reshape(-1)
+    claim_gate = gates.T.reshape(-1)
 
     tokens_per_expert = torch.bincount(claim_expert, minlength=num_experts)
     fixed_capacity = capacity is not None
@@ -145,17 +151,18 @@ def plan_routes(
     group_start = torch.cumsum(tokens_per_expert, 0) - tokens_per_expert
     slot = torch.arange(sorted_expert.numel(), device=device) - group_start[sorted_expert]
     if capacity_factor != 0 or fixed_capacity:  # dropless needs no cut: capacity is the largest load
-        keep = slot < capacity
-        by_expert, sorted_expert, slot = by_expert[keep], sorted_expert[keep], slot[keep]
+        kept = torch.nonzero(slot < capacity).squeeze(1)
+        by_expert, sorted_expert, slot = by_expert[kept], sorted_expert[kept], slot[kept]
 
-    token_index = claim_token[by_expert]
-    choice_index = claim_choice[by_expert]
+    position = by_expert % num_tokens if top_k > 1 else by_expert
+    token_index = position if order is None else order[position]
+    choice_index = by_expert // num_tokens if top_k > 1 else torch.zeros_like(by_expert)
     return RoutingPlan(
         token_index=token_index,
         choice_index=choice_index,
         expert_index=sorted_expert,
         slot=slot,
-        gates=gates.reshape(-1)[token_index * top_k + choice_index],
+        gates=claim_gate[by_expert],
         tokens_per_expert=tokens_per_expert,
         kept_per_expert=tokens_per_expert.clamp(max=capacity),
         capacity=capacity,
