@@ -39,6 +39,7 @@ from torch import nn
 
 from flexmoe.config import MoEConfig
 from flexmoe.layer import MoELayer
+from flexmoe.parallel import SINGLE_PROCESS
 
 SUPPORTED_BLOCKS = (
     "MixtralSparseMoeBlock",
@@ -269,8 +270,10 @@ def _materialize_meta_buffers(layer: nn.Module, like: torch.Tensor) -> None:
 
 
 def _build_layer(conversion: Conversion) -> MoELayer:
+    # Single-process layers even under torchrun: they receive the full (global) expert weights.
+    # Expert parallelism for converted models is not wired yet (see README).
     with torch.device("meta"):
-        layer = MoELayer(conversion.config)
+        layer = MoELayer(conversion.config, group=SINGLE_PROCESS)
     layer.load_state_dict(conversion.state, strict=True, assign=True)
     like = conversion.state["router.weight"]
     _materialize_meta_buffers(layer, like)
