@@ -43,10 +43,9 @@ def evaluate_model(
     return score(pairs, hypotheses)
 
 
-def compare_extracted(
-    full: TrainedModel, extracted_dir: str | Path, target_lang: str, source_lang: str | None, split: str, limit: int
-) -> str:
-    """Load the saved sub-network back and score it and its parent on the same sentences."""
+def compare_extracted(full: TrainedModel, extracted_dir: str | Path, split: str, limit: int) -> str:
+    """Load the saved sub-network back and score it and its parent on the same sentences
+    (the direction is the one the sub-network serves)."""
     extracted = load_translation_model(extracted_dir)
     pairs = evaluation_pairs(extracted, split, limit=limit)
     outputs = {}

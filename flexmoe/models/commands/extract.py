@@ -28,4 +28,4 @@ def main(argv: list[str]) -> None:
     extracted = extract_direction(trained.model, trained.tasks, target_lang, source_lang or None)
     out = save_extracted(extracted, trained, args.out or Path(args.model) / f"extract-{args.task}", args.task)
     print(f"saved {out}")
-    print(compare_extracted(trained, out, target_lang, source_lang or None, args.split, args.limit))
+    print(compare_extracted(trained, out, args.split, args.limit))
