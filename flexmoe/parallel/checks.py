@@ -12,8 +12,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from flexmoe.parallel.config import A2A_ALGORITHMS
+
 _DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
-_ALGORITHMS = ("linear", "2dh")
 
 
 def dtype_code(dtype: torch.dtype) -> int:
@@ -25,7 +26,7 @@ def _describe(name: str, low: int, high: int) -> str:
         names = [str(d) for d in _DTYPES] + ["other"]
         return f"dtype differs ({names[low]} vs {names[high]})"
     if name == "a2a_algorithm":
-        return f"a2a_algorithm differs ({_ALGORITHMS[low]!r} vs {_ALGORITHMS[high]!r})"
+        return f"a2a_algorithm differs ({A2A_ALGORITHMS[low]!r} vs {A2A_ALGORITHMS[high]!r})"
     return f"{name} differs ({low} vs {high})"
 
 

@@ -67,9 +67,9 @@ class _GatherShards(Function):
     @staticmethod
     def backward(ctx, grad):
         # all_reduce + slice rather than reduce_scatter: gloo has no reduce_scatter.
-        grad = grad.contiguous().clone()
+        grad = grad.clone(memory_format=torch.contiguous_format)
         dist.all_reduce(grad, group=ctx.group)
-        return ctx.layout.shard(grad, ctx.hidden_axis).contiguous(), None, None, None
+        return ctx.layout.shard(grad, ctx.hidden_axis), None, None, None
 
 
 def gather_expert_weights(
@@ -132,7 +132,8 @@ def run_expert_parallel(
     # At most one chunk per slot (one empty chunk when no rank has tokens, so the expert
     # parameters still get their zero gradients, as in a single process).
     chunks = buffer.tensor_split(max(1, min(choice.overlap_degree, buffer.shape[1])), dim=1)
-    return torch.cat(_pipeline(chunks, compute, layout, groups, choice), dim=1)
+    outputs = _pipeline(chunks, compute, layout, groups, choice)
+    return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)  # one chunk: no copy
 
 
 def _pipeline(
@@ -159,7 +160,7 @@ def _pipeline(
         computed = compute(_flexible_layout(received))
         returned.append(start_all_to_all(_from_flexible_layout(computed, received.shape), back[i]))
     return [
-        _sum_partials(finish_all_to_all(pending, exchange), layout, chunk.shape)
+        _sum_partials(finish_all_to_all(pending, exchange), degree, chunk.shape)
         for pending, exchange, chunk in zip(returned, back, chunks)
     ]
 
@@ -182,8 +183,9 @@ def _from_flexible_layout(computed: torch.Tensor, shape: torch.Size) -> torch.Te
     return computed.reshape(local, group, c, model_dim).transpose(0, 1)
 
 
-def _sum_partials(returned: torch.Tensor, layout: ExpertLayout, chunk_shape: torch.Size) -> torch.Tensor:
+def _sum_partials(returned: torch.Tensor, parallel_degree: int, chunk_shape: torch.Size) -> torch.Tensor:
     """[group, local_experts, c, M] -> [E, c, M], summing the r partial outputs of each expert."""
+    if parallel_degree <= 1:  # one output per expert: nothing to sum (and no copy)
+        return returned.reshape(chunk_shape)
     num_experts, c, model_dim = chunk_shape
-    copies = returned.shape[0] * returned.shape[1] // num_experts  # r (1 for whole experts)
-    return returned.reshape(num_experts, copies, c, model_dim).sum(dim=1)
+    return returned.reshape(num_experts, parallel_degree, c, model_dim).sum(dim=1)

@@ -16,12 +16,9 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 
-ScoreFunction = Literal["softmax", "sigmoid"]
-SCORE_FUNCTIONS = ("softmax", "sigmoid")
+from flexmoe.config import SCORE_FUNCTIONS, ScoreFunction
 
 
 def routing_scores(logits: torch.Tensor, score_function: ScoreFunction) -> torch.Tensor:
