@@ -86,10 +86,14 @@ def test_tuning_never_changes_results():
     implementations = {A: lambda x: x @ weight, B: lambda x: (x.unsqueeze(1) @ weight).squeeze(1)}
     tuner, key, clock = Tuner(trials_per_candidate=2), make_key(), FakeClock()
     for _ in range(6):
-        x = torch.randn(5, 8, dtype=torch.float64)
+        # x needs a gradient: the measured (hooked) path, forward and backward, is what is checked.
+        x = torch.randn(5, 8, dtype=torch.float64, requires_grad=True)
         choice = tuner.choose(key, list(implementations))
         out = measure_layer_call(implementations[choice], x, lambda s, c=choice: tuner.record(key, c, s), clock=clock)
-        torch.testing.assert_close(out, x @ weight)
+        torch.testing.assert_close(out, x.detach() @ weight)
+        upstream = torch.randn(5, 8, dtype=torch.float64)
+        out.backward(upstream)
+        torch.testing.assert_close(x.grad, upstream @ weight.T)
     assert not tuner.is_tuning(key)
 
 

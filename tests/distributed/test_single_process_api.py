@@ -41,6 +41,8 @@ def test_single_process_per_call_choices_give_the_same_result():
     layer = make_layer()
     x = torch.randn(10, 8, dtype=torch.float64)
     expected = layer(x)
+    # Single-process runs one code path whatever the choice: this guards that valid choices are
+    # accepted and stay without effect (the multi-process parity tests check that they agree).
     for kwargs in (dict(parallel_degree=0), dict(parallel_degree=1, overlap_degree=3, a2a_algorithm="linear")):
         torch.testing.assert_close(layer(x, **kwargs), expected, rtol=0, atol=0)
     for kwargs, match in [
