@@ -68,7 +68,7 @@ class ExpertTensorSpec:
 def expert_tensor_specs(model: nn.Module, rank: int, world_size: int) -> dict[str, ExpertTensorSpec]:
     """state_dict key -> spec for every expert parameter of every :class:`MoELayer` in ``model``.
 
-    Checks that each layer's ``layout`` (world 1 when the layer has none) is the layout of
+    Checks that each layer's ``layout`` is the layout of
     ``rank`` of ``world_size``. Custom expert modules name their parameters' hidden axes with a
     ``hidden_axis`` dict attribute (like :data:`HIDDEN_AXIS`); the built-in experts use HIDDEN_AXIS.
     """
@@ -77,7 +77,7 @@ def expert_tensor_specs(model: nn.Module, rank: int, world_size: int) -> dict[st
         if not isinstance(layer, MoELayer):
             continue
         num_experts = layer.config.num_experts
-        layout = getattr(layer, "layout", ExpertLayout(num_experts, 1, 0))
+        layout = layer.layout
         if (layout.num_experts, layout.world_size, layout.rank) != (num_experts, world_size, rank):
             raise ValueError(
                 f"MoE layer {layer_name or '<root>'} has the layout of rank {layout.rank} of world size "

@@ -33,18 +33,11 @@ import torch
 import torch.distributed as dist
 
 from flexmoe.files import read_json_document, write_text_atomically
-from flexmoe.parallel.config import ParallelChoice
+from flexmoe.parallel.config import ParallelChoice, check_int
 
 CACHE_FORMAT = "flexmoe-tuner-cache"
 # 2: keys gained shards_per_expert (layouts with different candidates no longer share a key).
 CACHE_VERSION = 2
-
-
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
 
 
 # One choice type for the layer and the tuner: the parallel package's (the lower layer).
@@ -55,7 +48,7 @@ def capacity_bucket(capacity: int) -> int:
     """The smallest power of two >= ``capacity`` (0 for 0): capacities 5..8 share bucket 8,
     9..16 bucket 16, so a slowly drifting capacity reuses one decision, and the workloads
     sharing a decision differ by less than a factor of two."""
-    _check_int("capacity", capacity, 0)
+    check_int("capacity", capacity, 0)
     return 0 if capacity == 0 else 1 << (capacity - 1).bit_length()
 
 
@@ -77,8 +70,8 @@ class TuningKey:
 
     def __post_init__(self) -> None:
         for name in ("world_size", "model_dim", "hidden_dim", "local_experts", "top_k", "shards_per_expert"):
-            _check_int(name, getattr(self, name), 1)
-        _check_int("capacity_bucket", self.capacity_bucket, 0)
+            check_int(name, getattr(self, name), 1)
+        check_int("capacity_bucket", self.capacity_bucket, 0)
         if self.capacity_bucket != capacity_bucket(self.capacity_bucket):
             raise ValueError(f"capacity_bucket must be 0 or a power of two, got {self.capacity_bucket}")
         for name in ("dtype", "device_type"):
@@ -145,7 +138,7 @@ class Tuner:
     """
 
     def __init__(self, trials_per_candidate: int = 2, cache_path: str | Path | None = None, group: Any = None) -> None:
-        _check_int("trials_per_candidate", trials_per_candidate, 1)
+        check_int("trials_per_candidate", trials_per_candidate, 1)
         self.trials_per_candidate = trials_per_candidate
         self.cache_path = None if cache_path is None else Path(cache_path)
         self.group = group

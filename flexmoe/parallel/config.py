@@ -12,7 +12,8 @@ A2A_ALGORITHMS: tuple[str, ...] = ("linear", "2dh")
 OVERLAP_CANDIDATES: tuple[int, ...] = (1, 2, 4)
 
 
-def _check_int(name: str, value: object, minimum: int) -> int:
+def check_int(name: str, value: object, minimum: int) -> int:
+    """``value`` if it is an int (not a bool) >= ``minimum``; TypeError / ValueError naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int >= {minimum}, got {type(value).__name__} {value!r}")
     if value < minimum:
@@ -21,7 +22,7 @@ def _check_int(name: str, value: object, minimum: int) -> int:
 
 
 def check_overlap_degree(overlap_degree: object) -> int:
-    return _check_int("overlap_degree", overlap_degree, 1)
+    return check_int("overlap_degree", overlap_degree, 1)
 
 
 def check_parallel_config(parallel: object) -> ParallelConfig:
@@ -57,7 +58,7 @@ class ParallelChoice:
     a2a_algorithm: A2AAlgorithm = "linear"
 
     def __post_init__(self) -> None:
-        _check_int("parallel_degree", self.parallel_degree, 0)
+        check_int("parallel_degree", self.parallel_degree, 0)
         check_overlap_degree(self.overlap_degree)
         check_a2a_algorithm(self.a2a_algorithm)
 
