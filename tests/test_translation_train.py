@@ -109,19 +109,18 @@ def test_tokenizer_is_cached_and_tags_stay_whole(tmp_path):
 
 def test_temperature_sampling_flattens_directions():
     from flexmoe.data.corpus import Pair
-    from flexmoe.models.batching import DirectionSampler, EncodedPairs
+    from flexmoe.data.sampler import TemperatureSampler
 
     lang_pair = [0] * 900 + [1] * 100  # 9:1 data -> 9**(1/5):1 sampling at T = 5
     pairs = [Pair("a", "b", "en", "fr")] * len(lang_pair)
-    data = EncodedPairs(pairs, [[5]] * len(pairs), [[5]] * len(pairs), [0] * len(pairs), lang_pair)
-    sampler = DirectionSampler(data, temperature=5.0, seed=0)
-    drawn = sampler.sample(20000)
+    sampler = TemperatureSampler(pairs, temperature=5.0, seed=0, groups=lang_pair)
+    drawn = sampler.sample(20000).tolist()
     share = sum(lang_pair[i] == 1 for i in drawn) / len(drawn)
     assert abs(share - 1 / (1 + 9 ** (1 / 5))) < 0.02  # 0.391, vs 0.1 without temperature
     state = sampler.state_dict()
-    again = sampler.sample(10)
+    again = sampler.sample(10).tolist()
     sampler.load_state_dict(state)
-    assert sampler.sample(10) == again
+    assert sampler.sample(10).tolist() == again
 
 
 def test_results_table_reports_spread_over_seeds(tmp_path):

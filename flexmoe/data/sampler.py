@@ -7,7 +7,7 @@ so small languages are seen more often than their share of the data.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Hashable, Iterator, Sequence
 
 import torch
 
@@ -15,22 +15,29 @@ from flexmoe.data.corpus import Pair
 
 
 class TemperatureSampler:
-    """Seeded, deterministic sampler of indices into ``pairs``, grouped by ``Pair.target_lang``.
+    """Seeded, deterministic sampler of indices into ``pairs``, grouped by ``Pair.target_lang``
+    (or by ``groups``: one sortable label per pair, e.g. the direction's id).
 
     ``sample(count)`` -> index tensor ``[count]``; ``batches(batch_size)`` yields index lists
     forever; iterating yields pairs forever. ``state_dict()`` / ``load_state_dict()`` resume exactly.
     """
 
-    def __init__(self, pairs: Sequence[Pair], temperature: float = 5.0, seed: int = 0) -> None:
+    def __init__(
+        self, pairs: Sequence[Pair], temperature: float = 5.0, seed: int = 0, groups: Sequence[Hashable] | None = None
+    ) -> None:
         if not isinstance(temperature, (int, float)) or not temperature > 0:
             raise ValueError(f"temperature must be a positive number, got {temperature!r}")
         if len(pairs) == 0:
             raise ValueError("pairs must be non-empty")
         self.pairs = pairs
         self.temperature = float(temperature)
-        self.languages: list[str] = sorted({pair.target_lang for pair in pairs})
+        if groups is None:
+            groups = [pair.target_lang for pair in pairs]
+        elif len(groups) != len(pairs):
+            raise ValueError(f"groups must hold one label per pair ({len(pairs)}), got {len(groups)}")
+        self.languages: list = sorted(set(groups))  # the group labels (target languages by default)
         slot = {language: i for i, language in enumerate(self.languages)}
-        owners = torch.tensor([slot[pair.target_lang] for pair in pairs])
+        owners = torch.tensor([slot[group] for group in groups])
         # Pair indices sorted by language: language i owns _order[_starts[i] : _starts[i] + _sizes[i]].
         self._order = torch.argsort(owners, stable=True)
         self._sizes = torch.bincount(owners, minlength=len(self.languages))

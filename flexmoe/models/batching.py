@@ -87,31 +87,3 @@ def collate(data: EncodedPairs, indices: Sequence[int]) -> dict[str, torch.Tenso
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The keyword arguments of ``TranslationModel.forward`` in a batch."""
     return {key: batch[key] for key in ("source", "target_in", "target_lang", "lang_pair")}
-
-
-class DirectionSampler:
-    """Temperature sampling over translation directions (Arivazhagan et al.; T = 5 in the paper):
-    a direction with n examples is drawn with probability proportional to n^(1/T), then an
-    example uniformly within it. Its state is one ``torch.Generator`` (saved for exact resume)."""
-
-    def __init__(self, data: EncodedPairs, temperature: float, seed: int) -> None:
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature!r}")
-        members: dict[int, list[int]] = {}
-        for index, pair_id in enumerate(data.lang_pair):
-            members.setdefault(pair_id, []).append(index)
-        self.groups = [torch.tensor(members[key]) for key in sorted(members)]
-        sizes = torch.tensor([len(group) for group in self.groups], dtype=torch.float64)
-        self.probabilities = sizes ** (1.0 / temperature) / (sizes ** (1.0 / temperature)).sum()
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def sample(self, batch_size: int) -> list[int]:
-        groups = torch.multinomial(self.probabilities, batch_size, replacement=True, generator=self.generator)
-        offsets = torch.rand(batch_size, generator=self.generator, dtype=torch.float64)
-        return [int(self.groups[g][int(u * len(self.groups[g]))]) for g, u in zip(groups.tolist(), offsets.tolist())]
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"generator": self.generator.get_state()}
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.generator.set_state(state["generator"])

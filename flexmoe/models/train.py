@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from flexmoe.data.corpus import Corpus, Pair, load_tsv
+from flexmoe.data.sampler import TemperatureSampler
 from flexmoe.models.batching import (
-    DirectionSampler,
     TaskTable,
     collate,
     encode_pairs,
@@ -155,7 +155,10 @@ class Trainer:
         # A seeded random subset: the corpus lists pairs kind by kind, so a prefix would be one kind.
         picked = sorted(random.Random(0).sample(range(len(valid)), min(self.config.valid_sentences, len(valid))))
         self.valid_data = encode_pairs([valid[i] for i in picked], self.tokenizer, tasks, max_len)
-        self.sampler = DirectionSampler(self.train_data, run.data.temperature, self.config.seed)
+        # Temperature sampling over translation directions (T = 5 in the paper), then uniform within one.
+        self.sampler = TemperatureSampler(
+            self.train_data.pairs, run.data.temperature, self.config.seed, groups=self.train_data.lang_pair
+        )
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=self.config.lr, weight_decay=self.config.weight_decay
         )
@@ -227,7 +230,7 @@ class Trainer:
 
     def train_step(self) -> tuple[float, float, int]:
         """One optimizer step on a sampled batch -> (loss, aux loss, tokens in the batch)."""
-        batch = self.to_device(collate(self.train_data, self.sampler.sample(self.config.batch_size)))
+        batch = self.to_device(collate(self.train_data, self.sampler.sample(self.config.batch_size).tolist()))
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate(self.step + 1, self.config.lr, self.config.warmup_steps)
         self.model.train()
