@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from flexmoe.layer import MoELayer
-from flexmoe.task.extract import extract_task, reducible_layers
+from flexmoe.task.extract import count_parameters, extract_task, reducible_layers
 from flexmoe.task.single_process import check_single_process
 
 
@@ -211,7 +211,7 @@ class TaskServer:
 
     def _update_resident(self) -> None:
         self.stats.resident_subnetworks = len(self._cache)
-        self.stats.resident_parameters = sum(p.numel() for m in self._cache.values() for p in m.parameters())
+        self.stats.resident_parameters = sum(count_parameters(m) for m in self._cache.values())
         self.stats.resident_parameter_bytes = sum(_parameter_bytes(m) for m in self._cache.values())
 
     def _schedule(self, task_ids: Sequence[int]) -> list[int]:

@@ -91,7 +91,7 @@ def ranks(model, optimizer, world_size: int):
 def global_tensors(rank_pairs) -> dict[str, torch.Tensor]:
     """Unshard every parameter and Adam state tensor of the rank models; replicated ones must agree."""
     global_model = rank_pairs[0][0]
-    axes = {name: axis for name, axis in expert_axes(global_model).items()}
+    axes = expert_axes(global_model)
     tensors = {}
     for name, _ in global_model.named_parameters():
         per_rank = [dict(m.named_parameters())[name] for m, _ in rank_pairs]

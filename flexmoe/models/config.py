@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from flexmoe.config import check_top_k
+
 # What one routing decision covers in a stack: a token, a sentence, the target language
 # (task = target language) or the language pair (task = source-target direction).
 Routing = Literal["token", "sentence", "target", "langpair"]
@@ -76,8 +78,8 @@ class ModelConfig:
             raise ValueError(f"model_dim ({self.model_dim}) must be divisible by num_heads ({self.num_heads})")
         if self.num_experts == 1:
             raise ValueError("num_experts must be 0 (dense) or >= 2, got 1")
-        if self.num_experts and not 1 <= self.top_k <= self.num_experts:
-            raise ValueError(f"top_k must be in 1..num_experts ({self.num_experts}), got {self.top_k!r}")
+        if self.num_experts:
+            check_top_k(self.top_k, self.num_experts)
         for name in ("encoder_routing", "decoder_routing"):
             if getattr(self, name) not in ROUTINGS:
                 raise ValueError(f"{name} must be one of {ROUTINGS}, got {getattr(self, name)!r}")
