@@ -25,6 +25,15 @@ class TaskTable:
             tuple(sorted({(p.source_lang, p.target_lang) for p in pairs})),
         )
 
+    def to_dict(self) -> dict[str, list]:
+        """JSON-ready: ``{"target_languages": [...], "lang_pairs": [[src, tgt], ...]}``."""
+        return {"target_languages": list(self.target_languages), "lang_pairs": [list(p) for p in self.lang_pairs]}
+
+    @classmethod
+    def from_dict(cls, state: dict) -> TaskTable:
+        """The inverse of :meth:`to_dict` (extra keys in ``state`` are ignored)."""
+        return cls(tuple(state["target_languages"]), tuple(tuple(p) for p in state["lang_pairs"]))
+
     def target_id(self, lang: str) -> int:
         if lang not in self.target_languages:
             raise ValueError(f"target language must be one of {list(self.target_languages)}, got {lang!r}")

@@ -62,8 +62,7 @@ def save_extracted(model: TranslationModel, trained: TrainedModel, directory: st
     description = {
         "task": task,
         "run_config": trained.run.to_dict(),
-        "target_languages": list(trained.tasks.target_languages),
-        "lang_pairs": [list(p) for p in trained.tasks.lang_pairs],
+        **trained.tasks.to_dict(),
         "parameters": count_parameters(model),
         "parameters_full": count_parameters(trained.model),
     }
@@ -80,7 +79,7 @@ def load_translation_model(path: str | Path) -> TrainedModel:
         raise FileNotFoundError(f"{path} is neither a training run ({CHECKPOINT}) nor an extracted sub-network")
     description = json.loads((path / DESCRIPTION).read_text())
     run = run_config_from_dict(description["run_config"])
-    tasks = TaskTable(tuple(description["target_languages"]), tuple(tuple(p) for p in description["lang_pairs"]))
+    tasks = TaskTable.from_dict(description)
     tokenizer = Tokenizer(path / TOKENIZER, tasks.target_languages)
     model = load_subnetwork(path, lambda: build_model(run, tokenizer, tasks))
     return TrainedModel(model, tokenizer, tasks, run, description["task"])

@@ -85,7 +85,7 @@ def load_trained(run_dir: str | Path) -> TrainedModel:
     """The model saved in ``run_dir`` (its ``checkpoint.pt`` and ``tokenizer.model``), in eval mode."""
     state = read_checkpoint(run_dir)
     run = run_config_from_dict(state["run_config"])
-    tasks = TaskTable(tuple(state["target_languages"]), tuple(tuple(p) for p in state["lang_pairs"]))
+    tasks = TaskTable.from_dict(state)
     tokenizer = Tokenizer(Path(run_dir) / TOKENIZER, tasks.target_languages)
     model = build_model(run, tokenizer, tasks)
     model.load_state_dict(state["model"])
@@ -131,7 +131,7 @@ class Trainer:
         resume = (self.run_dir / CHECKPOINT).is_file()
         if resume:
             state = read_checkpoint(self.run_dir)
-            tasks = TaskTable(tuple(state["target_languages"]), tuple(tuple(p) for p in state["lang_pairs"]))
+            tasks = TaskTable.from_dict(state)
             self.tokenizer = Tokenizer(self.run_dir / TOKENIZER, tasks.target_languages)
         elif teacher is not None:
             tasks, self.tokenizer = teacher.tasks, teacher.tokenizer
@@ -191,8 +191,7 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         state = {
             "run_config": self.run_config.to_dict(),
-            "target_languages": list(self.tasks.target_languages),
-            "lang_pairs": [list(p) for p in self.tasks.lang_pairs],
+            **self.tasks.to_dict(),
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "sampler": self.sampler.state_dict(),
