@@ -70,9 +70,14 @@ class FlexMoEBlock(nn.Module):
     structure (on the meta device, no memory) so :func:`from_flexmoe` can rebuild it.
     """
 
-    def __init__(self, moe: MoELayer, original: nn.Module, input_jitter: float, per_sequence: bool) -> None:
+    def __init__(
+        self, moe: MoELayer, original: nn.Module, input_jitter: float, per_sequence: bool, original_config: MoEConfig
+    ) -> None:
         super().__init__()
         self.moe = moe
+        # The config that reproduces the original block (before to_flexmoe's options): from_flexmoe
+        # checks the layer still has its structure.
+        self.original_config = original_config
         self.input_jitter = input_jitter
         self.per_sequence = per_sequence
         self._original = (original,)  # a tuple: not a submodule, not in the state dict
@@ -331,10 +336,13 @@ def to_flexmoe(model: nn.Module, *, share_storage: bool = False, **options: obje
         raise TypeError(f"options must be MoEConfig fields, got unknown {sorted(unknown)}")
     for parent, name, block in blocks:
         conversion = _describe(block)
-        conversion.config = dataclasses.replace(conversion.config, **options)
+        original_config = conversion.config
+        conversion.config = dataclasses.replace(original_config, **options)
         if not share_storage:
             conversion.state = {key: value.contiguous() for key, value in conversion.state.items()}
-        flex = FlexMoEBlock(_build_layer(conversion), block, conversion.input_jitter, conversion.per_sequence)
+        flex = FlexMoEBlock(
+            _build_layer(conversion), block, conversion.input_jitter, conversion.per_sequence, original_config
+        )
         flex.train(block.training)
         block.to("meta")  # the flexmoe layer holds the weights now; keep only the structure
         setattr(parent, name, flex)
@@ -354,9 +362,7 @@ def _check_restorable(where: str, flex: FlexMoEBlock) -> None:
             f"{where}: holds a {type(layer).__name__} (a sub-network from flexmoe.extract_task?), not a MoELayer; "
             f"it cannot go back into a {kind}: save it with flexmoe.save_subnetwork instead"
         )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # _describe's notes on the original block were given at to_flexmoe
-        original = _describe(flex._original[0]).config
+    original = flex.original_config
     changed = {
         field: (getattr(original, field), getattr(layer.config, field))
         for field in _STRUCTURAL_FIELDS
