@@ -2,9 +2,10 @@
 ``results.json`` per run; ``python -m flexmoe.models.results runs/table > docs/results.md``
 turns them into the table.
 
-    python scripts/run_table.py [--minutes 20] [--seeds 0,1,2] [--rows dense,token_target] [--out runs/table]
+    python scripts/run_table.py [--minutes 7] [--seeds 0,1,2] [--rows dense,token_target] [--out runs/table]
 
-Rows: configs/table/<row>.toml (equal wall time: each run's ``max_minutes``), plus
+Rows: configs/table/<row>.toml (equal compute: each run trains ``--minutes`` of CPU time, its
+config's ``budget_clock = "cpu"``, so a busy machine does not shorten a run), plus
 ``pruned_token`` (no training: the token/token run of the same seed, pruned per target language
 to its ``--prune-keep`` most used experts, NLLB-MoE style). ``distilled_dense`` needs the
 token/token run of its seed first (the default order does that). Finished runs are skipped
@@ -122,7 +123,7 @@ def pruned_results(trained: TrainedModel, corpus, test: list[Pair], keep: int, l
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--minutes", type=float, default=20.0, help="training wall time per run (default 20)")
+    parser.add_argument("--minutes", type=float, default=7.0, help="training CPU minutes per run (default 7)")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--rows", default=",".join(ROWS), help=f"subset of {ROWS}")
     parser.add_argument("--out", default="runs/table")
@@ -166,7 +167,8 @@ def main() -> None:
             test = per_direction_sample(test, args.per_direction) if args.per_direction else test
             steps = torch.load(Path(run.train.run_dir) / "checkpoint.pt", weights_only=False)["step"]
             result = {"row": row, "seed": seed, "minutes": args.minutes, "machine": machine, "steps": steps,
-                      "language": args.language, "threads": torch.get_num_threads()}  # fmt: skip
+                      "language": args.language, "threads": torch.get_num_threads(),
+                      "budget_clock": run.train.budget_clock}  # fmt: skip
             if row == "pruned_token":
                 result.update(pruned_results(trained, corpus, test, args.prune_keep, args.language))
             else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -42,11 +43,17 @@ class DataConfig:
             raise ValueError(f"data.temperature must be > 0, got {self.temperature!r}")
 
 
+BUDGET_CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+"""The clocks ``TrainConfig.max_minutes`` can be counted on."""
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Optimisation and bookkeeping. Training stops at ``max_steps`` or after ``max_minutes`` of
-    wall time spent in training steps (validation excluded, counted across resumes), whichever
-    comes first; 0 disables a limit (not both).
+    time spent in training steps (validation excluded, counted across resumes), whichever
+    comes first; 0 disables a limit (not both). ``budget_clock`` says which time: ``"wall"``
+    (seconds on the clock) or ``"cpu"`` (CPU seconds of the process, all its threads: the same
+    compute for every run however busy the machine is; the results table uses it).
 
     distill_from: a teacher's ``checkpoint.pt``: train this (dense) model on the teacher's soft
     targets (weight ``distill_weight``, rest on the references), initialised from the teacher's
@@ -63,6 +70,7 @@ class TrainConfig:
     clip_norm: float = 1.0
     max_steps: int = 0
     max_minutes: float = 0.0
+    budget_clock: str = "wall"
     log_every: int = 10
     eval_every: int = 200
     checkpoint_every: int = 200
@@ -88,6 +96,8 @@ class TrainConfig:
                 raise ValueError(f"train.{name} must be a finite number >= 0, got {value!r}")
         if not isinstance(self.device, str) or self.device.split(":")[0] not in ("cpu", "cuda"):
             raise ValueError(f"train.device must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+        if self.budget_clock not in BUDGET_CLOCKS:
+            raise ValueError(f"train.budget_clock must be one of {sorted(BUDGET_CLOCKS)}, got {self.budget_clock!r}")
         if self.max_steps == 0 and self.max_minutes == 0:
             raise ValueError("set train.max_steps or train.max_minutes (or both): training needs a limit")
 

@@ -29,7 +29,7 @@ from flexmoe.models.batching import (
     model_inputs,
 )
 from flexmoe.models.evaluate import generate_ids, score
-from flexmoe.models.runconfig import DataConfig, RunConfig, run_config_from_dict
+from flexmoe.models.runconfig import BUDGET_CLOCKS, DataConfig, RunConfig, run_config_from_dict
 from flexmoe.models.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer, train_tokenizer
 from flexmoe.models.translation import TranslationModel
 
@@ -274,10 +274,11 @@ class Trainer:
         bar = tqdm(total=config.max_steps or None, initial=self.step, disable=not self.progress, unit="step")
         window_loss, window_aux, window_tokens, window_start = [], [], 0, time.perf_counter()
         first_step = self.step
+        clock = BUDGET_CLOCKS[config.budget_clock]
         while not self.done():
-            started = time.perf_counter()
+            started = clock()
             loss, aux, tokens = self.train_step()
-            self.elapsed_s += time.perf_counter() - started
+            self.elapsed_s += clock() - started
             window_loss.append(loss)
             window_aux.append(aux)
             window_tokens += tokens
