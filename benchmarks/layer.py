@@ -7,7 +7,10 @@ exactly the rows the layer routed, no router, no dispatch), MoELayer, a per-expe
 ``deepspeed`` is importable (``make bench-venv``; same weights, CPU accelerator, a world-1 gloo group). Candidates are
 interleaved per repeat and the median is reported. Upstream gradients are dense random
 tensors (``out.sum().backward()`` would hand back a stride-0 gradient that sends CPU bmm
-backward onto a slow path). ``--memory`` adds the peak RSS of each row, one subprocess per row.
+backward onto a slow path). Gradients are set to None before each timed call, as a training
+step's ``optimizer.zero_grad()`` does, so no row pays (or skips) accumulating into old ones. The
+per-expert floor holds one weight tensor per expert (HF's ``nn.Linear`` per expert), so its
+gradients are never stacked into ``[E, ...]``. ``--memory`` adds the peak RSS of each row, one subprocess per row.
 
     python benchmarks/layer.py [--threads 1] [--repeats 5] [--quick] [--memory] [--only 'E64 k1']
 """
@@ -138,8 +141,9 @@ def build(config: Config, seed: int = 0):
     return layer, x
 
 
-def candidates(layer: MoELayer, x: torch.Tensor):
-    """name -> zero-argument callable running fwd+bwd once."""
+def candidates(layer: MoELayer, x: torch.Tensor) -> tuple[dict, list[torch.Tensor]]:
+    """(name -> zero-argument callable running fwd+bwd once, the leaf tensors whose gradients
+    the callables fill: cleared before each timed call, as ``optimizer.zero_grad()`` does)."""
     stats = layer.stats
     experts = layer.experts
     w1, b1, w2, b2 = experts.w1, experts.b1, experts.w2, experts.b2
@@ -155,9 +159,12 @@ def candidates(layer: MoELayer, x: torch.Tensor):
         h = F.gelu(torch.baddbmm(b1.unsqueeze(1), padded, w1))
         torch.baddbmm(b2.unsqueeze(1), h, w2).backward(grad_padded)
 
+    # One weight tensor per expert (nn.Linear per expert, as HF's Mixtral): each gradient lands in
+    # its own tensor, with no stacking into [E, ...] (unbind's backward would add one cat per weight).
+    w1s, b1s, w2s, b2s = ([t.detach().clone().requires_grad_() for t in w] for w in (w1, b1, w2, b2))
+
     def floor_addmm():
-        # split/unbind, not slicing or w1[e]: their backward writes a full-size gradient per expert.
-        pieces, w1s, b1s, w2s, b2s = exact.split(counts.tolist()), w1.unbind(), b1.unbind(), w2.unbind(), b2.unbind()
+        pieces = exact.split(counts.tolist())
         outs = [torch.addmm(b2s[e], F.gelu(torch.addmm(b1s[e], pieces[e], w1s[e])), w2s[e]) for e in range(num_experts)]
         torch.cat(outs).backward(grad_exact)
 
@@ -174,7 +181,6 @@ def candidates(layer: MoELayer, x: torch.Tensor):
         gates, chosen = torch.softmax(logits, -1).topk(layer.config.top_k, dim=-1)
         gates = gates / gates.sum(-1, keepdim=True)
         out = torch.zeros_like(x_leaf)
-        w1s, b1s, w2s, b2s = w1.unbind(), b1.unbind(), w2.unbind(), b2.unbind()  # one Linear per expert, as in HF
         for e in range(num_experts):
             token, slot = torch.where(chosen == e)
             h = F.gelu(torch.addmm(b1s[e], x_leaf[token], w1s[e]))
@@ -189,6 +195,7 @@ def candidates(layer: MoELayer, x: torch.Tensor):
 
     x_leaf = x.clone().requires_grad_()
     runs = dict(zip(ROWS, [floor_bmm, floor_addmm, floor_grouped, moe_layer, loop, einsum]))
+    leaves = [exact, padded, x_leaf, *w1s, *b1s, *w2s, *b2s, *layer.parameters()]
     if deepspeed_available() is None:
         ds_layer = deepspeed_moe(layer)
 
@@ -203,18 +210,21 @@ def candidates(layer: MoELayer, x: torch.Tensor):
             difference = (deepspeed_moe(layer, 0.0)(x)[0] - layer(x, capacity_factor=0)).abs().max().item()
         if difference > 1e-3:
             raise RuntimeError(f"DeepSpeed-MoE and MoELayer disagree by {difference:.3g}: the comparison is unfair")
-    return runs
+        leaves += list(ds_layer.parameters())
+    return runs, leaves
 
 
 def time_config(config: Config, repeats: int, skip: set[str]) -> dict[str, float]:
     layer, x = build(config)
-    runs = {name: fn for name, fn in candidates(layer, x).items() if name not in skip}
+    all_runs, leaves = candidates(layer, x)
+    runs = {name: fn for name, fn in all_runs.items() if name not in skip}
     samples: dict[str, list[float]] = {name: [] for name in runs}
     for fn in runs.values():  # warm-up
         fn()
     for _ in range(repeats):
         for name, fn in runs.items():
-            layer.zero_grad(set_to_none=True)
+            for leaf in leaves:
+                leaf.grad = None
             start = time.perf_counter()
             fn()
             samples[name].append(time.perf_counter() - start)
@@ -234,7 +244,7 @@ def peak_rss_mb(config: Config, row: str, threads: int) -> float:
     code = (
         "import sys, torch; sys.path.insert(0, 'benchmarks'); import layer as b; "
         f"torch.set_num_threads({threads}); c = b.Config(**{config.__dict__!r}); "
-        f"l, x = b.build(c); f = b.candidates(l, x)[{row!r}]; "
+        f"l, x = b.build(c); f = b.candidates(l, x)[0][{row!r}]; "
         "open('/proc/self/clear_refs', 'w').write('5'); f(); f(); "
         "print([line.split()[1] for line in open('/proc/self/status') if line.startswith('VmHWM')][0])"
     )

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flexmoe.ops.per_expert import per_expert_ffn
+
 _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu": F.gelu,
     "relu": F.relu,
@@ -127,22 +129,19 @@ class FFNExperts(nn.Module):
         """Grouped layout, one GEMM pair per expert (any dtype, float64 included).
         x: [rows, model_dim] sorted by expert, ``tokens_per_expert[e]`` rows for expert e ->
         [rows, model_dim]. Reads the counts on the host (one sync on CUDA: meant for CPU, where
-        plain per-expert GEMMs beat ``grouped_mm`` once experts get many rows)."""
-        counts = tokens_per_expert.tolist()
-        # split/unbind (not x[a:b], w1[e]): their backward builds one gradient, not one per expert.
-        pieces = x.split(counts)
-        weights = [None if w is None else w.to(x.dtype).unbind() for w in (self.w1, self.w3, self.w2)]
-        biases = [None if b is None else b.to(x.dtype).unbind() for b in (self.b1, self.b2)]
-        outs = []
-        for e, piece in enumerate(pieces):
-            if counts[e] == 0:
-                outs.append(piece)
-                continue
-            w1, w3, w2 = (None if w is None else w[e] for w in weights)
-            b1, b2 = (None if b is None else b[e] for b in biases)
-            hidden = self._hidden(piece @ w1, None if w3 is None else piece @ w3, b1)
-            outs.append(hidden @ w2 if b2 is None else torch.addmm(b2, hidden, w2))
-        return torch.cat(outs) if outs else x.new_zeros(0, self.model_dim)
+        plain per-expert GEMMs beat ``grouped_mm`` once experts get many rows). Hand-written backward
+        (:mod:`flexmoe.ops.per_expert`): differentiable once."""
+        weights = {name: w.to(x.dtype) for name, w in self.expert_parameters().items()}
+        return per_expert_ffn(
+            x,
+            tokens_per_expert.tolist(),
+            self.activation,
+            weights["w1"],
+            weights.get("b1"),
+            weights.get("w3"),
+            weights["w2"],
+            weights.get("b2"),
+        )
 
     def _hidden(self, pre: torch.Tensor, gate_in: torch.Tensor | None, b1: torch.Tensor | None) -> torch.Tensor:
         if b1 is not None:

@@ -195,7 +195,8 @@ def test_per_expert_kernel_with_empty_experts_matches_padded(gated):
         padded[e, : counts[e]] = rows[starts[e] : starts[e] + counts[e]]
     upstream = torch.randn(rows.shape, dtype=torch.float64)
     layer.zero_grad()
-    layer.experts.forward_per_expert(rows, counts).backward(upstream)
+    got_out = layer.experts.forward_per_expert(rows, counts)
+    got_out.backward(upstream)
     got = [rows.grad.clone()] + [p.grad.clone() for p in layer.experts.parameters()]
     rows.grad, expected_out = None, layer.experts(padded)
     layer.zero_grad()
@@ -203,6 +204,8 @@ def test_per_expert_kernel_with_empty_experts_matches_padded(gated):
     for e in range(6):
         expected_grad_out[e, : counts[e]] = upstream[starts[e] : starts[e] + counts[e]]
     expected_out.backward(expected_grad_out)
+    for e in range(6):
+        torch.testing.assert_close(got_out[starts[e] : starts[e] + counts[e]], expected_out[e, : counts[e]])
     expected = [rows.grad] + [p.grad for p in layer.experts.parameters()]
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
