@@ -71,9 +71,10 @@ CONFIGS = {
 }
 
 
-def build(family: str):
+def build(family: str, config=None):
+    """The family's tiny model in float64 (``config``: another config of that family)."""
     torch.manual_seed(0)
-    config = CONFIGS[family]()
+    config = config or CONFIGS[family]()
     if family == "switch_transformers":
         model = transformers.SwitchTransformersForConditionalGeneration(config)
     else:
