@@ -1,6 +1,7 @@
 """transformers models converted with expert parallelism (world 2, gloo) match the model converted
 single-process: logits, input-embedding and every parameter gradient (expert shards against the
-slices of the global gradient), one training step, and from_flexmoe -> save_pretrained."""
+slices of the global gradient), one training step, and from_flexmoe -> save_pretrained; then
+the example's --expert-parallel run."""
 
 import pytest
 

@@ -10,6 +10,7 @@ expert gradients of the mean of the ranks' losses, replicated gradients averaged
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -123,9 +124,20 @@ def _moe_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in model.modules() if type(m).__name__ == "OlmoeSparseMoeBlock"]
 
 
+def check_example(rank: int, world_size: int, tmp_dir: str) -> None:
+    """The example's --expert-parallel run (as under torchrun) trains, saves, reloads, prunes."""
+    from flexmoe.examples import transformers_moe
+
+    losses = transformers_moe.main(["--expert-parallel", "--steps", "3", "--keep", "2", "--save", f"{tmp_dir}/ex"])
+    assert losses["trained"] < losses["first"]
+    if rank == 0:
+        assert losses["reload_difference"] == 0.0 and math.isfinite(losses["pruned"])
+
+
 def check_all(rank: int, world_size: int, tmp_dir: str) -> None:
     torch.set_num_threads(1)
     for family in FAMILIES:
         check_family(rank, world_size, family, tmp_dir)
     check_share_storage_refused(rank, world_size)
     check_routers_come_from_first_rank(rank, world_size)
+    check_example(rank, world_size, tmp_dir)
