@@ -17,19 +17,23 @@ import torch
 import transformers
 
 from flexmoe.integrations.transformers import flexmoe_layers, from_flexmoe, to_flexmoe
-from flexmoe.parallel import HIDDEN_AXIS, SINGLE_PROCESS, allreduce_non_expert_grads, expert_parameters
+from flexmoe.parallel import HIDDEN_AXIS, SINGLE_PROCESS, ParallelConfig, allreduce_non_expert_grads, expert_parameters
 from tests.test_transformers_integration import COMMON, assert_same, build
 
 # float64 on both sides; only the order of sums differs (padded buffers of another capacity).
 TIGHT = dict(rtol=1e-9, atol=1e-12)
 LR = 0.5
 
-FAMILIES = {
-    "mixtral": None,  # 4 experts: 2 whole experts per rank
-    "qwen2_moe": None,  # 6 experts, 3 per rank, and a replicated shared expert
-    # 1 expert over 2 ranks: each rank holds half of its hidden units
-    "mixtral_sharded": lambda: transformers.MixtralConfig(
-        **COMMON, intermediate_size=24, num_local_experts=1, num_experts_per_tok=1
+# name: (family, another config of it or None, the layers' ParallelConfig or None)
+CASES = {
+    "mixtral": ("mixtral", None, None),  # 4 experts: 2 whole experts per rank
+    # 6 experts, 3 per rank, and a replicated shared expert; data parallel (all experts gathered)
+    "qwen2_moe": ("qwen2_moe", None, ParallelConfig(parallel_degree=0)),
+    # 1 expert over 2 ranks: each rank holds half of its hidden units; model parallel, pipelined
+    "mixtral_sharded": (
+        "mixtral",
+        lambda: transformers.MixtralConfig(**COMMON, intermediate_size=24, num_local_experts=1, num_experts_per_tok=1),
+        ParallelConfig(parallel_degree=2, overlap_degree=2),
     ),
 }
 
@@ -57,9 +61,9 @@ def expected_grad(sharded: torch.nn.Module, name: str, reference_grad: torch.Ten
     return sharded.get_submodule(layer_name).layout.shard(reference_grad, HIDDEN_AXIS[param_name])
 
 
-def check_family(rank: int, world_size: int, family: str, tmp_dir: str) -> None:
-    config = FAMILIES[family]
-    original = build(family.removesuffix("_sharded"), config() if config else None)
+def check_case(rank: int, world_size: int, case: str, tmp_dir: str) -> None:
+    family, config, parallel = CASES[case]
+    original = build(family, config() if config else None)
     batches = rank_batches(world_size)
     own_ids, own_seed = batches[rank]
     transformers_logits = run(copy.deepcopy(original), own_ids, own_seed)
@@ -70,9 +74,10 @@ def check_family(rank: int, world_size: int, family: str, tmp_dir: str) -> None:
         # The input embedding is not used (inputs_embeds): allreduce_non_expert_grads gives it zeros.
         param.grad = torch.zeros_like(param) if param.grad is None else param.grad / world_size
 
-    sharded = to_flexmoe(copy.deepcopy(original))  # the default group: the world
+    sharded = to_flexmoe(copy.deepcopy(original), parallel=parallel)  # the default group: the world
     layers = flexmoe_layers(sharded)
     assert layers and all(layer.layout.world_size == world_size for layer in layers)
+    assert all(layer.parallel == (parallel or ParallelConfig()) for layer in layers)
     logits, embed_grad = run(sharded, own_ids, own_seed)
     torch.testing.assert_close(logits, reference_runs[rank][0], **TIGHT)
     torch.testing.assert_close(embed_grad, reference_runs[rank][1], **TIGHT)
@@ -95,8 +100,8 @@ def check_family(rank: int, world_size: int, family: str, tmp_dir: str) -> None:
     for key, value in sharded.state_dict().items():
         torch.testing.assert_close(value, reference_state[key], **TIGHT, msg=key)
     if rank == 0:
-        sharded.save_pretrained(f"{tmp_dir}/{family}")
-        reloaded = type(sharded).from_pretrained(f"{tmp_dir}/{family}", dtype=torch.float64).eval()
+        sharded.save_pretrained(f"{tmp_dir}/{case}")
+        reloaded = type(sharded).from_pretrained(f"{tmp_dir}/{case}", dtype=torch.float64).eval()
         reloaded.set_experts_implementation("eager")
         with torch.no_grad():
             torch.testing.assert_close(reloaded(input_ids=own_ids).logits, reference(input_ids=own_ids).logits)
@@ -136,8 +141,8 @@ def check_example(rank: int, world_size: int, tmp_dir: str) -> None:
 
 def check_all(rank: int, world_size: int, tmp_dir: str) -> None:
     torch.set_num_threads(1)
-    for family in FAMILIES:
-        check_family(rank, world_size, family, tmp_dir)
+    for case in CASES:
+        check_case(rank, world_size, case, tmp_dir)
     check_share_storage_refused(rank, world_size)
     check_routers_come_from_first_rank(rank, world_size)
     check_example(rank, world_size, tmp_dir)
