@@ -401,8 +401,8 @@ def to_flexmoe(
     no aux loss; add :func:`flexmoe_aux_loss` to the loss when you enable one).
 
     Raises ``ValueError`` naming any MoE block type that is not supported (nothing is converted
-    then), when the model has no MoE block, and for ``share_storage=True`` with a group of
-    W > 1 ranks (views would keep every expert alive on every rank). Build optimizers after
+    then), when the model has no MoE block, and for ``share_storage=True`` with a process group
+    (views would keep every expert alive on every rank). Build optimizers after
     converting: the flexmoe layers hold new Parameter objects (sharing storage with the old
     ones unless sharded).
     """
@@ -420,10 +420,11 @@ def to_flexmoe(
     parallel = check_parallel_config(parallel)
     # One ParallelGroups for every layer: they share its sub-groups.
     groups = resolve_groups(group, parallel.local_world_size)
-    if share_storage and groups is not None and groups.world_size > 1:
+    if share_storage and groups is not None:
         raise ValueError(
-            f"share_storage=True keeps views of every expert on every rank; with a group of {groups.world_size} "
-            "ranks use share_storage=False (each rank keeps a copy of its shard only)"
+            f"share_storage=True needs single-process layers (group=SINGLE_PROCESS): a layer on a process group "
+            f"(here of {groups.world_size} ranks) keeps a copy of its shard of the experts; views would keep every "
+            "expert alive on every rank"
         )
     for parent, name, block in blocks:
         conversion = _describe(block)
