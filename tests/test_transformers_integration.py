@@ -14,6 +14,7 @@ from flexmoe.integrations.transformers import (  # noqa: E402
     from_flexmoe,
     to_flexmoe,
 )
+from flexmoe.parallel import SINGLE_PROCESS, ParallelConfig  # noqa: E402
 
 COMMON = dict(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)
 CONFIGS = {
@@ -71,9 +72,10 @@ CONFIGS = {
 }
 
 
-def build(family: str):
+def build(family: str, config=None):
+    """The family's tiny model in float64 (``config``: another config of that family)."""
     torch.manual_seed(0)
-    config = CONFIGS[family]()
+    config = config or CONFIGS[family]()
     if family == "switch_transformers":
         model = transformers.SwitchTransformersForConditionalGeneration(config)
     else:
@@ -182,6 +184,16 @@ def test_options_reach_the_layers_and_unknown_options_are_named():
     )
     with pytest.raises(TypeError, match="top_kk"):
         to_flexmoe(build("olmoe"), top_kk=2)
+
+
+def test_group_and_parallel_reach_the_layers_and_bad_ones_are_named():
+    parallel = ParallelConfig(parallel_degree=0, overlap_degree=2)
+    model = to_flexmoe(build("olmoe"), group=SINGLE_PROCESS, parallel=parallel)
+    assert all(layer.groups is None and layer.parallel == parallel for layer in flexmoe_layers(model))
+    with pytest.raises(TypeError, match="group must be"):
+        to_flexmoe(build("olmoe"), group="world")
+    with pytest.raises(TypeError, match="parallel must be"):
+        to_flexmoe(build("olmoe"), parallel={"parallel_degree": 0})
 
 
 def test_example_converts_trains_prunes_and_saves():

@@ -10,6 +10,11 @@ per-expert modules are stacked. ``from_flexmoe(model)`` rebuilds the original bl
 the (possibly trained) flexmoe weights, so ``save_pretrained`` / ``from_pretrained`` keep
 the original format.
 
+Expert parallelism: under ``torch.distributed`` (``group=`` a process group, or the default
+world group as for :class:`~flexmoe.MoELayer`), every rank converts the same model (built
+from the same seed or checkpoint) and keeps only its shard of each layer's experts
+(``layer.layout``); ``from_flexmoe`` gathers them back on every rank.
+
 Routing semantics matched per family (read from transformers 5.x):
   * Mixtral: softmax, top-k, renormalised; training jitter multiplies the block input.
   * Qwen2-MoE / Qwen3-MoE / OLMoE: softmax, top-k, renormalised when ``norm_topk_prob``;
@@ -35,11 +40,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
+from flexmoe.checkpoint import expert_tensor_specs
 from flexmoe.config import MoEConfig
 from flexmoe.layer import MoELayer
-from flexmoe.parallel import SINGLE_PROCESS
+from flexmoe.parallel import HIDDEN_AXIS, SINGLE_PROCESS, ParallelConfig, ParallelGroups, unshard
+from flexmoe.parallel.config import check_parallel_config
+from flexmoe.parallel.data_parallel import non_expert_parameters
+from flexmoe.parallel.groups import resolve_groups
 
 SUPPORTED_BLOCKS = (
     "MixtralSparseMoeBlock",
@@ -130,10 +140,10 @@ def _fused_experts_state(experts: nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
-def _fused_experts_export(layer: MoELayer) -> dict[str, torch.Tensor]:
-    experts = layer.experts
-    gate_up = torch.cat([experts.w1.detach().transpose(1, 2), experts.w3.detach().transpose(1, 2)], dim=1)
-    return {"experts.gate_up_proj": gate_up, "experts.down_proj": experts.w2.detach().transpose(1, 2).contiguous()}
+def _fused_experts_export(experts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """flexmoe's global w1/w3 [E, M, I] and w2 [E, I, M] as transformers' fused tensors."""
+    gate_up = torch.cat([experts["w1"].transpose(1, 2), experts["w3"].transpose(1, 2)], dim=1)
+    return {"experts.gate_up_proj": gate_up, "experts.down_proj": experts["w2"].transpose(1, 2).contiguous()}
 
 
 def _mlp_state(mlp: nn.Module) -> dict[str, torch.Tensor]:
@@ -247,16 +257,36 @@ def _describe(block: nn.Module) -> Conversion:
     raise ValueError(f"unsupported MoE block {kind}; supported: {SUPPORTED_BLOCKS}")
 
 
+def _global_expert_weights(layer: MoELayer) -> dict[str, torch.Tensor]:
+    """The layer's expert weights of all ``num_experts`` experts, by name (``w1`` [E, M, I]...).
+
+    A sharded layer all-gathers every rank's shard over its group (collective: every rank of
+    the group calls it) and rebuilds the global tensors with :func:`~flexmoe.parallel.unshard`.
+    """
+    local = {name: param.detach() for name, param in layer.experts.expert_parameters().items()}
+    if layer.groups is None or layer.layout.world_size == 1:
+        return local
+    group, world_size = layer.groups.group, layer.layout.world_size
+    gathered = {}
+    for name, shard in local.items():
+        pieces = [torch.empty_like(shard) for _ in range(world_size)]
+        dist.all_gather(pieces, shard.contiguous(), group=group)
+        gathered[name] = unshard(pieces, HIDDEN_AXIS[name], layer.config.num_experts)
+    return gathered
+
+
 def _export(block: FlexMoEBlock) -> dict[str, torch.Tensor]:
-    """The original block's state dict, built from the flexmoe layer's current weights."""
+    """The original block's state dict, built from the flexmoe layer's current weights
+    (gathered from every rank when the layer is sharded)."""
     layer, kind = block.moe, block.original_class
+    experts = _global_expert_weights(layer)
     if kind == "SwitchTransformersSparseMLP":
         state = {"router.classifier.weight": layer.router.weight.detach()}
         for e in range(layer.config.num_experts):
-            state[f"experts.expert_{e}.wi.weight"] = layer.experts.w1.detach()[e].T.contiguous()
-            state[f"experts.expert_{e}.wo.weight"] = layer.experts.w2.detach()[e].T.contiguous()
+            state[f"experts.expert_{e}.wi.weight"] = experts["w1"][e].T.contiguous()
+            state[f"experts.expert_{e}.wo.weight"] = experts["w2"][e].T.contiguous()
         return state
-    state = {"gate.weight": layer.router.weight.detach(), **_fused_experts_export(layer)}
+    state = {"gate.weight": layer.router.weight.detach(), **_fused_experts_export(experts)}
     if kind == "Qwen2MoeSparseMoeBlock":
         state.update(_mlp_export(layer, "shared_expert"))
         state["shared_expert_gate.weight"] = layer.shared_experts.gate.weight.detach()
@@ -274,16 +304,46 @@ def _materialize_meta_buffers(layer: nn.Module, like: torch.Tensor) -> None:
                 module._buffers[name] = torch.zeros(buffer.shape, dtype=like.dtype, device=like.device)
 
 
-def _build_layer(conversion: Conversion) -> MoELayer:
-    # Single-process layers even under torchrun: they receive the full (global) expert weights.
-    # Expert parallelism for converted models is not wired yet (see README).
-    with torch.device("meta"):
-        layer = MoELayer(conversion.config, group=SINGLE_PROCESS)
-    layer.load_state_dict(conversion.state, strict=True, assign=True)
+def _build_layer(conversion: Conversion, groups: ParallelGroups | None, parallel: ParallelConfig) -> MoELayer:
+    """A MoELayer holding the conversion's weights: all of them (single process), or this rank's
+    shard of the experts and every replicated tensor (a group)."""
     like = conversion.state["router.weight"]
-    _materialize_meta_buffers(layer, like)
+    if groups is None:
+        # Built on meta (no memory, no initialisation), then given the block's tensors.
+        with torch.device("meta"):
+            layer = MoELayer(conversion.config, group=SINGLE_PROCESS, parallel=parallel)
+        layer.load_state_dict(conversion.state, strict=True, assign=True)
+        _materialize_meta_buffers(layer, like)
+    else:
+        layer = _build_sharded_layer(conversion, groups, parallel, like)
     layer.aux_loss = torch.zeros((), dtype=like.dtype, device=like.device)
     return layer.train(False)
+
+
+def _build_sharded_layer(
+    conversion: Conversion, groups: ParallelGroups, parallel: ParallelConfig, like: torch.Tensor
+) -> MoELayer:
+    """This rank's layer of a sharded conversion (collective over ``groups``).
+
+    A distributed MoELayer cannot be built on meta (its construction runs collectives on real
+    tensors), so it is built with its own (1 / W-sized) expert initialisation, then given this
+    rank's clone of each global expert tensor (the global tensor can be freed) and the replicated
+    tensors, which are broadcast from the group's first rank as MoELayer's construction does.
+    """
+    layer = MoELayer(conversion.config, group=groups, parallel=parallel).to(device=like.device, dtype=like.dtype)
+    layout = layer.layout
+    specs = expert_tensor_specs(layer, layout.rank, layout.world_size)
+    # Expert tensors: a contiguous copy of this rank's part (nothing keeps the global tensor).
+    state = {
+        key: layout.shard(value, specs[key].hidden_axis).clone(memory_format=torch.contiguous_format)
+        if key in specs
+        else value.contiguous()
+        for key, value in conversion.state.items()
+    }
+    layer.load_state_dict(state, strict=True, assign=True)
+    replicated = [param for _, param in non_expert_parameters(layer)] + list(layer.buffers())
+    groups.broadcast_from_first_rank(replicated)
+    return layer
 
 
 def _find_blocks(module: nn.Module, wanted: Callable[[nn.Module], bool]) -> list[tuple[nn.Module, str, nn.Module]]:
@@ -303,9 +363,30 @@ def _is_moe_block(module: nn.Module) -> bool:
     return type(module).__name__ in SUPPORTED_BLOCKS or isinstance(getattr(module, "experts", None), nn.Module)
 
 
-def to_flexmoe(model: nn.Module, *, share_storage: bool = False, **options: object) -> nn.Module:
+def to_flexmoe(
+    model: nn.Module,
+    *,
+    share_storage: bool = False,
+    group: dist.ProcessGroup | ParallelGroups | object | None = None,
+    parallel: ParallelConfig | None = None,
+    **options: object,
+) -> nn.Module:
     """Replace every transformers MoE block of ``model`` in place by a :class:`FlexMoEBlock`
     holding the same weights. Returns ``model``.
+
+    group: as :class:`~flexmoe.MoELayer`'s: a process group (or a shared
+    :class:`~flexmoe.parallel.ParallelGroups`), None for the world group when
+    ``torch.distributed`` is initialised with more than one rank, or
+    ``flexmoe.parallel.SINGLE_PROCESS`` for local layers holding every expert. With a group of
+    W > 1 ranks the conversion is collective: every rank converts the same model (same weights;
+    the layers' replicated tensors are broadcast from the group's first rank) and keeps its
+    ``layout`` shard of each layer's experts (a copy, the global tensors are freed, so every
+    rank stores 1 / W of the expert weights). Train with
+    :func:`~flexmoe.parallel.allreduce_non_expert_grads` or DDP on
+    :func:`~flexmoe.parallel.ignore_expert_parameters` for the replicated parameters (the
+    gradient convention is in :mod:`flexmoe.parallel.expert_parallel`). Every rank must call the
+    model the same number of times (Switch blocks: with the same number of sequences).
+    parallel: the layers' :class:`~flexmoe.parallel.ParallelConfig` (defaults when None).
 
     share_storage: keep the fused expert weights as views of transformers' tensors (no copy,
     no extra memory even during conversion). By default they are copied once into flexmoe's
@@ -320,8 +401,10 @@ def to_flexmoe(model: nn.Module, *, share_storage: bool = False, **options: obje
     no aux loss; add :func:`flexmoe_aux_loss` to the loss when you enable one).
 
     Raises ``ValueError`` naming any MoE block type that is not supported (nothing is converted
-    then) and when the model has no MoE block. Build optimizers after converting: the flexmoe
-    layers hold new Parameter objects (sharing storage with the old ones).
+    then), when the model has no MoE block, and for ``share_storage=True`` with a process group
+    (views would keep every expert alive on every rank). Build optimizers after
+    converting: the flexmoe layers hold new Parameter objects (sharing storage with the old
+    ones unless sharded).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -334,15 +417,23 @@ def to_flexmoe(model: nn.Module, *, share_storage: bool = False, **options: obje
     unknown = set(options) - {f.name for f in dataclasses.fields(MoEConfig)}
     if unknown:
         raise TypeError(f"options must be MoEConfig fields, got unknown {sorted(unknown)}")
+    parallel = check_parallel_config(parallel)
+    # One ParallelGroups for every layer: they share its sub-groups.
+    groups = resolve_groups(group, parallel.local_world_size)
+    if share_storage and groups is not None:
+        raise ValueError(
+            f"share_storage=True needs single-process layers (group=SINGLE_PROCESS): a layer on a process group "
+            f"(here of {groups.world_size} ranks) keeps a copy of its shard of the experts; views would keep every "
+            "expert alive on every rank"
+        )
     for parent, name, block in blocks:
         conversion = _describe(block)
         original_config = conversion.config
         conversion.config = dataclasses.replace(original_config, **options)
-        if not share_storage:
+        if not share_storage and groups is None:  # a sharded layer copies its part only
             conversion.state = {key: value.contiguous() for key, value in conversion.state.items()}
-        flex = FlexMoEBlock(
-            _build_layer(conversion), block, conversion.input_jitter, conversion.per_sequence, original_config
-        )
+        layer = _build_layer(conversion, groups, parallel)
+        flex = FlexMoEBlock(layer, block, conversion.input_jitter, conversion.per_sequence, original_config)
         flex.train(block.training)
         block.to("meta")  # the flexmoe layer holds the weights now; keep only the structure
         setattr(parent, name, flex)
@@ -380,6 +471,10 @@ def _check_restorable(where: str, flex: FlexMoEBlock) -> None:
 def from_flexmoe(model: nn.Module) -> nn.Module:
     """Put the original transformers blocks back, with the flexmoe layers' current weights
     (copied into the original layout). Returns ``model``; it saves with ``save_pretrained``.
+
+    Layers sharded over a group (``to_flexmoe(..., group=...)``) are all-gathered: the call is
+    collective, every rank of the group makes it, and every rank gets the whole model back (save
+    it from one rank).
 
     Raises ValueError, before replacing anything, if a layer no longer fits its original block:
     pruned (``flexmoe.prune_experts``: fewer experts, groups changed) or extracted to a DenseFFN.
