@@ -9,7 +9,9 @@ config's ``budget_clock = "cpu"``, so a busy machine does not shorten a run), pl
 ``pruned_token`` (no training: the token/token run of the same seed, pruned per target language
 to its ``--prune-keep`` most used experts, NLLB-MoE style). ``distilled_dense`` needs the
 token/token run of its seed first (the default order does that). Finished runs are skipped
-(a run resumes from its checkpoint), so the script can be killed and restarted.
+(a run resumes from its checkpoint), so the script can be killed and restarted; ``--reevaluate``
+scores and times the finished runs again without training (throughput taken on a busy machine
+is redone on a quiet one).
 """
 
 from __future__ import annotations
@@ -130,6 +132,12 @@ def main() -> None:
     parser.add_argument("--language", default="fr", help="target language of the throughput figures")
     parser.add_argument("--per-direction", type=int, default=50, help="test sentences per direction (0: all)")
     parser.add_argument("--prune-keep", type=int, default=2, help="experts kept per layer by pruned_token")
+    parser.add_argument(
+        "--reevaluate",
+        action="store_true",
+        help="evaluate finished runs again (scores and throughput; no training): throughput figures "
+        "taken while the machine was busy are redone on a quiet one",
+    )
     parser.add_argument("--tsv-dir", help="DIR/{train,valid,test}.tsv instead of the embedded corpus")
     args = parser.parse_args()
     rows = args.rows.split(",")
@@ -141,8 +149,8 @@ def main() -> None:
         for row in [r for r in ROWS if r in rows]:
             run_dir = Path(args.out) / row / f"seed{seed}"
             results_file = run_dir / "results.json"
-            if results_file.is_file():
-                continue
+            if results_file.is_file() == (not args.reevaluate):
+                continue  # finished (or, when reevaluating, not finished yet)
             source_row = "token_token" if row == "pruned_token" else row
             run = load_run_config(REPO / "configs" / "table" / f"{source_row}.toml")
             train_config = dataclasses.replace(
