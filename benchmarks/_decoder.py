@@ -118,6 +118,11 @@ class Decoder(nn.Module):
         self.size = size
         self.embedding = nn.Embedding(size.vocab, size.model_dim)
         self.position = nn.Embedding(size.max_len, size.model_dim)
+        # Small positions (GPT-2 style): with N(0, 1) positions as large as the tokens, the rows of a
+        # decoding step (all at one position) look alike to a router at initialisation, and a
+        # token-routed layer sends them to a few experts (about 16 of 32 at batch 128). A trained
+        # token-MoE with a balance loss spreads them; with small positions this one does too.
+        nn.init.normal_(self.position.weight, std=0.02)
         self.blocks = nn.ModuleList(
             Block(size, sparse_ffn(size, kind) if size.is_sparse(i) else DenseMLP(size.model_dim, size.hidden_dim))
             for i in range(size.layers)

@@ -161,6 +161,31 @@ def time_split(
     return total, spent[0]
 
 
+def active_experts(model: nn.Module, size: DecoderSize, batch: int, prompt_len: int, new_tokens: int) -> float | None:
+    """Experts that receive tokens, per MoE layer and decoding step (mean over one generation);
+    None for a model without MoE layers."""
+    layers = [m for m in model.modules() if isinstance(m, flexmoe.MoELayer)]
+    counts: list[int] = []
+
+    def record(layer, args, output):
+        if layer.stats.num_tokens == batch:  # a decoding step, not the prefill
+            counts.append(int((layer.stats.kept_per_expert > 0).sum()))
+
+    handles = [layer.register_forward_hook(record) for layer in layers]
+    try:
+        prompt = torch.randint(size.vocab, (batch, prompt_len))
+        generate(model, prompt, torch.full((batch,), TASK), new_tokens)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return sum(counts) / len(counts) if counts else None
+
+
+def balanced_active_experts(size: DecoderSize, batch: int) -> float:
+    """Expected experts that receive tokens when each of ``batch`` tokens picks its top-k uniformly."""
+    return size.num_experts * (1 - (1 - size.top_k / size.num_experts) ** batch)
+
+
 def time_one_sparse_ffn(model: nn.Module, size: DecoderSize, batch: int, clock: Clock, calls: int = 20) -> float:
     """Seconds per call of the first sparse-position FFN alone on one decoding step [batch, 1, model_dim]:
     the same layer without the rest of the model competing for the caches."""
@@ -232,21 +257,24 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\nresident parameters, and where one generation's time goes at batch {batch} (ms per step)")
     print(
         f"{'model':<22}{'parameters':>14}{'MB':>9}{'ratio':>8}{'step':>10}{'sparse FFN':>12}{'rest':>10}"
-        f"{'one sparse FFN alone':>22}"
+        f"{'one sparse FFN alone':>22}{'active experts':>16}"
     )
     for name, model in models.items():
         nbytes, params = parameter_bytes(model), sum(p.numel() for p in model.parameters())
         total, sparse = time_split(model, size, batch, prompt_len, new_tokens, clock)
         alone = time_one_sparse_ffn(model, size, batch, clock)
+        active = active_experts(model, size, batch, prompt_len, new_tokens)
         print(
             f"{name:<22}{params:>14,}{nbytes / 2**20:>9.1f}{nbytes / base_bytes:>7.2f}x"
             f"{1e3 * total / steps:>10.1f}{1e3 * sparse / steps:>12.1f}{1e3 * (total - sparse) / steps:>10.1f}"
-            f"{1e3 * alone:>22.2f}"
+            f"{1e3 * alone:>22.2f}{'-' if active is None else f'{active:.1f}':>16}"
         )
     print(
         f"sparse FFN: the MoE layers ({size.sparse_layers} of {size.layers}; the DenseFFN / MLP in (c), (d)); "
         "rest: attention, dense FFNs, norms, head; one sparse FFN alone: one such layer on one step's "
-        "[batch, 1, model_dim], ms."
+        "[batch, 1, model_dim], ms; active experts: experts that get tokens per MoE layer and decoding step "
+        f"(uniform top-{size.top_k} routing of {batch} tokens: {balanced_active_experts(size, batch):.1f} "
+        f"of {size.num_experts})."
     )
 
 
