@@ -1,11 +1,13 @@
 """A small pre-LN Transformer decoder with a KV cache, for benchmarks/task_inference.py (not library API).
 
-Every other layer's FFN (layers 1, 3, ...) is the "sparse position": an MoE layer routed by
-token or by task, or a plain dense MLP (the dense baseline). The other layers' FFNs are dense.
+Every ``moe_every``-th layer's FFN (layers 1, 3, ... for 2; every layer for 1) is a "sparse
+position": an MoE layer routed by token or by task, or a plain dense MLP (the dense baseline).
+The other layers' FFNs are dense.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -29,6 +31,15 @@ class DecoderSize:
     top_k: int
     num_tasks: int
     max_len: int
+    moe_every: int = 2  # 2: MoE FFN in every other layer (the paper's models); 1: in every layer
+
+    def is_sparse(self, layer: int) -> bool:
+        """Whether layer ``layer``'s FFN is a sparse position (MoE, or its dense stand-in)."""
+        return layer % self.moe_every == self.moe_every - 1
+
+    @property
+    def sparse_layers(self) -> int:
+        return sum(self.is_sparse(i) for i in range(self.layers))
 
 
 class KVCache:
@@ -107,8 +118,13 @@ class Decoder(nn.Module):
         self.size = size
         self.embedding = nn.Embedding(size.vocab, size.model_dim)
         self.position = nn.Embedding(size.max_len, size.model_dim)
+        # Small positions (GPT-2 style): with N(0, 1) positions as large as the tokens, the rows of a
+        # decoding step (all at one position) look alike to a router at initialisation, and a
+        # token-routed layer sends them to a few experts (about 16 of 32 at batch 128). A trained
+        # token-MoE with a balance loss spreads them; with small positions this one does too.
+        nn.init.normal_(self.position.weight, std=0.02)
         self.blocks = nn.ModuleList(
-            Block(size, sparse_ffn(size, kind) if i % 2 else DenseMLP(size.model_dim, size.hidden_dim))
+            Block(size, sparse_ffn(size, kind) if size.is_sparse(i) else DenseMLP(size.model_dim, size.hidden_dim))
             for i in range(size.layers)
         )
         self.norm = nn.LayerNorm(size.model_dim)
@@ -132,14 +148,24 @@ class Decoder(nn.Module):
 
 
 @torch.no_grad()
-def generate(model: nn.Module, prompt: torch.Tensor, task_ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
+def generate(
+    model: nn.Module,
+    prompt: torch.Tensor,
+    task_ids: torch.Tensor,
+    new_tokens: int,
+    after_prefill: Callable[[], None] | None = None,
+) -> torch.Tensor:
     """Greedy decoding with a KV cache. prompt: [batch, prompt_len] -> new tokens [batch, new_tokens].
 
-    ``model`` is a :class:`Decoder` or a sub-network extracted from one (same forward)."""
+    ``model`` is a :class:`Decoder` or a sub-network extracted from one (same forward).
+    ``after_prefill`` is called once the prompt is processed, before the first decoding step
+    (a timer's mark)."""
     if prompt.shape[1] + new_tokens > model.size.max_len:
         raise ValueError(f"prompt + new_tokens must be <= max_len={model.size.max_len}")
     caches = model.new_caches(prompt.shape[0], model.embedding.weight)
     logits = model(prompt, task_ids, caches)
+    if after_prefill is not None:
+        after_prefill()
     generated = []
     for _ in range(new_tokens):
         token = logits[:, -1].argmax(-1, keepdim=True)

@@ -1,7 +1,8 @@
 """Decoding throughput and resident parameters: token-MoE vs task-MoE vs extracted sub-network vs dense.
 
 One run builds four models of one decoder architecture (benchmarks/_decoder.py: pre-LN, causal
-self-attention with a KV cache, an FFN in every layer, an MoE FFN in every other layer):
+self-attention with a KV cache, an FFN in every layer, an MoE FFN in every other layer with
+``--shape paper`` or in every layer with ``--shape moe-heavy``):
 
   (a) token-MoE      MoE layers routed by token
   (b) task-MoE       the same architecture routed by task, run whole (router, dispatch, all experts)
@@ -10,18 +11,29 @@ self-attention with a KV cache, an FFN in every layer, an MoE FFN in every other
 
 and greedily decodes ``--new-tokens`` tokens after a ``--prompt``-token prompt, one task per
 batch (the serving scenario), at batch sizes 1, 8, 32, 128. Throughput is new tokens per second
-(prefill included in the time), timed by process CPU time (``--clock cpu``, one thread: robust
-on a shared machine) or wall time; the best of ``--repeats`` runs, models interleaved within a
-repeat. Everything is printed as a ratio to (a) measured in the same run; "peak" is each
-model's best batch size. The last table splits one run at the largest batch into time inside the FFNs
-of the sparse positions and the rest (attention, dense FFNs, head), per decoding step.
+(prefill included in the time) and, from the same runs, decoding tokens per second (the steps
+after the prefill only, the paper's measure), timed by process CPU time (``--clock cpu``, one
+thread: robust on a shared machine) or wall time; the best of ``--repeats`` runs, models
+interleaved within a repeat. Everything is printed as a ratio to (a) measured in the same run;
+"peak" is each model's best batch size. The last table splits one run at the largest batch into
+time inside the FFNs of the sparse positions and the rest (attention, dense FFNs, head), per
+decoding step.
 
-    python benchmarks/task_inference.py [--threads 1] [--repeats 3] [--clock cpu|wall] [--quick]
+Shapes (``--shape``), both 32 experts, top-2:
+  paper      d = 256, experts and dense FFNs of width 1024, MoE in layers 1, 3, 5 of 6 (the
+             paper's layout at a small width): half of a step is attention/dense FFN/head.
+  moe-heavy  d = 512, experts of width 2048, MoE in all 6 layers: the MoE layers dominate a
+             decoding step, as in the paper's deployed models (a 32-expert Transformer-Base
+             decoder holds most of its parameters in the experts).
+
+    python benchmarks/task_inference.py [--shape paper|moe-heavy] [--threads 1] [--repeats 3]
+        [--clock cpu|wall] [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import platform
 import sys
@@ -40,6 +52,19 @@ import flexmoe
 FULL = DecoderSize(
     vocab=1024, model_dim=256, heads=4, layers=6, hidden_dim=1024, num_experts=32, top_k=2, num_tasks=8, max_len=64
 )
+MOE_HEAVY = DecoderSize(
+    vocab=1024,
+    model_dim=512,
+    heads=8,
+    layers=6,
+    hidden_dim=2048,
+    num_experts=32,
+    top_k=2,
+    num_tasks=8,
+    max_len=64,
+    moe_every=1,
+)
+SHAPES = {"paper": FULL, "moe-heavy": MOE_HEAVY}
 QUICK = DecoderSize(
     vocab=64, model_dim=32, heads=2, layers=2, hidden_dim=32, num_experts=32, top_k=2, num_tasks=4, max_len=16
 )
@@ -71,10 +96,12 @@ def check_subnet_matches(models: dict[str, nn.Module], size: DecoderSize) -> flo
 
 def time_generation(
     model: nn.Module, prompt: torch.Tensor, task_ids: torch.Tensor, new_tokens: int, clock: Clock
-) -> float:
-    start = clock()
-    generate(model, prompt, task_ids, new_tokens)
-    return clock() - start
+) -> tuple[float, float]:
+    """One generation: (seconds in all, seconds of the decoding steps after the prefill)."""
+    marks = [clock()]
+    generate(model, prompt, task_ids, new_tokens, after_prefill=lambda: marks.append(clock()))
+    end = clock()
+    return end - marks[0], end - marks[1]
 
 
 def measure_throughput(
@@ -85,10 +112,11 @@ def measure_throughput(
     new_tokens: int,
     repeats: int,
     clock: Clock,
-) -> dict[str, dict[int, float]]:
-    """tokens/s[model][batch]: best of the repeats (other load on the machine only ever slows a run
-    down), models interleaved, after one warm-up run each."""
-    seconds: dict[str, dict[int, list[float]]] = {name: {b: [] for b in batch_sizes} for name in models}
+) -> tuple[dict[str, dict[int, float]], dict[str, dict[int, float]]]:
+    """(whole generation, decoding steps only): tokens/s[model][batch], each the best of the
+    repeats (other load on the machine only ever slows a run down), models interleaved, after
+    one warm-up run each."""
+    seconds: dict[str, dict[int, list[tuple[float, float]]]] = {name: {b: [] for b in batch_sizes} for name in models}
     for batch in batch_sizes:
         prompt = torch.randint(size.vocab, (batch, prompt_len))
         task_ids = torch.full((batch,), TASK)
@@ -97,15 +125,19 @@ def measure_throughput(
         for _ in range(repeats):
             for name, model in models.items():
                 seconds[name][batch].append(time_generation(model, prompt, task_ids, new_tokens, clock))
-    return {
-        name: {b: b * new_tokens / min(runs) for b, runs in per_batch.items()} for name, per_batch in seconds.items()
-    }
+    return tuple(
+        {
+            name: {b: b * new_tokens / min(run[part] for run in runs) for b, runs in per_batch.items()}
+            for name, per_batch in seconds.items()
+        }
+        for part in (0, 1)
+    )
 
 
 def time_split(
     model: nn.Module, size: DecoderSize, batch: int, prompt_len: int, new_tokens: int, clock: Clock
 ) -> tuple[float, float]:
-    """One generation: (total seconds, seconds inside the FFNs of the sparse positions, the odd layers)."""
+    """One generation: (total seconds, seconds inside the FFNs of the sparse positions)."""
     spent = [0.0]
     started: dict[int, float] = {}
 
@@ -117,22 +149,47 @@ def time_split(
 
     handles = []
     for i, block in enumerate(model.blocks):
-        if i % 2:
+        if size.is_sparse(i):
             handles.append(block.ffn.register_forward_pre_hook(before, with_kwargs=True))
             handles.append(block.ffn.register_forward_hook(after, with_kwargs=True))
     try:
         prompt = torch.randint(size.vocab, (batch, prompt_len))
-        total = time_generation(model, prompt, torch.full((batch,), TASK), new_tokens, clock)
+        total, _ = time_generation(model, prompt, torch.full((batch,), TASK), new_tokens, clock)
     finally:
         for handle in handles:
             handle.remove()
     return total, spent[0]
 
 
+def active_experts(model: nn.Module, size: DecoderSize, batch: int, prompt_len: int, new_tokens: int) -> float | None:
+    """Experts that receive tokens, per MoE layer and decoding step (mean over one generation);
+    None for a model without MoE layers."""
+    layers = [m for m in model.modules() if isinstance(m, flexmoe.MoELayer)]
+    counts: list[int] = []
+
+    def record(layer, args, output):
+        if layer.stats.num_tokens == batch:  # a decoding step, not the prefill
+            counts.append(int((layer.stats.kept_per_expert > 0).sum()))
+
+    handles = [layer.register_forward_hook(record) for layer in layers]
+    try:
+        prompt = torch.randint(size.vocab, (batch, prompt_len))
+        generate(model, prompt, torch.full((batch,), TASK), new_tokens)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return sum(counts) / len(counts) if counts else None
+
+
+def balanced_active_experts(size: DecoderSize, batch: int) -> float:
+    """Expected experts that receive tokens when each of ``batch`` tokens picks its top-k uniformly."""
+    return size.num_experts * (1 - (1 - size.top_k / size.num_experts) ** batch)
+
+
 def time_one_sparse_ffn(model: nn.Module, size: DecoderSize, batch: int, clock: Clock, calls: int = 20) -> float:
     """Seconds per call of the first sparse-position FFN alone on one decoding step [batch, 1, model_dim]:
     the same layer without the rest of the model competing for the caches."""
-    ffn = model.blocks[1].ffn
+    ffn = model.blocks[size.moe_every - 1].ffn
     x, task_ids = torch.randn(batch, 1, size.model_dim), torch.full((batch,), TASK)
     with torch.no_grad():
         ffn(x, task_ids=task_ids)
@@ -140,6 +197,19 @@ def time_one_sparse_ffn(model: nn.Module, size: DecoderSize, batch: int, clock: 
         for _ in range(calls):
             ffn(x, task_ids=task_ids)
     return (clock() - start) / calls
+
+
+def print_throughput(title: str, throughput: dict[str, dict[int, float]], batch_sizes: tuple[int, ...]) -> None:
+    """A table of tokens/s[model][batch] and each one's ratio to (a) at the same batch size and at the peaks."""
+    baseline = throughput[MODEL_NAMES[0]]
+    peak_baseline = max(baseline.values())
+    print(f"{title}: tokens/s (ratio to (a) at the same batch size)")
+    columns = "".join(f"{'batch ' + str(b):>14}" for b in batch_sizes)
+    print(f"{'model':<22}{columns}{'peak':>14}{'peak ratio':>12}")
+    for name, per_batch in throughput.items():
+        cells = "".join(f"{per_batch[b]:>8.0f} {per_batch[b] / baseline[b]:>4.2f}x" for b in batch_sizes)
+        peak = max(per_batch.values())
+        print(f"{name:<22}{cells}{peak:>14.0f}{peak / peak_baseline:>11.2f}x")
 
 
 def describe_machine(threads: int) -> str:
@@ -152,6 +222,7 @@ def describe_machine(threads: int) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shape", choices=tuple(SHAPES), default="paper", help="model shape (see above)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--prompt", type=int, default=16, help="prompt tokens")
@@ -163,27 +234,22 @@ def main(argv: list[str] | None = None) -> None:
     if args.clock == "cpu" and args.threads != 1:
         parser.error("--clock cpu sums the CPU time of all threads: use it with --threads 1, else --clock wall")
     torch.set_num_threads(args.threads)
-    size, batch_sizes = (QUICK, QUICK_BATCH_SIZES) if args.quick else (FULL, BATCH_SIZES)
+    size, batch_sizes = SHAPES[args.shape], BATCH_SIZES
+    if args.quick:
+        size, batch_sizes = dataclasses.replace(QUICK, moe_every=size.moe_every), QUICK_BATCH_SIZES
     prompt_len, new_tokens, repeats = (4, 4, 1) if args.quick else (args.prompt, args.new_tokens, args.repeats)
 
     print(describe_machine(args.threads) + f"; clock: {args.clock}")
-    print(f"decoder: {size}")
+    print(f"shape {args.shape}; decoder: {size}")
     print(f"decoding: prompt {prompt_len} + {new_tokens} new tokens, greedy, KV cache, one task per batch")
     models = build_models(size, args.seed)
     print(f"(c) vs (b) max |logit difference| on task {TASK}: {check_subnet_matches(models, size):.2e}")
     print(f"extraction: {models[MODEL_NAMES[2]].extraction_report}".splitlines()[0])
 
     clock = CLOCKS[args.clock]
-    throughput = measure_throughput(models, size, batch_sizes, prompt_len, new_tokens, repeats, clock)
-    baseline = throughput[MODEL_NAMES[0]]
-    peak_baseline = max(baseline.values())
-    header = f"{'model':<22}" + "".join(f"{'batch ' + str(b):>14}" for b in batch_sizes)
-    print("\ntokens/s (ratio to (a) at the same batch size)")
-    print(header + f"{'peak':>14}{'peak ratio':>12}")
-    for name, per_batch in throughput.items():
-        cells = "".join(f"{per_batch[b]:>8.0f} {per_batch[b] / baseline[b]:>4.2f}x" for b in batch_sizes)
-        peak = max(per_batch.values())
-        print(f"{name:<22}{cells}{peak:>14.0f}{peak / peak_baseline:>11.2f}x")
+    whole, decoding = measure_throughput(models, size, batch_sizes, prompt_len, new_tokens, repeats, clock)
+    print_throughput("\nwhole generation (prefill included)", whole, batch_sizes)
+    print_throughput("\ndecoding only (the steps after the prefill)", decoding, batch_sizes)
 
     base_bytes = parameter_bytes(models[MODEL_NAMES[0]])
     batch = max(batch_sizes)
@@ -191,21 +257,24 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\nresident parameters, and where one generation's time goes at batch {batch} (ms per step)")
     print(
         f"{'model':<22}{'parameters':>14}{'MB':>9}{'ratio':>8}{'step':>10}{'sparse FFN':>12}{'rest':>10}"
-        f"{'one sparse FFN alone':>22}"
+        f"{'one sparse FFN alone':>22}{'active experts':>16}"
     )
     for name, model in models.items():
         nbytes, params = parameter_bytes(model), sum(p.numel() for p in model.parameters())
         total, sparse = time_split(model, size, batch, prompt_len, new_tokens, clock)
         alone = time_one_sparse_ffn(model, size, batch, clock)
+        active = active_experts(model, size, batch, prompt_len, new_tokens)
         print(
             f"{name:<22}{params:>14,}{nbytes / 2**20:>9.1f}{nbytes / base_bytes:>7.2f}x"
             f"{1e3 * total / steps:>10.1f}{1e3 * sparse / steps:>12.1f}{1e3 * (total - sparse) / steps:>10.1f}"
-            f"{1e3 * alone:>22.2f}"
+            f"{1e3 * alone:>22.2f}{'-' if active is None else f'{active:.1f}':>16}"
         )
     print(
-        f"sparse FFN: the MoE layers ({size.layers // 2} of {size.layers}; the DenseFFN / MLP in (c), (d)); "
+        f"sparse FFN: the MoE layers ({size.sparse_layers} of {size.layers}; the DenseFFN / MLP in (c), (d)); "
         "rest: attention, dense FFNs, norms, head; one sparse FFN alone: one such layer on one step's "
-        "[batch, 1, model_dim], ms."
+        "[batch, 1, model_dim], ms; active experts: experts that get tokens per MoE layer and decoding step "
+        f"(uniform top-{size.top_k} routing of {batch} tokens: {balanced_active_experts(size, batch):.1f} "
+        f"of {size.num_experts})."
     )
 
 

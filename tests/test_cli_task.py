@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from flexmoe.cli import main as cli_main
+from flexmoe.serving import Request, TaskServer
 from flexmoe.task import load_subnetwork
 from tests.task_models import MODEL_DIM, tiny_task_model
 
@@ -52,6 +53,32 @@ def test_infer_pt_mixed_tasks_with_keyword_inputs(tmp_path, trained):
     result = torch.load(tmp_path / "out.pt")
     torch.testing.assert_close(result["outputs"], trained(x, task_ids, padding_mask=mask), **EXACT)
     assert result["task_ids"].tolist() == task_ids.tolist()
+
+
+def test_infer_pt_serves_the_batch_whole(tmp_path, trained, monkeypatch, capsys):
+    """A .pt batch goes through TaskServer.__call__ (one model call per task, no per-row requests)
+    and gives exactly what the per-row request path gave; .jsonl output of a .pt batch too."""
+    x = torch.randn(6, 4, MODEL_DIM, dtype=torch.float64)
+    task_ids = torch.tensor([2, 0, 2, 2, 1, 0])
+    mask = torch.zeros(6, 4, dtype=torch.bool)
+    mask[1::2, 2:] = True
+    torch.save({"inputs": x, "task_ids": task_ids, "padding_mask": mask}, tmp_path / "in.pt")
+    per_row = [Request(int(t), x[i : i + 1], {"padding_mask": mask[i : i + 1]}) for i, t in enumerate(task_ids)]
+    expected = torch.cat(TaskServer(trained).serve(per_row))
+
+    def no_per_row_requests(self, requests):
+        raise AssertionError("a .pt batch must not be split into requests")
+
+    monkeypatch.setattr(TaskServer, "serve", no_per_row_requests)
+    checkpoint = ["--checkpoint", str(tmp_path / "w.pt")]
+    for out in ("out.pt", "out.jsonl"):
+        cli_main(["infer", *MODEL, *checkpoint, "--inputs", str(tmp_path / "in.pt"), "--out", str(tmp_path / out)])
+        # One model call per distinct task, all six rows served.
+        assert "'requests': 6" in (err := capsys.readouterr().err) and "'groups': 3" in err and "'rows': 6" in err
+    assert torch.equal(torch.load(tmp_path / "out.pt")["outputs"], expected)
+    records = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [r["task_id"] for r in records] == task_ids.tolist()
+    assert torch.equal(torch.tensor([r["outputs"] for r in records], dtype=torch.float64), expected)
 
 
 def test_infer_jsonl_in_a_subprocess(tmp_path, trained):
@@ -99,7 +126,11 @@ def test_cli_lists_the_commands(capsys):
         (["extract", *MODEL, "--task", "5", "--out", "x"], "0..4, got 5"),
         (["infer", *MODEL, "--inputs", "in.pt", "--out", "o.pt", "--max-subnetworks", "0"], "max_subnetworks"),
         (["infer", *MODEL, "--inputs", "in.pt", "--out", "o.csv"], "--out must end"),
-        (["infer", *MODEL, "--inputs", "in.pt", "--out", "o.pt"], "requests[1].task_id must be in 0..4"),
+        (
+            ["infer", *MODEL, "--inputs", "in.pt", "--out", "o.pt"],
+            "task_ids must be in 0..4",
+        ),
+        (["infer", *MODEL, "--inputs", "float_ids.pt", "--out", "o.pt"], "'task_ids' must be an integer tensor"),
         (["infer", *MODEL, "--inputs", "bad.pt", "--out", "o.pt"], "'inputs' and 'task_ids'"),
     ],
 )
@@ -107,6 +138,7 @@ def test_bad_arguments_exit_with_a_message(tmp_path, monkeypatch, capsys, argume
     monkeypatch.chdir(tmp_path)
     torch.save({"inputs": torch.randn(2, 3, MODEL_DIM, dtype=torch.float64), "task_ids": torch.tensor([0, 7])}, "in.pt")
     torch.save({"x": torch.zeros(1)}, "bad.pt")
+    torch.save({"inputs": torch.randn(2, 3, MODEL_DIM, dtype=torch.float64), "task_ids": torch.ones(2)}, "float_ids.pt")
     with pytest.raises(SystemExit) as exit_info:
         cli_main(arguments)
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
