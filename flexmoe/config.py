@@ -122,7 +122,7 @@ class MoEConfig:
             (tokens sorted by expert, ``grouped_mm``; no padded slots); ``"per_expert"`` on
             exact counts too, one plain GEMM pair per expert (any dtype); ``"padded"`` on the
             ``[experts, capacity, model_dim]`` buffer (``bmm``). ``"auto"``: on CPU,
-            per_expert when experts average at least ``PER_EXPERT_MIN_ROWS`` rows (where
+            per_expert when the experts that got rows average at least ``PER_EXPERT_MIN_ROWS`` (where
             plain GEMMs beat CPU ``grouped_mm``), else grouped; on other devices grouped;
             padded where grouped cannot run (float64, custom experts).
 

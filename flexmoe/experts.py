@@ -26,7 +26,7 @@ _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 # grouped_mm refuses float64; those dtypes take the padded path.
 GROUPED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
-# expert_layout="auto" on CPU: from this many rows per expert on average, one plain GEMM pair per
+# expert_layout="auto" on CPU: from this many rows per busy expert on average, one plain GEMM pair per
 # expert beats CPU grouped_mm (benchmarks/layer.py measures both); below it, the per-expert loop's
 # overhead dominates.
 PER_EXPERT_MIN_ROWS = 64

@@ -398,14 +398,11 @@ class MoELayer(nn.Module):
             return layout
         if not self.uses_grouped_layout(tokens.dtype):
             return "padded"
-        many_rows = plan.num_kept >= PER_EXPERT_MIN_ROWS * plan.num_experts
-        if (
-            layout == "auto"
-            and tokens.device.type == "cpu"
-            and many_rows
-            and hasattr(self.experts, "forward_per_expert")
-        ):
-            return "per_expert"
+        if layout == "auto" and tokens.device.type == "cpu" and hasattr(self.experts, "forward_per_expert"):
+            # Rows per expert that got any (a task-routed batch fills only its k experts).
+            busy_experts = int(torch.count_nonzero(plan.kept_per_expert))
+            if plan.num_kept >= PER_EXPERT_MIN_ROWS * max(busy_experts, 1):
+                return "per_expert"
         return "grouped"
 
     def _grouped_unsupported_reason(self, dtype: torch.dtype) -> str | None:

@@ -222,3 +222,10 @@ def test_auto_picks_per_expert_on_cpu_only_for_many_rows():
         layer(x)
         assert layer.expert_kernel(x, layer.last_plan) == expected
     assert layer.expert_kernel(x.double(), layer.last_plan) == "padded"  # float64 auto: padded
+    with torch.no_grad():  # every token to expert 0: 2 * PER_EXPERT_MIN_ROWS rows on one busy expert
+        layer.router.weight.zero_()
+        layer.router.weight[0] = 1.0
+    x = torch.rand(2 * PER_EXPERT_MIN_ROWS, 8)
+    layer(x)
+    assert layer.stats.kept_per_expert.tolist() == [2 * PER_EXPERT_MIN_ROWS, 0, 0, 0]
+    assert layer.expert_kernel(x, layer.last_plan) == "per_expert"  # averaged over busy experts only
