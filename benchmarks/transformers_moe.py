@@ -7,7 +7,9 @@ One run builds one model (random weights, float32) and measures, interleaved per
 * greedy generation: ``generate(max_new_tokens=N, do_sample=False)`` tokens/s;
 
 for each experts implementation transformers offers (``model.set_experts_implementation``:
-eager, batched_mm, grouped_mm) and for the model converted with ``to_flexmoe``. Ratios are
+eager, batched_mm, grouped_mm) and for the model converted with ``to_flexmoe`` (weights copied
+into flexmoe's contiguous layout, the default) and with ``to_flexmoe(share_storage=True)``
+(views of transformers' tensors, no copy). Ratios are
 time relative to transformers' fastest implementation (< 1 = flexmoe faster). Then a
 ``torch.profiler`` summary of one train step of transformers' fastest and of flexmoe says
 where the time goes.
@@ -79,8 +81,10 @@ def variants(args) -> dict[str, tuple[torch.nn.Module, str | None]]:
     """name -> (model, experts implementation to set before each run or None)."""
     model = build_model(args)
     flex = to_flexmoe(copy.deepcopy(model))
+    shared = to_flexmoe(copy.deepcopy(model), share_storage=True)
     runs = {f"transformers {impl}": (model, impl) for impl in IMPLEMENTATIONS}
     runs["flexmoe"] = (flex, None)
+    runs["flexmoe share_storage"] = (shared, None)
     return runs
 
 
