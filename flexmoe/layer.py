@@ -280,6 +280,7 @@ class MoELayer(nn.Module):
         capacity_factor: float | None = None,
         padding_mask: torch.Tensor | None = None,
         task_ids: torch.Tensor | None = None,
+        sentence_inputs: torch.Tensor | None = None,
         parallel_degree: int | None = None,
         overlap_degree: int | None = None,
         a2a_algorithm: str | None = None,
@@ -291,6 +292,10 @@ class MoELayer(nn.Module):
             (no capacity used, output 0) and sentence routing averages over the others.
         task_ids: int ``[batch]`` or ``x.shape[:-1]``; required by task-routed layers, ignored
             by the others (so a model can pass it to every layer).
+        sentence_inputs: ``[batch, model_dim]`` router input per sequence for a sentence-routed
+            layer (default: the mean of the sequence's non-padding tokens); ignored by the others.
+            A decoder routes by its source sentence this way: its own mean would see target
+            tokens that step-by-step decoding has not produced yet.
         parallel_degree, overlap_degree, a2a_algorithm: override the ``parallel`` defaults for
             this call (None = the default; see :meth:`valid_parallel_choices`). Same result
             for every valid choice. Every rank of the group must pass the same values. With a
@@ -306,7 +311,9 @@ class MoELayer(nn.Module):
         routed_positions = None if padding_mask is None else torch.nonzero(~padding_mask.reshape(-1)).squeeze(1)
         tokens = all_tokens if routed_positions is None else all_tokens.index_select(0, routed_positions)
 
-        units = routing_units(config.granularity, x, routed_positions, padding_mask, task_ids, self.task_embedding)
+        units = routing_units(
+            config.granularity, x, routed_positions, padding_mask, task_ids, self.task_embedding, sentence_inputs
+        )
         logits, noisy_logits, scores = self.route_scores(tokens if units.inputs is None else units.inputs)
         if units.unit_of_token is not None:
             logits, scores = logits[units.unit_of_token], scores[units.unit_of_token]

@@ -127,9 +127,10 @@ def reference_router_inputs(
     x: torch.Tensor,
     padding_mask: torch.Tensor | None,
     task_ids: torch.Tensor | None,
+    sentence_inputs: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """What the router sees for each token, [all tokens, dim]: the token itself, its sentence's
-    mean over non-padding positions, or its task's embedding row."""
+    mean over non-padding positions (or its row of ``sentence_inputs``), or its task's embedding row."""
     if config.granularity == "token":
         return x.reshape(-1, config.model_dim)
     if config.granularity == "sentence":
@@ -137,6 +138,8 @@ def reference_router_inputs(
         for b in range(x.shape[0]):
             real = x[b] if padding_mask is None else x[b][~padding_mask[b]]
             mean = real.mean(0) if len(real) else torch.zeros(config.model_dim, dtype=x.dtype)
+            if sentence_inputs is not None:
+                mean = sentence_inputs[b]
             rows.append(mean.expand(x.shape[1], -1))
         return torch.cat(rows) if rows else x.reshape(0, config.model_dim)
     ids = task_ids if task_ids.shape == x.shape[:-1] else task_ids.reshape(-1, 1).expand(x.shape[:-1])
@@ -152,6 +155,7 @@ def reference_moe(
     capacity_factor: float | None = None,
     padding_mask: torch.Tensor | None = None,
     task_ids: torch.Tensor | None = None,
+    sentence_inputs: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """x: [..., M] -> (output [..., M], aux_loss, capacity). ``params`` as in ``layer.named_parameters()``
     (plus ``load_balancer.bias`` from the buffers with ``loss_free_balance``).
@@ -162,7 +166,7 @@ def reference_moe(
     fixed_capacity = capacity_factor is None  # a per-call factor overrides expert_capacity
     capacity_factor = config.capacity_factor if capacity_factor is None else capacity_factor
     all_tokens = x.reshape(-1, config.model_dim)
-    router_inputs = reference_router_inputs(params, config, x, padding_mask, task_ids)
+    router_inputs = reference_router_inputs(params, config, x, padding_mask, task_ids, sentence_inputs)
     routed = torch.ones(all_tokens.shape[0], dtype=torch.bool) if padding_mask is None else ~padding_mask.reshape(-1)
     tokens, router_inputs = all_tokens[routed], router_inputs[routed]
     num_tokens, num_experts = tokens.shape[0], config.num_experts

@@ -48,6 +48,19 @@ def test_sentence_routing_matches_reference(capacity_factor, with_mask):
         assert torch.all(out[mask] == 0)
 
 
+@pytest.mark.parametrize("capacity_factor", [0.0, 0.5])
+def test_sentence_inputs_route_each_sequence(capacity_factor):
+    """A sentence-routed layer given ``sentence_inputs`` routes sequence b by row b (a decoder
+    routing by its source sentence), against the reference; the sentence mean is not used."""
+    layer = make_layer(granularity="sentence", capacity_factor=capacity_factor)
+    x = torch.randn(4, 7, 8, dtype=torch.float64)
+    inputs = torch.randn(4, 8, dtype=torch.float64)
+    out, _ = _compare(layer, x, padding_mask=_padding(), sentence_inputs=inputs)
+    assert not torch.allclose(out, layer(x, padding_mask=_padding()))  # not the mean's routing
+    with pytest.raises(ValueError, match="sentence_inputs must have shape"):
+        layer(x, sentence_inputs=inputs[:3])
+
+
 @pytest.mark.parametrize("per_token_ids", [False, True])
 def test_task_routing_matches_reference(per_token_ids):
     layer = make_layer(granularity="task", num_tasks=5, task_embedding_dim=6, top_k=2, z_loss=0.01)

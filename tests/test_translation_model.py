@@ -100,11 +100,26 @@ def test_task_routing_sends_a_task_to_the_same_experts(routing):
         assert counts.sum() > 0
 
 
-@pytest.mark.parametrize(("decoder_routing", "use_cache"), [("token", True), ("target", True), ("sentence", False)])
+@pytest.mark.parametrize("decoder_routing", ["token", "target", "sentence"])
+def test_decoder_is_causal_for_every_routing(decoder_routing):
+    """A position's logits never depend on later target tokens (sentence routing in the decoder
+    goes by the source sentence, not by the mean of a target that decoding has not produced)."""
+    model = make_model(decoder_routing=decoder_routing).eval()
+    source, target_in, target_lang, lang_pair = make_batch()
+    changed = target_in.clone()
+    changed[:, 4:] = (changed[:, 4:] + 1) % model.config.vocab_size
+    with torch.no_grad():
+        memory = model.encode(source, target_lang, lang_pair)
+        a = model.decode(target_in, memory, source, target_lang, lang_pair)
+        b = model.decode(changed, memory, source, target_lang, lang_pair)
+    torch.testing.assert_close(a[:, :4], b[:, :4])
+    assert not torch.allclose(a[:, 4:], b[:, 4:])
+
+
+@pytest.mark.parametrize(("decoder_routing", "use_cache"), [("token", True), ("target", True), ("sentence", True)])
 def test_kv_cache_decoding_equals_recomputation(decoder_routing, use_cache):
     model = make_model(decoder_routing=decoder_routing)
     source, _, target_lang, lang_pair = make_batch()
-    assert model.cache_is_exact == use_cache
     cached = model.generate(source, target_lang, lang_pair, max_new_tokens=10, use_cache=True)
     plain = model.generate(source, target_lang, lang_pair, max_new_tokens=10, use_cache=False)
     assert cached.shape[1] == 10 and torch.equal(cached, plain)

@@ -17,6 +17,7 @@ from torch import nn
 
 from flexmoe.layer import MoELayer
 from flexmoe.models.config import ModelConfig, Routing
+from flexmoe.routing.granularity import sentence_means
 
 # Cache of one decoder layer: self-attention keys/values so far and the encoder's keys/values.
 LayerCache = dict[str, torch.Tensor]
@@ -109,10 +110,12 @@ class DecoderLayer(nn.Module):
         source_keep: torch.Tensor,
         padding: torch.Tensor | None,
         task_ids: torch.Tensor,
+        sentence: torch.Tensor,
         cache: LayerCache | None = None,
     ) -> torch.Tensor:
         """y: [B, T, D] new target positions; memory: [B, S, D]; source_keep: [B, 1, 1, S];
-        padding: [B, T] or None. With ``cache``, y holds only the positions after those cached
+        padding: [B, T] or None; sentence: [B, D] the source sentence (router input of a
+        sentence-routed FFN). With ``cache``, y holds only the positions after those cached
         (decoding step by step) and the cache is extended in place."""
         h = self.self_norm(y)
         keys, values = self.self_attn.keys_values(h)
@@ -132,7 +135,8 @@ class DecoderLayer(nn.Module):
         else:
             cross = self.cross_attn(h, memory, source_keep)
         y = y + self.drop(cross)
-        return y + self.drop(self.ffn(self.ffn_norm(y), padding_mask=padding, task_ids=task_ids))
+        ffn_out = self.ffn(self.ffn_norm(y), padding_mask=padding, task_ids=task_ids, sentence_inputs=sentence)
+        return y + self.drop(ffn_out)
 
 
 def sinusoidal_positions(length: int, dim: int) -> torch.Tensor:
@@ -208,9 +212,13 @@ class TranslationModel(nn.Module):
         # Step-by-step decoding has no padding yet; in training, pad positions are masked.
         padding = None if cache is not None else target_in == self.config.pad_id
         task_ids = self.task_ids(self.config.decoder_routing, target_lang, lang_pair)
+        # Sentence routing in the decoder goes by the source sentence (the mean of the encoder
+        # output over its tokens): the target's own mean would, under teacher forcing, include
+        # tokens that step-by-step decoding has not produced yet.
+        sentence = sentence_means(memory, source == self.config.pad_id)
         y = self.embed(target_in, offset)
         for i, layer in enumerate(self.decoder):
-            y = layer(y, memory, source_keep, padding, task_ids, None if cache is None else cache[i])
+            y = layer(y, memory, source_keep, padding, task_ids, sentence, None if cache is None else cache[i])
         return self.decoder_norm(y) @ self.embedding.weight.T
 
     def forward(
@@ -219,12 +227,6 @@ class TranslationModel(nn.Module):
         """source [B, S], target_in [B, T], target_lang [B], lang_pair [B] -> logits [B, T, vocab]."""
         memory = self.encode(source, target_lang, lang_pair)
         return self.decode(target_in, memory, source, target_lang, lang_pair)
-
-    @property
-    def cache_is_exact(self) -> bool:
-        """Sentence routing in the decoder averages over the whole prefix, which a step-by-step
-        cache does not see; such decoders recompute the prefix at each step instead."""
-        return self.config.is_dense or self.config.decoder_routing != "sentence"
 
     @torch.no_grad()
     def generate(
@@ -240,7 +242,6 @@ class TranslationModel(nn.Module):
         config = self.config
         max_new_tokens = min(max_new_tokens, config.max_len - 1)
         memory = self.encode(source, target_lang, lang_pair)
-        use_cache = use_cache and self.cache_is_exact
         cache: list[LayerCache] | None = [{} for _ in self.decoder] if use_cache else None
         generated = source.new_full((source.shape[0], 1), config.bos_id)
         finished = torch.zeros(source.shape[0], dtype=torch.bool, device=source.device)
@@ -278,7 +279,6 @@ class TranslationModel(nn.Module):
         # Every sentence becomes beam_size rows: [B * beam, ...], beams of a sentence adjacent.
         source, target_lang, lang_pair = (t.repeat_interleave(beam_size, 0) for t in (source, target_lang, lang_pair))
         memory = self.encode(source, target_lang, lang_pair)
-        use_cache = use_cache and self.cache_is_exact
         cache: list[LayerCache] | None = [{} for _ in self.decoder] if use_cache else None
         generated = source.new_full((batch * beam_size, 1), config.bos_id)
         scores = torch.full((batch, beam_size), -math.inf, device=source.device)

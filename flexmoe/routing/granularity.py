@@ -84,11 +84,15 @@ def routing_units(
     padding_mask: torch.Tensor | None,
     task_ids: torch.Tensor | None,
     task_embedding: torch.nn.Embedding | None,
+    sentence_inputs: torch.Tensor | None = None,
 ) -> RoutingUnits:
     """Router inputs per unit and the unit of each routed token.
 
     x: [..., dim] the layer input; routed_positions: [routed] flat positions of the tokens that
-    are routed (None: all); task_embedding: the layer's task embedding (task granularity).
+    are routed (None: all); task_embedding: the layer's task embedding (task granularity);
+    sentence_inputs: [batch, dim] the router input of each sequence (sentence granularity)
+    instead of the mean of its tokens, e.g. the source sentence for a decoder, whose own mean
+    would include target tokens that step-by-step decoding has not produced yet.
     """
     if granularity == "token":
         return RoutingUnits(None, None)
@@ -96,7 +100,14 @@ def routing_units(
         if x.dim() != 3:
             raise ValueError(f"granularity='sentence' needs x of shape [batch, seq, model_dim], got {tuple(x.shape)}")
         unit = torch.arange(x.shape[0], device=x.device).repeat_interleave(x.shape[1])
-        inputs = sentence_means(x, padding_mask)
+        if sentence_inputs is None:
+            inputs = sentence_means(x, padding_mask)
+        elif not isinstance(sentence_inputs, torch.Tensor) or sentence_inputs.shape != (x.shape[0], x.shape[2]):
+            shape = tuple(sentence_inputs.shape) if isinstance(sentence_inputs, torch.Tensor) else sentence_inputs
+            wanted = (x.shape[0], x.shape[2])
+            raise ValueError(f"sentence_inputs must have shape [batch, model_dim] = {wanted}, got {shape}")
+        else:
+            inputs = sentence_inputs
     elif granularity == "task":
         assert task_embedding is not None
         unit = token_task_ids(task_ids, x, task_embedding.num_embeddings).to(x.device)
