@@ -149,7 +149,7 @@ def main() -> None:
         for row in [r for r in ROWS if r in rows]:
             run_dir = Path(args.out) / row / f"seed{seed}"
             results_file = run_dir / "results.json"
-            if results_file.is_file() == (not args.reevaluate):
+            if results_file.is_file() != args.reevaluate:
                 continue  # finished (or, when reevaluating, not finished yet)
             source_row = "token_token" if row == "pruned_token" else row
             run = load_run_config(REPO / "configs" / "table" / f"{source_row}.toml")

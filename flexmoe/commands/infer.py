@@ -97,7 +97,7 @@ def read_requests(path: Path, float_dtype: torch.dtype, device: str) -> list[Req
         if not isinstance(record, dict) or "task_id" not in record or "inputs" not in record:
             raise ValueError(f"--inputs line {number}: expected a JSON object with 'task_id' and 'inputs'")
         task_id = record.pop("task_id")
-        row = {k: _to_model(_tensor_from_json(v, float_dtype), float_dtype, device)[None] for k, v in record.items()}
+        row = {k: _tensor_from_json(v, float_dtype).to(device)[None] for k, v in record.items()}
         requests.append(Request(task_id, row.pop("inputs"), row))
     return requests
 

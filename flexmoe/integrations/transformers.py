@@ -46,9 +46,10 @@ from torch import nn
 from flexmoe.checkpoint import expert_tensor_specs
 from flexmoe.config import MoEConfig
 from flexmoe.layer import MoELayer
-from flexmoe.parallel import HIDDEN_AXIS, SINGLE_PROCESS, ParallelConfig, ParallelGroups, unshard
+from flexmoe.parallel import HIDDEN_AXIS, SINGLE_PROCESS, ParallelConfig, ParallelGroups
 from flexmoe.parallel.config import check_parallel_config
 from flexmoe.parallel.data_parallel import non_expert_parameters
+from flexmoe.parallel.expert_parallel import gather_shards
 from flexmoe.parallel.groups import resolve_groups
 
 SUPPORTED_BLOCKS = (
@@ -261,18 +262,13 @@ def _global_expert_weights(layer: MoELayer) -> dict[str, torch.Tensor]:
     """The layer's expert weights of all ``num_experts`` experts, by name (``w1`` [E, M, I]...).
 
     A sharded layer all-gathers every rank's shard over its group (collective: every rank of
-    the group calls it) and rebuilds the global tensors with :func:`~flexmoe.parallel.unshard`.
+    the group calls it; :func:`~flexmoe.parallel.expert_parallel.gather_shards`).
     """
     local = {name: param.detach() for name, param in layer.experts.expert_parameters().items()}
     if layer.groups is None or layer.layout.world_size == 1:
         return local
-    group, world_size = layer.groups.group, layer.layout.world_size
-    gathered = {}
-    for name, shard in local.items():
-        pieces = [torch.empty_like(shard) for _ in range(world_size)]
-        dist.all_gather(pieces, shard.contiguous(), group=group)
-        gathered[name] = unshard(pieces, HIDDEN_AXIS[name], layer.config.num_experts)
-    return gathered
+    num_experts, group = layer.config.num_experts, layer.groups.group
+    return {name: gather_shards(shard, HIDDEN_AXIS[name], num_experts, group) for name, shard in local.items()}
 
 
 def _export(block: FlexMoEBlock) -> dict[str, torch.Tensor]:

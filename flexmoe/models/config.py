@@ -13,7 +13,8 @@ Routing = Literal["token", "sentence", "target", "langpair"]
 ROUTINGS = ("token", "sentence", "target", "langpair")
 
 
-def _check_int(name: str, value: object, minimum: int) -> None:
+def check_int(name: str, value: object, minimum: int) -> None:
+    """ValueError naming ``name`` unless ``value`` is an int (not a bool) >= ``minimum``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
@@ -73,7 +74,7 @@ class ModelConfig:
             ("num_lang_pairs", 1),
             ("max_len", 2),
         ):
-            _check_int(name, getattr(self, name), minimum)
+            check_int(name, getattr(self, name), minimum)
         if self.model_dim % self.num_heads:
             raise ValueError(f"model_dim ({self.model_dim}) must be divisible by num_heads ({self.num_heads})")
         if self.num_experts == 1:

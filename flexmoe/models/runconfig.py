@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 import tomllib
 
-from flexmoe.models.config import ModelConfig
+from flexmoe.models.config import ModelConfig, check_int
 
 DataSource = Literal["cldr_demo", "tsv"]
 DATA_SOURCES = ("cldr_demo", "tsv")
@@ -70,7 +70,7 @@ class TrainConfig:
     clip_norm: float = 1.0
     max_steps: int = 0
     max_minutes: float = 0.0
-    budget_clock: str = "wall"
+    budget_clock: Literal["wall", "cpu"] = "wall"
     log_every: int = 10
     eval_every: int = 200
     checkpoint_every: int = 200
@@ -83,13 +83,9 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "log_every", "eval_every", "checkpoint_every", "valid_sentences", "max_new_tokens"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"train.{name} must be an int >= 1, got {value!r}")
+            check_int(f"train.{name}", getattr(self, name), 1)
         for name in ("max_steps", "warmup_steps", "threads", "seed"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"train.{name} must be an int >= 0, got {value!r}")
+            check_int(f"train.{name}", getattr(self, name), 0)
         for name in ("lr", "max_minutes", "weight_decay", "label_smoothing", "clip_norm", "distill_weight"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:

@@ -52,6 +52,14 @@ class _ExpertGrad(Function):
         return grad, None, None
 
 
+def gather_shards(shard: torch.Tensor, hidden_axis: int | None, num_experts: int, group) -> torch.Tensor:
+    """Every rank's shard of ``group`` -> the tensor of ``num_experts`` experts they make up
+    (:func:`unshard` order). Collective: every rank of the group calls it. No gradient."""
+    pieces = [torch.empty_like(shard) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(pieces, shard.contiguous(), group=group)
+    return unshard(pieces, hidden_axis, num_experts)
+
+
 class _GatherShards(Function):
     """Forward: every rank's shard -> the tensor of ``num_experts`` experts they make up
     (:func:`unshard` order). Backward: the gradients of all ranks summed, this rank's shard."""
@@ -59,10 +67,8 @@ class _GatherShards(Function):
     @staticmethod
     def forward(ctx, shard, hidden_axis, num_experts, group):
         size, rank = dist.get_world_size(group), dist.get_rank(group)
-        pieces = [torch.empty_like(shard) for _ in range(size)]
-        dist.all_gather(pieces, shard.contiguous(), group=group)
         ctx.layout, ctx.hidden_axis, ctx.group = ExpertLayout(num_experts, size, rank), hidden_axis, group
-        return unshard(pieces, hidden_axis, num_experts)
+        return gather_shards(shard, hidden_axis, num_experts, group)
 
     @staticmethod
     def backward(ctx, grad):
