@@ -3,7 +3,8 @@
 One run measures, per config: the floor (the fastest of bmm on the padded [E, C, M] buffer,
 one addmm per expert on exact counts, and grouped_mm on exact counts: the expert FFN alone on
 exactly the rows the layer routed, no router, no dispatch), MoELayer, a per-expert Python loop
-(HuggingFace-Mixtral style, no capacity), the one-hot/einsum reference, and DeepSpeed-MoE when
+(HuggingFace-Mixtral style, no capacity), the router's GEMM alone (part of every MoE row, not of
+the floor: MoELayer's ratio cannot go below 1 + its ratio), the one-hot/einsum reference, and DeepSpeed-MoE when
 ``deepspeed`` is importable (``make bench-venv``; same weights, CPU accelerator, a world-1 gloo group). Candidates are
 interleaved per repeat and the median is reported. Upstream gradients are dense random
 tensors (``out.sum().backward()`` would hand back a stride-0 gradient that sends CPU bmm
@@ -64,6 +65,7 @@ ROWS = [
     "floor:addmm-per-expert",
     "floor:grouped_mm",
     "MoELayer",
+    "  of which: router GEMM",
     "loop (HF-style)",
     "einsum reference",
     "DeepSpeed-MoE",
@@ -176,6 +178,13 @@ def candidates(layer: MoELayer, x: torch.Tensor) -> tuple[dict, list[torch.Tenso
     def moe_layer():
         layer(x_leaf).backward(grad_x)
 
+    # The router's linear layer alone (fwd+bwd): work MoELayer, the loop and DeepSpeed all do and
+    # the floor leaves out by definition, so MoELayer's ratio cannot go below 1 + this row's.
+    grad_logits = torch.randn(x.shape[0], num_experts)
+
+    def router_gemm():
+        F.linear(x_leaf, layer.router.weight).backward(grad_logits)
+
     def loop():
         logits = layer.router(x_leaf)
         gates, chosen = torch.softmax(logits, -1).topk(layer.config.top_k, dim=-1)
@@ -194,7 +203,7 @@ def candidates(layer: MoELayer, x: torch.Tensor) -> tuple[dict, list[torch.Tenso
         reference_moe(params, layer.config, x_leaf)[0].backward(grad_x)
 
     x_leaf = x.clone().requires_grad_()
-    runs = dict(zip(ROWS, [floor_bmm, floor_addmm, floor_grouped, moe_layer, loop, einsum]))
+    runs = dict(zip(ROWS, [floor_bmm, floor_addmm, floor_grouped, moe_layer, router_gemm, loop, einsum]))
     leaves = [exact, padded, x_leaf, *w1s, *b1s, *w2s, *b2s, *layer.parameters()]
     if deepspeed_available() is None:
         ds_layer = deepspeed_moe(layer)

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flexmoe.ops.grad_buffers import GradientBuffers
 from flexmoe.ops.per_expert import per_expert_ffn
 
 _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -71,6 +72,9 @@ class FFNExperts(nn.Module):
         self.w3 = nn.Parameter(torch.empty(num_experts, model_dim, hidden_dim)) if gated else None
         self.b1 = nn.Parameter(torch.zeros(num_experts, hidden_dim)) if bias else None
         self.b2 = nn.Parameter(torch.zeros(num_experts, model_dim)) if bias else None
+        # The per-expert kernel's weight gradients, reused from one backward to the next (see
+        # flexmoe.ops.grad_buffers; ``self.gradient_buffers.clear()`` frees them).
+        self.gradient_buffers = GradientBuffers()
         self.reset_parameters(generator)
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
@@ -125,11 +129,21 @@ class FFNExperts(nn.Module):
         b2 = per_row(self.b2)
         return out if b2 is None else out + b2
 
-    def forward_per_expert(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+    def forward_per_expert(
+        self,
+        x: torch.Tensor,
+        tokens_per_expert: torch.Tensor,
+        *,
+        token_index: torch.Tensor | None = None,
+        gates: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Grouped layout, one GEMM pair per expert (any dtype, float64 included).
         x: [rows, model_dim] sorted by expert, ``tokens_per_expert[e]`` rows for expert e ->
-        [rows, model_dim]. Reads the counts on the host (one sync on CUDA: meant for CPU, where
-        plain per-expert GEMMs beat ``grouped_mm`` once experts get many rows). Hand-written backward
+        [rows, model_dim]. With ``token_index`` and ``gates`` (a routing plan's, [kept] sorted by
+        expert) it dispatches and combines as well, one expert at a time: x [tokens, model_dim]
+        -> [tokens, model_dim], the gate-weighted sum of each token's kept choices.
+        Reads the counts on the host (one sync on CUDA: meant for CPU, where plain per-expert
+        GEMMs beat ``grouped_mm`` once experts get many rows). Hand-written backward
         (:mod:`flexmoe.ops.per_expert`): differentiable once."""
         weights = {name: w.to(x.dtype) for name, w in self.expert_parameters().items()}
         return per_expert_ffn(
@@ -141,6 +155,9 @@ class FFNExperts(nn.Module):
             weights.get("w3"),
             weights["w2"],
             weights.get("b2"),
+            self.gradient_buffers,
+            token_index=token_index,
+            gates=gates,
         )
 
     def _hidden(self, pre: torch.Tensor, gate_in: torch.Tensor | None, b1: torch.Tensor | None) -> torch.Tensor:

@@ -435,10 +435,12 @@ class MoELayer(nn.Module):
             return self.run_experts_distributed(tokens, plan, choice, top_k or self.config.top_k)
         num_tokens, model_dim = tokens.shape
         kernel = self.expert_kernel(tokens, plan)
-        if kernel != "padded":
+        if kernel == "per_expert":  # dispatch and combine inside, one expert at a time
+            counts, token_index, gates = plan.kept_per_expert, plan.token_index, plan.gates
+            return self.experts.forward_per_expert(tokens, counts, token_index=token_index, gates=gates)
+        if kernel == "grouped":
             buffer = dispatch(tokens, plan.token_index)
-            run = self.experts.forward_grouped if kernel == "grouped" else self.experts.forward_per_expert
-            expert_out = run(buffer, plan.kept_per_expert)
+            expert_out = self.experts.forward_grouped(buffer, plan.kept_per_expert)
             return combine(expert_out, plan.gates, plan.token_index, None, num_tokens)
         rows = plan.padded_rows()
         num_rows = plan.num_experts * plan.capacity

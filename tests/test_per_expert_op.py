@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import copy
+import pickle
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+from flexmoe.ops.grad_buffers import GradientBuffers
 from flexmoe.ops.per_expert import per_expert_ffn
 
 E, M, H = 5, 6, 7
@@ -79,3 +83,102 @@ def test_counts_must_cover_the_rows_and_empty_input_works():
         per_expert_ffn(torch.randn(3, M, dtype=torch.float64), COUNTS, torch.relu, **w)
     out = per_expert_ffn(torch.randn(0, M, dtype=torch.float64), [0] * E, torch.relu, **w)
     assert out.shape == (0, M)
+
+
+def run_backward(w, buffers, counts, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(sum(counts), M, dtype=torch.float64, generator=g)
+    per_expert_ffn(x, counts, F.gelu, **w, grad_buffers=buffers).backward(
+        torch.randn(x.shape, dtype=x.dtype, generator=g)
+    )
+    return x
+
+
+def expected_grads(w, counts, x, seed):
+    g = torch.Generator().manual_seed(seed)
+    torch.randn(x.shape, dtype=x.dtype, generator=g)  # same upstream gradient as run_backward
+    upstream = torch.randn(x.shape, dtype=x.dtype, generator=g)
+    present = [v for v in w.values() if v is not None]
+    return torch.autograd.grad(loop_reference(x, counts, F.gelu, w), present, upstream)
+
+
+def test_gradient_buffers_are_reused_once_the_gradient_is_dropped():
+    w = weights(gated=True, bias=True)
+    buffers = GradientBuffers()
+    run_backward(w, buffers, [2, 3, 1, 4, 1], seed=0)
+    first = w["w1"].grad.data_ptr()
+    for v in w.values():
+        v.grad = None  # optimizer.zero_grad()
+    x = run_backward(w, buffers, COUNTS, seed=1)  # experts 1 and 4 now empty: their slices must be zeroed
+    assert w["w1"].grad.data_ptr() == first  # the same memory, no new allocation
+    present = {k: v for k, v in w.items() if v is not None}
+    for (name, param), expected in zip(present.items(), expected_grads(w, COUNTS, x, seed=1)):
+        torch.testing.assert_close(param.grad, expected, rtol=1e-12, atol=1e-12, msg=name)
+    assert len(buffers) == 5
+    buffers.clear()
+    assert len(buffers) == 0
+
+
+def test_gradient_buffers_never_overwrite_a_gradient_still_held():
+    w = weights(gated=False, bias=True)
+    buffers = GradientBuffers()
+    run_backward(w, buffers, COUNTS, seed=0)
+    held = w["w1"].grad  # e.g. kept for logging
+    kept = held.clone()
+    for v in w.values():
+        if v is not None:
+            v.grad = None
+    run_backward(w, buffers, COUNTS, seed=1)
+    assert w["w1"].grad.data_ptr() != held.data_ptr()
+    torch.testing.assert_close(held, kept, rtol=0, atol=0)
+
+    # No zero_grad between two backward passes: the gradients add up (accumulation).
+    before = w["w2"].grad.clone()
+    x = run_backward(w, buffers, COUNTS, seed=2)
+    second = expected_grads(w, COUNTS, x, seed=2)[2]  # w1, b1, w2, b2
+    torch.testing.assert_close(w["w2"].grad, before + second, rtol=1e-12, atol=1e-12)
+
+
+def test_gradient_buffers_are_not_copied_with_the_module():
+    from flexmoe.experts import FFNExperts
+
+    experts = FFNExperts(4, 16, 32)
+    x = torch.randn(8, 16)
+    experts.forward_per_expert(x, torch.tensor([2, 2, 4, 0])).sum().backward()
+    assert len(experts.gradient_buffers) == 4
+    assert len(copy.deepcopy(experts).gradient_buffers) == 0
+    assert len(pickle.loads(pickle.dumps(experts)).gradient_buffers) == 0
+
+
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("gates_need_grad", [False, True])
+def test_routed_matches_dispatch_experts_combine(gated, gates_need_grad):
+    """With token_index and gates: gather, experts and gate-weighted scatter-add in one op.
+    Tokens appear under several experts (top-2), some under none (dropped), experts 1 and 4 idle."""
+    w = weights(gated, bias=True)
+    g = torch.Generator().manual_seed(3)
+    tokens = 6
+    token_index = torch.tensor([0, 2, 5, 1, 2, 3, 4, 0])  # sorted by expert: counts 3, 0, 4, 1, 0
+    x = torch.randn(tokens, M, dtype=torch.float64, generator=g, requires_grad=True)
+    gates = torch.rand(token_index.numel(), dtype=torch.float64, generator=g).requires_grad_(gates_need_grad)
+    upstream = torch.randn(tokens, M, dtype=torch.float64, generator=g)
+    present = [v for v in w.values() if v is not None]
+    wanted = [x, *present] + ([gates] if gates_need_grad else [])
+
+    out = per_expert_ffn(x, COUNTS, F.silu, **w, token_index=token_index, gates=gates)
+    got = torch.autograd.grad(out, wanted, upstream)
+    expert_out = loop_reference(x[token_index], COUNTS, F.silu, w) * gates.unsqueeze(1)
+    expected_out = torch.zeros(tokens, M, dtype=torch.float64).index_add(0, token_index, expert_out)
+    expected = torch.autograd.grad(expected_out, wanted, upstream)
+    torch.testing.assert_close(out, expected_out, rtol=1e-12, atol=1e-12)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_routed_arguments_are_checked():
+    w = weights(gated=False, bias=False)
+    x = torch.randn(4, M, dtype=torch.float64)
+    with pytest.raises(ValueError, match="token_index and gates go together"):
+        per_expert_ffn(x, COUNTS, F.relu, **w, token_index=torch.arange(8) % 4)
+    with pytest.raises(ValueError, match="entries of token_index"):
+        per_expert_ffn(x, COUNTS, F.relu, **w, token_index=torch.arange(3), gates=torch.ones(3, dtype=torch.float64))

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from flexmoe.ops.grad_buffers import GradientBuffers
+
 # activation -> (grad of its output, its input) -> grad of its input, for the built-in ones.
 _DERIVATIVES: dict[Callable, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     F.gelu: lambda grad, pre: torch.ops.aten.gelu_backward(grad, pre),
@@ -43,63 +45,96 @@ class PerExpertFFN(torch.autograd.Function):
     Shapes: x [rows, M], w1/w3 [E, M, H], b1 [E, H], w2 [E, H, M], b2 [E, M] (w3, b1, b2 may be
     None); all of x's dtype.
 
-    Saved for backward: per expert, its pre-activation, activation and gate input, each its own
-    tensor (what autograd would keep): one ``[rows, H]`` buffer for all experts would be a large
-    allocation that glibc serves with fresh pages on every call (page faults cost as much as
-    the elementwise work at 64 MB)."""
+    With ``routing = (token_index, gates)`` it also dispatches and combines, expert by expert:
+    x is then the layer's ``[tokens, M]`` input, expert e's rows are ``x[token_index[rows of
+    e]]``, and the output is ``[tokens, M]``, each token the sum of its kept choices' outputs
+    times their gates (``gates`` [kept], differentiable). Gathering and scattering one expert's
+    rows at a time keeps every temporary small: the separate dispatch buffer, expert output and
+    weighted copy are each ``[kept, M]``, which glibc serves from fresh pages (a page fault per
+    4 KB) once they pass its mmap threshold.
+
+    Saved for backward: per expert, its input rows (routed), pre-activation, activation, gate
+    input and output (routed, for the gate gradient), each its own tensor (what autograd would
+    keep): one ``[rows, H]`` buffer for all experts would be a large allocation that glibc serves
+    with fresh pages on every call (page faults cost as much as the elementwise work at 64 MB)."""
 
     @staticmethod
-    def forward(ctx, x, counts, activation, w1, b1, w3, w2, b2):
-        out = x.new_empty(x.shape[0], w2.shape[2])
+    def forward(ctx, x, counts, activation, grad_buffers, token_index, gates, w1, b1, w3, w2, b2):
+        routed = token_index is not None
+        out = x.new_zeros(x.shape[0], w2.shape[2]) if routed else x.new_empty(x.shape[0], w2.shape[2])
+        gate_rows = gates.to(x.dtype).unsqueeze(1) if routed else None
         saved, start = [], 0
         with torch.autocast(x.device.type, enabled=False):
             for e, count in enumerate(counts):
                 if count == 0:
                     continue
                 end = start + count
-                piece = x[start:end]
+                piece = x.index_select(0, token_index[start:end]) if routed else x[start:end]
                 pre = piece @ w1[e] if b1 is None else torch.addmm(b1[e], piece, w1[e])
                 activated = activation(pre)
                 gate_in = None if w3 is None else piece @ w3[e]
                 hidden = activated if gate_in is None else activated * gate_in
-                if b2 is None:
+                if routed:
+                    y = hidden @ w2[e] if b2 is None else torch.addmm(b2[e], hidden, w2[e])
+                    out.index_add_(0, token_index[start:end], y * gate_rows[start:end])
+                    saved += [piece, y]
+                elif b2 is None:
                     torch.mm(hidden, w2[e], out=out[start:end])
                 else:
                     torch.addmm(b2[e], hidden, w2[e], out=out[start:end])
                 saved += [pre, activated] if gate_in is None else [pre, activated, gate_in]
                 start = end
-        ctx.counts, ctx.activation = counts, activation
-        ctx.save_for_backward(x, w1, b1, w3, w2, b2, *saved)
+        ctx.counts, ctx.activation, ctx.grad_buffers = counts, activation, grad_buffers
+        ctx.save_for_backward(x, token_index, gates, w1, b1, w3, w2, b2, *saved)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        x, w1, b1, w3, w2, b2, *saved = ctx.saved_tensors
+        x, token_index, gates, w1, b1, w3, w2, b2, *saved = ctx.saved_tensors
+        routed = token_index is not None
         needs = ctx.needs_input_grad
-        want_x, want_w1, want_b1, want_w3, want_w2, want_b2 = needs[0], *needs[3:]
-        grad_out = grad_out.contiguous()
+        want_x, want_gates = needs[0], needs[5]
+        want_w1, want_b1, want_w3, want_w2, want_b2 = needs[6:]
+        grad_out = grad_out.contiguous().to(x.dtype)
+        empty_experts = [e for e, count in enumerate(ctx.counts) if count == 0]
 
-        def buffer(like: torch.Tensor | None, wanted: bool) -> torch.Tensor | None:
-            # Experts with no rows keep a zero gradient; the others' slices are overwritten.
+        def buffer(name: str, like: torch.Tensor | None, wanted: bool) -> torch.Tensor | None:
+            # Every busy expert's slice is overwritten below; experts with no rows get zeros.
             if like is None or not wanted:
                 return None
-            return torch.zeros_like(like) if 0 in ctx.counts else torch.empty_like(like)
+            grad = torch.empty_like(like) if ctx.grad_buffers is None else ctx.grad_buffers.take(name, like)
+            for e in empty_experts:
+                grad[e].zero_()
+            return grad
 
-        gx = torch.empty_like(x) if want_x else None
-        gw1, gb1, gw3 = buffer(w1, want_w1), buffer(b1, want_b1), buffer(w3, want_w3)
-        gw2, gb2 = buffer(w2, want_w2), buffer(b2, want_b2)
-        per_expert = 2 if w3 is None else 3
+        gx = None
+        if want_x:
+            gx = torch.zeros_like(x) if routed else torch.empty_like(x)
+        gw1, gb1, gw3 = buffer("w1", w1, want_w1), buffer("b1", b1, want_b1), buffer("w3", w3, want_w3)
+        gw2, gb2 = buffer("w2", w2, want_w2), buffer("b2", b2, want_b2)
+        grad_gates = torch.empty_like(gates) if routed and want_gates else None
+        gate_rows = gates.to(x.dtype).unsqueeze(1) if routed else None
+        per_expert = (2 if w3 is None else 3) + (2 if routed else 0)
         start, index = 0, 0
         with torch.autocast(x.device.type, enabled=False):
             for e, count in enumerate(ctx.counts):
                 if count == 0:
                     continue
                 end = start + count
-                pre, activated, *gate = saved[index : index + per_expert]
-                gate_in = gate[0] if gate else None
+                pieces = saved[index : index + per_expert]
                 index += per_expert
-                piece, grad = x[start:end], grad_out[start:end]
+                if routed:
+                    piece, y, pre, activated, *gate = pieces
+                    rows = token_index[start:end]
+                    grad = grad_out.index_select(0, rows)
+                    if grad_gates is not None:
+                        _row_dots(grad, y, out=grad_gates[start:end])
+                    grad.mul_(gate_rows[start:end])
+                else:
+                    pre, activated, *gate = pieces
+                    piece, grad = x[start:end], grad_out[start:end]
+                gate_in = gate[0] if gate else None
                 hidden = activated if gate_in is None else activated * gate_in
                 if gw2 is not None:
                     torch.mm(hidden.t(), grad, out=gw2[e])
@@ -118,11 +153,22 @@ class PerExpertFFN(torch.autograd.Function):
                 if gw3 is not None:
                     torch.mm(piece.t(), grad_gate, out=gw3[e])
                 if gx is not None:
-                    torch.mm(grad_pre, w1[e].t(), out=gx[start:end])
+                    # Routed: this expert's rows of the input gradient, added at their tokens.
+                    grad_piece = torch.mm(grad_pre, w1[e].t(), out=None if routed else gx[start:end])
                     if grad_gate is not None:
-                        gx[start:end].addmm_(grad_gate, w3[e].t())
+                        grad_piece.addmm_(grad_gate, w3[e].t())
+                    if routed:
+                        gx.index_add_(0, rows, grad_piece)
                 start = end
-        return gx, None, None, gw1, gb1, gw3, gw2, gb2
+        return gx, None, None, None, None, grad_gates, gw1, gb1, gw3, gw2, gb2
+
+
+def _row_dots(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
+    """out[i] = a[i] . b[i], accumulated in out's dtype (float32 gates for half-precision rows)."""
+    if a.dtype == out.dtype:
+        torch.linalg.vecdot(a, b, out=out)
+    else:
+        torch.sum(a * b, dim=1, dtype=out.dtype, out=out)
 
 
 def per_expert_ffn(
@@ -134,8 +180,20 @@ def per_expert_ffn(
     w3: torch.Tensor | None,
     w2: torch.Tensor,
     b2: torch.Tensor | None,
+    grad_buffers: GradientBuffers | None = None,
+    *,
+    token_index: torch.Tensor | None = None,
+    gates: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """See :class:`PerExpertFFN`. x: [rows, M] sorted by expert, ``sum(counts) == rows``."""
-    if sum(counts) != x.shape[0]:
-        raise ValueError(f"counts must sum to the {x.shape[0]} rows of x, got {sum(counts)}")
-    return PerExpertFFN.apply(x.contiguous(), counts, activation, w1, b1, w3, w2, b2)
+    """See :class:`PerExpertFFN`. Without routing: x [rows, M] sorted by expert,
+    ``sum(counts) == rows`` -> [rows, M]. With ``token_index`` and ``gates`` ([kept], sorted by
+    expert, ``sum(counts) == kept``): x [tokens, M] -> [tokens, M], dispatch and combine included.
+    grad_buffers: where the weight gradients are allocated (reused across backward passes);
+    None allocates new ones each time."""
+    if (token_index is None) != (gates is None):
+        raise ValueError("token_index and gates go together: pass both or neither")
+    rows = x.shape[0] if token_index is None else token_index.shape[0]
+    if sum(counts) != rows:
+        what = "rows of x" if token_index is None else "entries of token_index"
+        raise ValueError(f"counts must sum to the {rows} {what}, got {sum(counts)}")
+    return PerExpertFFN.apply(x.contiguous(), counts, activation, grad_buffers, token_index, gates, w1, b1, w3, w2, b2)
