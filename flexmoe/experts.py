@@ -109,6 +109,23 @@ class FFNExperts(nn.Module):
         out = torch.bmm(hidden, weights["w2"].to(x.dtype))
         return out if b2 is None else out + b2.to(x.dtype).unsqueeze(1)
 
+    def fused_gate_up(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """w1 and w3 as one ``[E, model_dim, 2 * hidden_dim]`` weight, without a copy, when they are
+        side-by-side views of one tensor (as :func:`flexmoe.integrations.transformers.to_flexmoe`
+        lays them out, like transformers' fused ``gate_up_proj``) in ``dtype`` and no gradient is
+        wanted for them (inference); else None. One GEMM then computes both."""
+        w1, w3 = self.w1, self.w3
+        if w3 is None or w1.dtype != dtype or w3.dtype != dtype or w1.stride() != w3.stride():
+            return None
+        if torch.is_grad_enabled() and (w1.requires_grad or w3.requires_grad):
+            return None  # autograd needs w1 and w3 themselves in the graph
+        if w1.untyped_storage().data_ptr() != w3.untyped_storage().data_ptr():
+            return None
+        if w3.storage_offset() != w1.storage_offset() + self.hidden_dim * w1.stride(2):
+            return None
+        shape = (*w1.shape[:2], 2 * self.hidden_dim)
+        return w1.as_strided(shape, w1.stride(), w1.storage_offset())
+
     def forward_grouped(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         """Grouped layout. x: [rows, model_dim] sorted by expert, ``tokens_per_expert[e]``
         rows for expert e (sums to rows) -> [rows, model_dim]. Exact counts, no padding."""
@@ -120,11 +137,13 @@ class FFNExperts(nn.Module):
                 return None
             return bias.to(x.dtype).repeat_interleave(tokens_per_expert, dim=0, output_size=rows)
 
-        hidden = self._hidden(
-            F.grouped_mm(x, self.w1.to(x.dtype), offs=offsets),
-            None if self.w3 is None else F.grouped_mm(x, self.w3.to(x.dtype), offs=offsets),
-            per_row(self.b1),
-        )
+        gate_up = self.fused_gate_up(x.dtype)
+        if gate_up is not None:  # one GEMM for both halves of a gated expert
+            pre, gate_in = F.grouped_mm(x, gate_up, offs=offsets).split(self.hidden_dim, dim=1)
+        else:
+            pre = F.grouped_mm(x, self.w1.to(x.dtype), offs=offsets)
+            gate_in = None if self.w3 is None else F.grouped_mm(x, self.w3.to(x.dtype), offs=offsets)
+        hidden = self._hidden(pre, gate_in, per_row(self.b1))
         out = F.grouped_mm(hidden, self.w2.to(x.dtype), offs=offsets)
         b2 = per_row(self.b2)
         return out if b2 is None else out + b2

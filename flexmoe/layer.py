@@ -405,7 +405,12 @@ class MoELayer(nn.Module):
             return layout
         if not self.uses_grouped_layout(tokens.dtype):
             return "padded"
-        if layout == "auto" and tokens.device.type == "cpu" and hasattr(self.experts, "forward_per_expert"):
+        if (
+            layout == "auto"
+            and tokens.device.type == "cpu"
+            and plan.num_kept >= PER_EXPERT_MIN_ROWS
+            and hasattr(self.experts, "forward_per_expert")
+        ):
             # Rows per expert that got any (a task-routed batch fills only its k experts).
             busy_experts = int(torch.count_nonzero(plan.kept_per_expert))
             if plan.num_kept >= PER_EXPERT_MIN_ROWS * max(busy_experts, 1):
@@ -417,7 +422,7 @@ class MoELayer(nn.Module):
             return "the experts have no forward_grouped()"
         if dtype not in GROUPED_DTYPES:
             return f"grouped_mm supports {GROUPED_DTYPES}, got {dtype}"
-        itemsize = torch.empty((), dtype=dtype).element_size()
+        itemsize = dtype.itemsize
         dims = (self.config.model_dim, getattr(self.experts, "hidden_dim", self.config.hidden_dim) or 0)
         if any(d * itemsize % 16 for d in dims):
             return f"grouped_mm needs model_dim and hidden_dim {dims} times {itemsize} bytes to be multiples of 16"
@@ -560,7 +565,6 @@ class MoELayer(nn.Module):
             return RoutingStats(
                 tokens_per_expert=plan.tokens_per_expert,
                 kept_per_expert=plan.kept_per_expert,
-                dropped=plan.num_tokens * top_k - plan.kept_per_expert.sum(),
                 capacity=plan.capacity,
                 num_tokens=plan.num_tokens,
                 top_k=top_k,

@@ -16,7 +16,7 @@ class RoutingStats:
 
     tokens_per_expert: [num_experts] (token, choice) pairs routed to each expert before the cut.
     kept_per_expert:   [num_experts] pairs each expert accepted.
-    dropped: pairs dropped by the capacity limit (0 when dropless).
+    dropped: pairs dropped by the capacity limit (0 when dropless; computed on read).
     capacity: slots per expert. num_tokens: tokens routed. top_k: choices per token.
     routing_scores: [num_tokens, num_experts] the router's scores (detached), kept so that
         ``router_entropy`` is computed only when read.
@@ -26,12 +26,16 @@ class RoutingStats:
 
     tokens_per_expert: torch.Tensor
     kept_per_expert: torch.Tensor
-    dropped: torch.Tensor
     capacity: int
     num_tokens: int
     top_k: int
     routing_scores: torch.Tensor = field(repr=False)
     _router_entropy: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
+
+    @property
+    def dropped(self) -> torch.Tensor:
+        """Scalar count of the (token, choice) pairs dropped by the capacity limit (computed on read)."""
+        return self.num_tokens * self.top_k - self.kept_per_expert.sum()
 
     @property
     def router_entropy(self) -> torch.Tensor:

@@ -141,6 +141,20 @@ def _fused_experts_state(experts: nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
+def _contiguous_copy(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The state in flexmoe's row-major layout. Gated experts' w1 and w3 become the two halves of
+    one ``[E, M, 2I]`` tensor (transformers' fused gate_up_proj layout, transposed), so inference
+    runs both in one GEMM (:meth:`flexmoe.experts.FFNExperts.fused_gate_up`)."""
+    copied = {key: value.contiguous() for key, value in state.items() if key not in ("experts.w1", "experts.w3")}
+    if "experts.w3" not in state:
+        copied["experts.w1"] = state["experts.w1"].contiguous()
+        return copied
+    w1, w3 = state["experts.w1"], state["experts.w3"]
+    gate_up = torch.cat([w1, w3], dim=2)
+    copied["experts.w1"], copied["experts.w3"] = gate_up[..., : w1.shape[2]], gate_up[..., w1.shape[2] :]
+    return copied
+
+
 def _fused_experts_export(experts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """flexmoe's global w1/w3 [E, M, I] and w2 [E, I, M] as transformers' fused tensors."""
     gate_up = torch.cat([experts["w1"].transpose(1, 2), experts["w3"].transpose(1, 2)], dim=1)
@@ -427,7 +441,7 @@ def to_flexmoe(
         original_config = conversion.config
         conversion.config = dataclasses.replace(original_config, **options)
         if not share_storage and groups is None:  # a sharded layer copies its part only
-            conversion.state = {key: value.contiguous() for key, value in conversion.state.items()}
+            conversion.state = _contiguous_copy(conversion.state)
         layer = _build_layer(conversion, groups, parallel)
         flex = FlexMoEBlock(layer, block, conversion.input_jitter, conversion.per_sequence, original_config)
         flex.train(block.training)

@@ -13,7 +13,7 @@ is O(tokens * k * log), independent of the number of experts and of the capacity
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -26,24 +26,25 @@ class RoutingPlan:
     """Where each kept (token, choice) pair goes; entries sorted by expert, then slot.
 
     token_index:  [kept] source token of each entry (int64).
-    choice_index: [kept] which of the token's top-k choices it is (0 = best).
     expert_index: [kept] destination expert.
-    slot:         [kept] position inside the expert's buffer, ``< capacity``.
     gates:        [kept] gate weight applied at combine (float32, differentiable).
     tokens_per_expert: [num_experts] pairs routed to each expert before the capacity cut.
     kept_per_expert:   [num_experts] pairs each expert accepted (``min(load, capacity)``).
     capacity: slots per expert this step. num_tokens: tokens routed.
+    slot:         [kept] position inside the expert's buffer, ``< capacity`` (computed on first
+                  use: the grouped layout never needs it).
+    choice_index: [kept] which of the token's top-k choices it is (0 = best; on first use).
     """
 
     token_index: torch.Tensor
-    choice_index: torch.Tensor
     expert_index: torch.Tensor
-    slot: torch.Tensor
     gates: torch.Tensor
     tokens_per_expert: torch.Tensor
     kept_per_expert: torch.Tensor
     capacity: int
     num_tokens: int
+    claim_index: torch.Tensor = field(repr=False)  # [kept] position of each entry in the choice-major claims
+    _slot: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def num_experts(self) -> int:
@@ -52,6 +53,18 @@ class RoutingPlan:
     @property
     def num_kept(self) -> int:
         return self.token_index.numel()
+
+    @property
+    def slot(self) -> torch.Tensor:
+        if self._slot is None:  # kept entries are each expert's first ones: slot = rank within the expert
+            group_start = torch.cumsum(self.kept_per_expert, 0) - self.kept_per_expert
+            rank = torch.arange(self.num_kept, device=self.expert_index.device)
+            self._slot = rank - group_start[self.expert_index]
+        return self._slot
+
+    @property
+    def choice_index(self) -> torch.Tensor:
+        return self.claim_index // self.num_tokens if self.num_tokens else self.claim_index
 
     def padded_rows(self) -> torch.Tensor:
         """[kept] row of each entry in the flattened ``[num_experts * capacity, dim]`` buffer."""
@@ -148,23 +161,25 @@ def plan_routes(
     # A stable sort by expert keeps the claim order inside each expert: rank = slot.
     by_expert = torch.sort(claim_expert, stable=True).indices
     sorted_expert = claim_expert[by_expert]
-    group_start = torch.cumsum(tokens_per_expert, 0) - tokens_per_expert
-    slot = torch.arange(sorted_expert.numel(), device=device) - group_start[sorted_expert]
+    slot = None
     if capacity_factor != 0 or fixed_capacity:  # dropless needs no cut: capacity is the largest load
+        group_start = torch.cumsum(tokens_per_expert, 0) - tokens_per_expert
+        slot = torch.arange(sorted_expert.numel(), device=device) - group_start[sorted_expert]
         kept = torch.nonzero(slot < capacity).squeeze(1)
         by_expert, sorted_expert, slot = by_expert[kept], sorted_expert[kept], slot[kept]
+        kept_per_expert = tokens_per_expert.clamp(max=capacity)
+    else:
+        kept_per_expert = tokens_per_expert
 
     position = by_expert % num_tokens if top_k > 1 else by_expert
-    token_index = position if order is None else order[position]
-    choice_index = by_expert // num_tokens if top_k > 1 else torch.zeros_like(by_expert)
     return RoutingPlan(
-        token_index=token_index,
-        choice_index=choice_index,
+        token_index=position if order is None else order[position],
         expert_index=sorted_expert,
-        slot=slot,
         gates=claim_gate[by_expert],
         tokens_per_expert=tokens_per_expert,
-        kept_per_expert=tokens_per_expert.clamp(max=capacity),
+        kept_per_expert=kept_per_expert,
         capacity=capacity,
         num_tokens=num_tokens,
+        claim_index=by_expert,
+        _slot=slot,
     )
