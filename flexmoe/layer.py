@@ -408,7 +408,7 @@ class MoELayer(nn.Module):
         if (
             layout == "auto"
             and tokens.device.type == "cpu"
-            and plan.num_kept >= PER_EXPERT_MIN_ROWS
+            and plan.num_kept >= PER_EXPERT_MIN_ROWS  # cheap test first: counting busy experts syncs
             and hasattr(self.experts, "forward_per_expert")
         ):
             # Rows per expert that got any (a task-routed batch fills only its k experts).

@@ -45,7 +45,7 @@ class PerExpertFFN(torch.autograd.Function):
     Shapes: x [rows, M], w1/w3 [E, M, H], b1 [E, H], w2 [E, H, M], b2 [E, M] (w3, b1, b2 may be
     None); all of x's dtype.
 
-    With ``routing = (token_index, gates)`` it also dispatches and combines, expert by expert:
+    With ``token_index`` and ``gates`` it also dispatches and combines, expert by expert:
     x is then the layer's ``[tokens, M]`` input, expert e's rows are ``x[token_index[rows of
     e]]``, and the output is ``[tokens, M]``, each token the sum of its kept choices' outputs
     times their gates (``gates`` [kept], differentiable). Gathering and scattering one expert's
@@ -96,7 +96,7 @@ class PerExpertFFN(torch.autograd.Function):
         needs = ctx.needs_input_grad
         want_x, want_gates = needs[0], needs[5]
         want_w1, want_b1, want_w3, want_w2, want_b2 = needs[6:]
-        grad_out = grad_out.contiguous().to(x.dtype)
+        grad_out = grad_out.contiguous()
         empty_experts = [e for e, count in enumerate(ctx.counts) if count == 0]
 
         def buffer(name: str, like: torch.Tensor | None, wanted: bool) -> torch.Tensor | None:

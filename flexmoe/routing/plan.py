@@ -57,9 +57,7 @@ class RoutingPlan:
     @property
     def slot(self) -> torch.Tensor:
         if self._slot is None:  # kept entries are each expert's first ones: slot = rank within the expert
-            group_start = torch.cumsum(self.kept_per_expert, 0) - self.kept_per_expert
-            rank = torch.arange(self.num_kept, device=self.expert_index.device)
-            self._slot = rank - group_start[self.expert_index]
+            self._slot = rank_within_expert(self.expert_index, self.kept_per_expert)
         return self._slot
 
     @property
@@ -69,6 +67,13 @@ class RoutingPlan:
     def padded_rows(self) -> torch.Tensor:
         """[kept] row of each entry in the flattened ``[num_experts * capacity, dim]`` buffer."""
         return self.expert_index * self.capacity + self.slot
+
+
+def rank_within_expert(sorted_expert: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """[n] position of each entry among its expert's entries; ``sorted_expert`` is sorted, expert
+    e has ``counts[e]`` entries."""
+    group_start = torch.cumsum(counts, 0) - counts
+    return torch.arange(sorted_expert.numel(), device=sorted_expert.device) - group_start[sorted_expert]
 
 
 def top_k_gates(
@@ -134,7 +139,6 @@ def plan_routes(
         choices are dropped), as Switch Transformers' ``expert_capacity``.
     """
     num_tokens, num_experts = scores.shape
-    device = scores.device
     gates, experts = top_k_gates(
         scores,
         top_k,
@@ -163,8 +167,7 @@ def plan_routes(
     sorted_expert = claim_expert[by_expert]
     slot = None
     if capacity_factor != 0 or fixed_capacity:  # dropless needs no cut: capacity is the largest load
-        group_start = torch.cumsum(tokens_per_expert, 0) - tokens_per_expert
-        slot = torch.arange(sorted_expert.numel(), device=device) - group_start[sorted_expert]
+        slot = rank_within_expert(sorted_expert, tokens_per_expert)
         kept = torch.nonzero(slot < capacity).squeeze(1)
         by_expert, sorted_expert, slot = by_expert[kept], sorted_expert[kept], slot[kept]
         kept_per_expert = tokens_per_expert.clamp(max=capacity)
