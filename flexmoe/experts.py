@@ -139,7 +139,8 @@ class FFNExperts(nn.Module):
 
         gate_up = self.fused_gate_up(x.dtype)
         if gate_up is not None:  # one GEMM for both halves of a gated expert
-            pre, gate_in = F.grouped_mm(x, gate_up, offs=offsets).split(self.hidden_dim, dim=1)
+            both = F.grouped_mm(x, gate_up, offs=offsets)
+            pre, gate_in = both[:, : self.hidden_dim], both[:, self.hidden_dim :]
         else:
             pre = F.grouped_mm(x, self.w1.to(x.dtype), offs=offsets)
             gate_in = None if self.w3 is None else F.grouped_mm(x, self.w3.to(x.dtype), offs=offsets)

@@ -337,13 +337,15 @@ class MoELayer(nn.Module):
             self.load_balancer.record(plan.tokens_per_expert)
         if routed_positions is not None:
             out = out.new_zeros(all_tokens.shape[0], out.shape[1]).index_copy(0, routed_positions, out)
+        # Plain attributes, set in __dict__: nn.Module.__setattr__'s checks cost µs at decode sizes.
+        state = self.__dict__
         if torch.is_grad_enabled():
             self.aux_loss = self.compute_aux_loss(logits, noisy_logits, scores, top_k)
         else:
             # Nothing can differentiate it: compute it only if read (inference seldom does).
-            self._pending_aux_loss = (logits, noisy_logits, scores, top_k)
-        self.stats = self._record_stats(plan, scores, top_k)
-        self.last_plan = plan if self.record_plan else None
+            state["_pending_aux_loss"] = (logits, noisy_logits, scores, top_k)
+        state["stats"] = self._record_stats(plan, scores, top_k)
+        state["last_plan"] = plan if self.record_plan else None
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
     def update_load_balance_bias(self, process_group: Any = None) -> torch.Tensor:
@@ -373,12 +375,15 @@ class MoELayer(nn.Module):
     def route_scores(self, router_inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """router_inputs: [units, dim] -> (clean logits, noisy logits or None, routing scores),
         each [units, num_experts] in float32 (float64 for float64 input), outside autocast."""
-        with torch.autocast(router_inputs.device.type, enabled=False):
-            logits = self.router(router_inputs)
-            noisy_logits = None
-            if self.training and self.config.gate_noise > 0:
-                noisy_logits = logits + self.config.gate_noise * torch.randn_like(logits)
-            scores = routing_scores(logits if noisy_logits is None else noisy_logits, self.config.score_function)
+        device_type = router_inputs.device.type
+        if torch.is_autocast_enabled(device_type):  # entering the context costs a few µs: only when needed
+            with torch.autocast(device_type, enabled=False):
+                return self.route_scores(router_inputs)
+        logits = self.router(router_inputs)
+        noisy_logits = None
+        if self.training and self.config.gate_noise > 0:
+            noisy_logits = logits + self.config.gate_noise * torch.randn_like(logits)
+        scores = routing_scores(logits if noisy_logits is None else noisy_logits, self.config.score_function)
         return logits, noisy_logits, scores
 
     def uses_grouped_layout(self, dtype: torch.dtype) -> bool:
@@ -561,12 +566,11 @@ class MoELayer(nn.Module):
         return total
 
     def _record_stats(self, plan: RoutingPlan, scores: torch.Tensor, top_k: int) -> RoutingStats:
-        with torch.no_grad():
-            return RoutingStats(
-                tokens_per_expert=plan.tokens_per_expert,
-                kept_per_expert=plan.kept_per_expert,
-                capacity=plan.capacity,
-                num_tokens=plan.num_tokens,
-                top_k=top_k,
-                routing_scores=scores.detach(),  # the entropy is computed when read
-            )
+        return RoutingStats(
+            tokens_per_expert=plan.tokens_per_expert,
+            kept_per_expert=plan.kept_per_expert,
+            num_tokens=plan.num_tokens,
+            top_k=top_k,
+            routing_scores=scores.detach(),  # the entropy is computed when read
+            _capacity=plan._capacity,  # None when dropless: read from the counts on first access
+        )

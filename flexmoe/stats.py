@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from flexmoe.routing.capacity import expert_capacity
 from flexmoe.routing.losses import router_entropy
 
 
@@ -17,7 +18,8 @@ class RoutingStats:
     tokens_per_expert: [num_experts] (token, choice) pairs routed to each expert before the cut.
     kept_per_expert:   [num_experts] pairs each expert accepted.
     dropped: pairs dropped by the capacity limit (0 when dropless; computed on read).
-    capacity: slots per expert. num_tokens: tokens routed. top_k: choices per token.
+    capacity: slots per expert (dropless: the largest load, read on first access).
+    num_tokens: tokens routed. top_k: choices per token.
     routing_scores: [num_tokens, num_experts] the router's scores (detached), kept so that
         ``router_entropy`` is computed only when read.
     router_entropy: mean entropy of the routing distribution (nats; log(num_experts) = uniform),
@@ -26,11 +28,18 @@ class RoutingStats:
 
     tokens_per_expert: torch.Tensor
     kept_per_expert: torch.Tensor
-    capacity: int
     num_tokens: int
     top_k: int
     routing_scores: torch.Tensor = field(repr=False)
+    _capacity: int | None = field(default=None, repr=False)  # None: dropless, the largest load
     _router_entropy: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
+
+    @property
+    def capacity(self) -> int:
+        """Slots per expert this step."""
+        if self._capacity is None:
+            self._capacity = expert_capacity(0.0, self.tokens_per_expert, self.num_tokens, self.top_k)
+        return self._capacity
 
     @property
     def dropped(self) -> torch.Tensor:

@@ -6,6 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from flexmoe import MoELayer
 from flexmoe.routing import capacity_bound, expert_capacity, plan_routes
 
 
@@ -90,3 +91,16 @@ def test_plan_invariants(num_tokens, num_experts, k_frac, capacity_factor, bpr, 
     # A dropless factor drops nothing.
     if capacity_factor == 0:
         assert plan.num_kept == num_tokens * top_k
+
+
+def test_dropless_capacity_is_read_only_when_asked():
+    # A grouped dropless step never needs the capacity: reading it (a host sync on CUDA) waits
+    # for the first access, for the plan and for the layer's stats alike.
+    scores = torch.softmax(torch.randn(10, 4, generator=torch.Generator().manual_seed(0)), -1)
+    plan = plan_routes(scores, 2, 0.0)
+    assert plan._capacity is None
+    assert plan.capacity == int(plan.tokens_per_expert.max())
+    layer = MoELayer(model_dim=16, num_experts=4, hidden_dim=32, top_k=2, capacity_factor=0.0)
+    layer(torch.randn(10, 16))
+    assert layer.stats._capacity is None
+    assert layer.stats.capacity == int(layer.stats.tokens_per_expert.max())

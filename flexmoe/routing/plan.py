@@ -30,7 +30,8 @@ class RoutingPlan:
     gates:        [kept] gate weight applied at combine (float32, differentiable).
     tokens_per_expert: [num_experts] pairs routed to each expert before the capacity cut.
     kept_per_expert:   [num_experts] pairs each expert accepted (``min(load, capacity)``).
-    capacity: slots per expert this step. num_tokens: tokens routed.
+    capacity: slots per expert this step (dropless: the largest load, read from the device on
+        first use, so a grouped dropless step needs no host sync for it). num_tokens: tokens routed.
     slot:         [kept] position inside the expert's buffer, ``< capacity`` (computed on first
                   use: the grouped layout never needs it).
     choice_index: [kept] which of the token's top-k choices it is (0 = best; on first use).
@@ -41,10 +42,16 @@ class RoutingPlan:
     gates: torch.Tensor
     tokens_per_expert: torch.Tensor
     kept_per_expert: torch.Tensor
-    capacity: int
     num_tokens: int
     claim_index: torch.Tensor = field(repr=False)  # [kept] position of each entry in the choice-major claims
+    _capacity: int | None = field(default=None, repr=False)  # None: dropless, the largest load
     _slot: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def capacity(self) -> int:
+        if self._capacity is None:
+            self._capacity = expert_capacity(0.0, self.tokens_per_expert, self.num_tokens, 1)
+        return self._capacity
 
     @property
     def num_experts(self) -> int:
@@ -158,15 +165,12 @@ def plan_routes(
     claim_gate = gates.T.reshape(-1)
 
     tokens_per_expert = torch.bincount(claim_expert, minlength=num_experts)
-    fixed_capacity = capacity is not None
-    if capacity is None:
-        capacity = expert_capacity(capacity_factor, tokens_per_expert, num_tokens, top_k)
-
     # A stable sort by expert keeps the claim order inside each expert: rank = slot.
-    by_expert = torch.sort(claim_expert, stable=True).indices
-    sorted_expert = claim_expert[by_expert]
+    sorted_expert, by_expert = torch.sort(claim_expert, stable=True)
     slot = None
-    if capacity_factor != 0 or fixed_capacity:  # dropless needs no cut: capacity is the largest load
+    if capacity is not None or capacity_factor != 0:  # dropless needs no cut: capacity is the largest load
+        if capacity is None:
+            capacity = expert_capacity(capacity_factor, tokens_per_expert, num_tokens, top_k)
         slot = rank_within_expert(sorted_expert, tokens_per_expert)
         kept = torch.nonzero(slot < capacity).squeeze(1)
         by_expert, sorted_expert, slot = by_expert[kept], sorted_expert[kept], slot[kept]
@@ -181,8 +185,8 @@ def plan_routes(
         gates=claim_gate[by_expert],
         tokens_per_expert=tokens_per_expert,
         kept_per_expert=kept_per_expert,
-        capacity=capacity,
         num_tokens=num_tokens,
         claim_index=by_expert,
+        _capacity=capacity,
         _slot=slot,
     )
