@@ -42,7 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="a smaller model and fewer repeats: a smoke run")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats per row (default 5; 2 with --quick)")
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--intermediate", type=int, default=1024)
     p.add_argument("--layers", type=int, default=4)
@@ -57,7 +57,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     args = p.parse_args(argv)
     if args.quick:
-        args.hidden, args.intermediate, args.layers, args.seq, args.new_tokens, args.repeats = 128, 256, 2, 64, 8, 2
+        args.hidden, args.intermediate, args.layers, args.seq, args.new_tokens = 128, 256, 2, 64, 8
+    if args.repeats is None:
+        args.repeats = 2 if args.quick else 5
     return args
 
 
