@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flexmoe.ops.grad_buffers import GradientBuffers
+from flexmoe.ops.buffers import BufferCache
 from flexmoe.ops.per_expert import per_expert_ffn
 
 _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -73,9 +73,9 @@ class FFNExperts(nn.Module):
         self.w3 = nn.Parameter(torch.empty(num_experts, model_dim, hidden_dim)) if gated else None
         self.b1 = nn.Parameter(torch.zeros(num_experts, hidden_dim)) if bias else None
         self.b2 = nn.Parameter(torch.zeros(num_experts, model_dim)) if bias else None
-        # The per-expert kernel's weight gradients, reused from one backward to the next (see
-        # flexmoe.ops.grad_buffers; ``self.gradient_buffers.clear()`` frees them).
-        self.gradient_buffers = GradientBuffers()
+        # The per-expert kernel's weight gradients and large activations, reused from one step to
+        # the next (see flexmoe.ops.buffers; ``self.buffer_cache.clear()`` frees them).
+        self.buffer_cache = BufferCache()
         self.reset_parameters(generator)
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
@@ -176,7 +176,7 @@ class FFNExperts(nn.Module):
             weights.get("w3"),
             weights["w2"],
             weights.get("b2"),
-            self.gradient_buffers,
+            self.buffer_cache,
             token_index=token_index,
             gates=gates,
         )

@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from flexmoe.ops.grad_buffers import GradientBuffers
+from flexmoe.ops import per_expert
+from flexmoe.ops.buffers import BufferCache
 from flexmoe.ops.per_expert import per_expert_ffn
 
 E, M, H = 5, 6, 7
@@ -43,17 +44,37 @@ def loop_reference(x, counts, activation, w):
     return torch.cat(outs)
 
 
+@pytest.fixture
+def reuse_all_rows(monkeypatch):
+    """Every row buffer comes from the cache (the sizes here are far below the real threshold)."""
+    monkeypatch.setattr(per_expert, "REUSE_MIN_BYTES", 0)
+
+
+def cached_pointers(cache: BufferCache) -> dict:
+    return {name: buffer.data_ptr() for name, (buffer, _) in cache._buffers.items()}
+
+
 @pytest.mark.parametrize("gated", [False, True])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("activation", [F.gelu, F.relu, F.silu, lambda t: torch.tanh(t) * t])
-def test_matches_plain_autograd_forward_and_backward(gated, bias, activation):
+@pytest.mark.parametrize("reuse", [False, True])
+def test_matches_plain_autograd_forward_and_backward(gated, bias, activation, reuse, monkeypatch):
     w = weights(gated, bias)
     x = torch.randn(sum(COUNTS), M, dtype=torch.float64, requires_grad=True)
     upstream = torch.randn(sum(COUNTS), M, dtype=torch.float64)
     present = {k: v for k, v in w.items() if v is not None}
+    cache = None
+    if reuse:  # a first step fills the cache; the checked step runs on its reused buffers
+        monkeypatch.setattr(per_expert, "REUSE_MIN_BYTES", 0)
+        cache = BufferCache()
+        x0 = torch.randn_like(x).requires_grad_()
+        torch.autograd.grad(per_expert_ffn(x0, COUNTS, activation, **w, cache=cache), [x0, *present.values()], upstream)
+        pointers = cached_pointers(cache)
 
-    out = per_expert_ffn(x, COUNTS, activation, **w)
+    out = per_expert_ffn(x, COUNTS, activation, **w, cache=cache)
     got = torch.autograd.grad(out, [x, *present.values()], upstream)
+    if reuse:
+        assert cached_pointers(cache) == pointers  # every buffer reused, none reallocated
     expected_out = loop_reference(x, COUNTS, activation, w)
     expected = torch.autograd.grad(expected_out, [x, *present.values()], upstream)
     torch.testing.assert_close(out, expected_out, rtol=1e-12, atol=1e-12)
@@ -88,9 +109,7 @@ def test_counts_must_cover_the_rows_and_empty_input_works():
 def run_backward(w, buffers, counts, seed):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(sum(counts), M, dtype=torch.float64, generator=g)
-    per_expert_ffn(x, counts, F.gelu, **w, grad_buffers=buffers).backward(
-        torch.randn(x.shape, dtype=x.dtype, generator=g)
-    )
+    per_expert_ffn(x, counts, F.gelu, **w, cache=buffers).backward(torch.randn(x.shape, dtype=x.dtype, generator=g))
     return x
 
 
@@ -104,7 +123,7 @@ def expected_grads(w, counts, x, seed):
 
 def test_gradient_buffers_are_reused_once_the_gradient_is_dropped():
     w = weights(gated=True, bias=True)
-    buffers = GradientBuffers()
+    buffers = BufferCache()
     run_backward(w, buffers, [2, 3, 1, 4, 1], seed=0)
     first = w["w1"].grad.data_ptr()
     for v in w.values():
@@ -121,7 +140,7 @@ def test_gradient_buffers_are_reused_once_the_gradient_is_dropped():
 
 def test_gradient_buffers_never_overwrite_a_gradient_still_held():
     w = weights(gated=False, bias=True)
-    buffers = GradientBuffers()
+    buffers = BufferCache()
     run_backward(w, buffers, COUNTS, seed=0)
     held = w["w1"].grad  # e.g. kept for logging
     kept = held.clone()
@@ -139,20 +158,21 @@ def test_gradient_buffers_never_overwrite_a_gradient_still_held():
     torch.testing.assert_close(w["w2"].grad, before + second, rtol=1e-12, atol=1e-12)
 
 
-def test_gradient_buffers_are_not_copied_with_the_module():
+def test_buffer_cache_is_not_copied_with_the_module():
     from flexmoe.experts import FFNExperts
 
     experts = FFNExperts(4, 16, 32)
     x = torch.randn(8, 16)
     experts.forward_per_expert(x, torch.tensor([2, 2, 4, 0])).sum().backward()
-    assert len(experts.gradient_buffers) == 4
-    assert len(copy.deepcopy(experts).gradient_buffers) == 0
-    assert len(pickle.loads(pickle.dumps(experts)).gradient_buffers) == 0
+    assert len(experts.buffer_cache) == 4
+    assert len(copy.deepcopy(experts).buffer_cache) == 0
+    assert len(pickle.loads(pickle.dumps(experts)).buffer_cache) == 0
 
 
 @pytest.mark.parametrize("gated", [False, True])
 @pytest.mark.parametrize("gates_need_grad", [False, True])
-def test_routed_matches_dispatch_experts_combine(gated, gates_need_grad):
+@pytest.mark.parametrize("reuse", [False, True])
+def test_routed_matches_dispatch_experts_combine(gated, gates_need_grad, reuse, monkeypatch):
     """With token_index and gates: gather, experts and gate-weighted scatter-add in one op.
     Tokens appear under several experts (top-2), some under none (dropped), experts 1 and 4 idle."""
     w = weights(gated, bias=True)
@@ -165,8 +185,19 @@ def test_routed_matches_dispatch_experts_combine(gated, gates_need_grad):
     present = [v for v in w.values() if v is not None]
     wanted = [x, *present] + ([gates] if gates_need_grad else [])
 
-    out = per_expert_ffn(x, COUNTS, F.silu, **w, token_index=token_index, gates=gates)
+    cache = None
+    if reuse:  # a first step fills the cache; the checked step runs on its reused buffers
+        monkeypatch.setattr(per_expert, "REUSE_MIN_BYTES", 0)
+        cache = BufferCache()
+        x0 = torch.randn_like(x).requires_grad_()
+        first = per_expert_ffn(x0, COUNTS, F.silu, **w, token_index=token_index, gates=gates, cache=cache)
+        torch.autograd.grad(first, [x0, *wanted[1:]], upstream)
+        pointers = cached_pointers(cache)
+
+    out = per_expert_ffn(x, COUNTS, F.silu, **w, token_index=token_index, gates=gates, cache=cache)
     got = torch.autograd.grad(out, wanted, upstream)
+    if reuse:
+        assert cached_pointers(cache) == pointers
     expert_out = loop_reference(x[token_index], COUNTS, F.silu, w) * gates.unsqueeze(1)
     expected_out = torch.zeros(tokens, M, dtype=torch.float64).index_add(0, token_index, expert_out)
     expected = torch.autograd.grad(expected_out, wanted, upstream)
@@ -182,3 +213,32 @@ def test_routed_arguments_are_checked():
         per_expert_ffn(x, COUNTS, F.relu, **w, token_index=torch.arange(8) % 4)
     with pytest.raises(ValueError, match="entries of token_index"):
         per_expert_ffn(x, COUNTS, F.relu, **w, token_index=torch.arange(3), gates=torch.ones(3, dtype=torch.float64))
+
+
+def test_reused_buffers_never_overwrite_what_a_pending_backward_needs(reuse_all_rows):
+    """Two forwards before their backwards (micro-batches), and a graph kept with retain_graph:
+    the activations saved by one call must survive the next call's allocations."""
+    w = weights(gated=True, bias=True)
+    present = [v for v in w.values() if v is not None]
+    cache = BufferCache()
+    token_index = torch.tensor([0, 2, 5, 1, 2, 3, 4, 0])
+    gates = torch.rand(token_index.numel(), dtype=torch.float64, requires_grad=True)
+    xs = [torch.randn(6, M, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    upstream = torch.randn(6, M, dtype=torch.float64)
+
+    def reference(x):
+        expert_out = loop_reference(x[token_index], COUNTS, F.gelu, w) * gates.unsqueeze(1)
+        out = torch.zeros(6, M, dtype=torch.float64).index_add(0, token_index, expert_out)
+        return torch.autograd.grad(out, [x, gates, *present], upstream)
+
+    def run(x, **kwargs):
+        return per_expert_ffn(x, COUNTS, F.gelu, **w, token_index=token_index, gates=gates, cache=cache, **kwargs)
+
+    outs = [run(x) for x in xs[:2]]  # both graphs pending
+    kept = torch.autograd.grad(outs[0], [xs[0], gates, *present], upstream, retain_graph=True)
+    again = run(xs[2])  # may reuse only what no pending graph holds
+    for out, x in ((outs[1], xs[1]), (again, xs[2]), (outs[0], xs[0])):
+        for a, b in zip(torch.autograd.grad(out, [x, gates, *present], upstream), reference(x)):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    for a, b in zip(kept, reference(xs[0])):  # gradients handed out earlier are not overwritten
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
