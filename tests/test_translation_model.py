@@ -195,3 +195,24 @@ def test_beam_search(decoder_routing):
     assert torch.equal(beams, uncached)  # the cache follows each step's reordering of the beams
     with pytest.raises(ValueError, match="beam_size"):
         model.beam_search(source, target_lang, lang_pair, beam_size=0)
+
+
+def test_clip_grad_norm_single_process_is_torchs():
+    from flexmoe import MoELayer
+    from flexmoe.parallel import clip_grad_norm_
+
+    torch.manual_seed(0)
+    models = [
+        torch.nn.Sequential(torch.nn.Linear(8, 8), MoELayer(model_dim=8, num_experts=4, hidden_dim=16))
+        for _ in range(2)
+    ]
+    models[1].load_state_dict(models[0].state_dict())
+    x = torch.randn(10, 8)
+    for model in models:
+        (model(x).square().sum() * 100).backward()
+    norm = clip_grad_norm_(models[0], 0.5)
+    expected = torch.nn.utils.clip_grad_norm_(models[1].parameters(), 0.5)
+    torch.testing.assert_close(norm, expected, rtol=1e-5, atol=0)
+    assert norm > 0.5  # it clipped
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7)

@@ -10,6 +10,7 @@ so a target-routed decoder reduces to a dense network per language with ``extrac
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -61,8 +62,9 @@ class Attention(nn.Module):
         return self.attend(query, *self.keys_values(key_value), keep)
 
 
-def make_ffn(config: ModelConfig, index: int, routing: Routing) -> nn.Module:
-    """The FFN of layer ``index`` of a stack routed by ``routing``: MoE or dense."""
+def make_ffn(config: ModelConfig, index: int, routing: Routing, group: Any = None) -> nn.Module:
+    """The FFN of layer ``index`` of a stack routed by ``routing``: MoE or dense. ``group``: the
+    MoE layers' process group (``MoELayer``'s rule: None = the world group under torchrun)."""
     if not config.is_moe_layer(index):
         return FeedForward(config.model_dim, config.ffn_dim)
     num_tasks = {"target": config.num_target_langs, "langpair": config.num_lang_pairs}.get(routing)
@@ -75,15 +77,16 @@ def make_ffn(config: ModelConfig, index: int, routing: Routing) -> nn.Module:
         aux_loss_weight=config.aux_loss_weight,
         granularity="task" if num_tasks else routing,
         num_tasks=num_tasks,
+        group=group,
     )
 
 
 class EncoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, index: int) -> None:
+    def __init__(self, config: ModelConfig, index: int, group: Any = None) -> None:
         super().__init__()
         self.attn_norm, self.ffn_norm = nn.LayerNorm(config.model_dim), nn.LayerNorm(config.model_dim)
         self.attn = Attention(config.model_dim, config.num_heads, config.dropout)
-        self.ffn = make_ffn(config, index, config.encoder_routing)
+        self.ffn = make_ffn(config, index, config.encoder_routing, group)
         self.drop = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, padding: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
@@ -94,13 +97,13 @@ class EncoderLayer(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, index: int) -> None:
+    def __init__(self, config: ModelConfig, index: int, group: Any = None) -> None:
         super().__init__()
         dim = config.model_dim
         self.self_norm, self.cross_norm, self.ffn_norm = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.self_attn = Attention(dim, config.num_heads, config.dropout)
         self.cross_attn = Attention(dim, config.num_heads, config.dropout)
-        self.ffn = make_ffn(config, index, config.decoder_routing)
+        self.ffn = make_ffn(config, index, config.decoder_routing, group)
         self.drop = nn.Dropout(config.dropout)
 
     def forward(
@@ -155,16 +158,18 @@ class TranslationModel(nn.Module):
     Token ids: source ``[B, S]`` (``<2xx>`` tag first, ``eos`` last, ``pad_id`` after), target
     input ``[B, T]`` (``bos`` first). ``target_lang``/``lang_pair``: ``[B]`` task ids.
     After a forward, :meth:`aux_loss` is the sum of the MoE layers' balance losses.
+    ``group``: the MoE layers' process group (``MoELayer``'s rule: None shards the experts over
+    the world group under torchrun; ``flexmoe.parallel.SINGLE_PROCESS`` keeps them all).
     """
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, group: Any = None) -> None:
         super().__init__()
         self.config = config
         self.embedding = nn.Embedding(config.vocab_size, config.model_dim, padding_idx=config.pad_id)
         nn.init.normal_(self.embedding.weight, std=config.model_dim**-0.5)
         self.register_buffer("positions", sinusoidal_positions(config.max_len, config.model_dim))
-        self.encoder = nn.ModuleList(EncoderLayer(config, i) for i in range(config.encoder_layers))
-        self.decoder = nn.ModuleList(DecoderLayer(config, i) for i in range(config.decoder_layers))
+        self.encoder = nn.ModuleList(EncoderLayer(config, i, group) for i in range(config.encoder_layers))
+        self.decoder = nn.ModuleList(DecoderLayer(config, i, group) for i in range(config.decoder_layers))
         self.encoder_norm, self.decoder_norm = nn.LayerNorm(config.model_dim), nn.LayerNorm(config.model_dim)
         self.drop = nn.Dropout(config.dropout)
 

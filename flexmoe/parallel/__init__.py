@@ -3,6 +3,7 @@
 from flexmoe.parallel.config import A2A_ALGORITHMS, ParallelChoice, ParallelConfig
 from flexmoe.parallel.data_parallel import (
     allreduce_non_expert_grads,
+    clip_grad_norm_,
     expert_parameters,
     ignore_expert_parameters,
     non_expert_parameters,
@@ -19,6 +20,7 @@ __all__ = [
     "ParallelConfig",
     "ParallelGroups",
     "allreduce_non_expert_grads",
+    "clip_grad_norm_",
     "expert_parameters",
     "ignore_expert_parameters",
     "non_expert_parameters",

@@ -70,3 +70,32 @@ def allreduce_non_expert_grads(model: nn.Module, group: dist.ProcessGroup | None
             param.grad = torch.zeros_like(param)
         dist.all_reduce(param.grad, group=group)
         param.grad.div_(size)
+
+
+def clip_grad_norm_(model: nn.Module, max_norm: float, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` for a model whose experts are sharded over ``group``
+    (every rank calls it): the norm is the one of the whole gradient, each expert shard counted
+    once, the replicated gradients (identical on every rank: call after
+    :func:`flexmoe.parallel.allreduce_non_expert_grads`) once. Without ``torch.distributed``
+    it is the plain norm. Returns the norm before clipping."""
+    expert = [p.grad for _, p in expert_parameters(model) if p.grad is not None]
+    replicated = [p.grad for _, p in non_expert_parameters(model) if p.grad is not None]
+    grads = expert + replicated
+    if not grads:
+        return torch.zeros(())
+    device = grads[0].device
+
+    def squares(tensors: list[torch.Tensor]) -> torch.Tensor:
+        total = torch.zeros((), dtype=torch.float64, device=device)
+        for tensor in tensors:
+            total += tensor.detach().double().square().sum()
+        return total
+
+    expert_squares = squares(expert)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(expert_squares, group=group)
+    norm = (expert_squares + squares(replicated)).sqrt()
+    scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    for grad in grads:
+        grad.mul_(scale.to(grad.dtype))
+    return norm.float()

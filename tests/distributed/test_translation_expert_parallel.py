@@ -1,0 +1,56 @@
+"""The translation trainer under torch.distributed (2 gloo ranks, experts sharded over them)
+continues a single-process run exactly as the single process does: same parameters, optimizer
+state and losses after the same steps, and a checkpoint in the single-process format."""
+
+import json
+import shutil
+
+import torch
+
+from flexmoe.models.runconfig import load_run_config
+from flexmoe.models.train import Trainer, read_checkpoint, train
+from tests.distributed.launcher import run_distributed
+from tests.test_translation_fixtures import write_run_file
+
+# Dropless (per-rank capacities would differ from the single process's), no dropout (other
+# random masks), no balance loss (each rank's own, then averaged: not the whole batch's).
+MODEL = {"num_experts": 4, "capacity_factor": 0.0, "dropout": 0.0, "aux_loss_weight": 0.0}
+
+
+def train_on_ranks(rank: int, world_size: int, run_file: str) -> None:
+    Trainer(load_run_config(run_file), progress=False).run()
+
+
+def losses(run_dir):
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if r["split"] == "train"}
+
+
+def test_world_2_continues_a_single_process_run_as_the_single_process_does(tmp_path):
+    torch.set_num_threads(1)
+    train(load_run_config(write_run_file(tmp_path, "single", MODEL, {"max_steps": 2})), progress=False)
+    shutil.copytree(tmp_path / "single", tmp_path / "sharded")
+    steps = {"max_steps": 5, "eval_every": 3, "checkpoint_every": 4}
+    train(load_run_config(write_run_file(tmp_path, "single", MODEL, steps)), progress=False)
+    run_distributed(train_on_ranks, 2, str(write_run_file(tmp_path, "sharded", MODEL, steps)))
+
+    expected, got = read_checkpoint(tmp_path / "single"), read_checkpoint(tmp_path / "sharded")
+    assert got["step"] == expected["step"] == 5
+    assert got["model"].keys() == expected["model"].keys()  # every expert, single-process names
+    for key, tensor in expected["model"].items():
+        # A key bias shifts every score of a query alike: its true gradient is 0, and Adam turns
+        # the rounding noise left in its place into steps of up to lr (both runs, other noise).
+        loose = key.endswith("key.bias")
+        torch.testing.assert_close(got["model"][key], tensor, rtol=1e-4, atol=1e-3 if loose else 1e-5, msg=key)
+    for index, state in expected["optimizer"]["state"].items():
+        torch.testing.assert_close(got["optimizer"]["state"][index]["exp_avg"], state["exp_avg"], rtol=1e-3, atol=1e-6)
+    assert len(got["torch_rng_by_rank"]) == 2
+    single, sharded = losses(tmp_path / "single"), losses(tmp_path / "sharded")
+    assert sorted(sharded) == sorted(single) == [1, 2, 3, 4, 5]
+    for step in single:
+        assert abs(sharded[step] - single[step]) < 1e-4, (step, sharded[step], single[step])
+    # Step 2: the single-process run copied; then rank 0 validated the gathered model at step 3
+    # and at the end, and plotted it.
+    valid = [json.loads(line) for line in (tmp_path / "sharded" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in valid if r["split"] == "valid"] == [2, 3, 5]
+    assert (tmp_path / "sharded" / "loss.png").is_file()
