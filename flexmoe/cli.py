@@ -18,24 +18,25 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def _usage() -> str:
-    lines = ["usage: flexmoe <command> [options]", "", "commands:"]
-    lines += [f"  {name:<12} {help_}" for name, (_, help_) in COMMANDS.items()]
-    return "\n".join(lines)
+def run_command(prog: str, commands: dict[str, tuple[str, str]], argv: list[str]) -> int:
+    """``prog <command> [options]``: import the command's module and call its ``main(options)``.
+    No command: usage on stderr, status 2; ``-h``: usage on stdout, 0; an unknown command: an
+    error naming it, then the usage, on stderr, 2. ``flexmoe`` and ``flexmoe mt`` both use it."""
+    usage = [f"usage: {prog} <command> [options]", "", "commands:"]
+    usage = "\n".join(usage + [f"  {name:<12} {help_}" for name, (_, help_) in commands.items()])
+    if argv and argv[0] in ("-h", "--help"):
+        print(usage)
+        return 0
+    if not argv or argv[0] not in commands:
+        unknown = f"{prog}: unknown command {argv[0]!r}\n\n" if argv else ""
+        print(unknown + usage, file=sys.stderr)
+        return 2
+    importlib.import_module(commands[argv[0]][0]).main(argv[1:])
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print(_usage())
-        return 0 if argv else 2
-    command, rest = argv[0], argv[1:]
-    if command not in COMMANDS:
-        print(f"flexmoe: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
-        return 2
-    module = importlib.import_module(COMMANDS[command][0])
-    module.main(rest)
-    return 0
+    return run_command("flexmoe", COMMANDS, sys.argv[1:] if argv is None else list(argv))
 
 
 if __name__ == "__main__":

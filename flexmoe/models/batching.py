@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -96,3 +96,9 @@ def collate(data: EncodedPairs, indices: Sequence[int]) -> dict[str, torch.Tenso
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The keyword arguments of ``TranslationModel.forward`` in a batch."""
     return {key: batch[key] for key in ("source", "target_in", "target_lang", "lang_pair")}
+
+
+def in_order_batches(data: EncodedPairs, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
+    """:func:`collate`'d batches of ``batch_size`` consecutive examples, covering ``data`` in order."""
+    for start in range(0, len(data.sources), batch_size):
+        yield collate(data, range(start, min(start + batch_size, len(data.sources))))

@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt
 import torch
 
 from flexmoe.layer import MoELayer
-from flexmoe.models.batching import EncodedPairs, collate, model_inputs
+from flexmoe.models.batching import EncodedPairs, in_order_batches, model_inputs
 from flexmoe.models.translation import TranslationModel
 from flexmoe.task import expert_usage
 
@@ -55,10 +55,10 @@ def expert_load(model: TranslationModel, data: EncodedPairs, batch_size: int = 6
     """Per MoE layer, [tasks, experts] share of each task's routed tokens each expert took.
     Tasks are target languages (language pairs for langpair-routed layers)."""
     device = next(model.parameters()).device
-    batches = []
-    for start in range(0, len(data.sources), batch_size):
-        batch = model_inputs(collate(data, range(start, min(start + batch_size, len(data.sources)))))
-        batches.append({key: value.to(device) for key, value in batch.items()})
+    batches = [
+        {key: value.to(device) for key, value in model_inputs(batch).items()}
+        for batch in in_order_batches(data, batch_size)
+    ]
     usage = expert_usage(model, batches, by_task=True)
     return {name: counts / counts.sum(1, keepdim=True).clamp_min(1) for name, counts in usage.counts.items()}
 

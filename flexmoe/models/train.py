@@ -29,6 +29,7 @@ from flexmoe.models.batching import (
     TaskTable,
     collate,
     encode_pairs,
+    in_order_batches,
     model_inputs,
 )
 from flexmoe.models.distributed import RunGroup
@@ -340,8 +341,7 @@ class Trainer:
         model = self.model if model is None else model
         model.eval()
         data, losses, weights = self.valid_data, [], []
-        for start in range(0, len(data.sources), self.config.batch_size):
-            batch = self.to_device(collate(data, range(start, min(start + self.config.batch_size, len(data.sources)))))
+        for batch in map(self.to_device, in_order_batches(data, self.config.batch_size)):
             logits = model(**model_inputs(batch))
             losses.append(float(sequence_loss(logits, batch["target_out"], 0.0)))
             weights.append(int((batch["target_out"] != PAD_ID).sum()))
