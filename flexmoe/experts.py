@@ -78,6 +78,12 @@ class FFNExperts(nn.Module):
         self.buffer_cache = BufferCache()
         self.reset_parameters(generator)
 
+    def train(self, mode: bool = True) -> FFNExperts:
+        """``nn.Module.train``; switching to eval also frees the training buffers (``buffer_cache``)."""
+        if not mode:
+            self.buffer_cache.clear()
+        return super().train(mode)
+
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         # Same scale as nn.Linear's default for each expert (uniform in +-1/sqrt(fan_in)).
         fan_ins = ((self.w1, self.model_dim), (self.w2, self.init_hidden_dim), (self.w3, self.model_dim))

@@ -167,6 +167,10 @@ def test_buffer_cache_is_not_copied_with_the_module():
     assert len(experts.buffer_cache) == 4
     assert len(copy.deepcopy(experts).buffer_cache) == 0
     assert len(pickle.loads(pickle.dumps(experts)).buffer_cache) == 0
+    experts.train()
+    assert len(experts.buffer_cache) == 4
+    experts.eval()  # inference ahead: the training buffers go
+    assert len(experts.buffer_cache) == 0
 
 
 @pytest.mark.parametrize("gated", [False, True])

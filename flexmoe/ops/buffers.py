@@ -19,7 +19,8 @@ it, an activation after the backward that used it. A gradient the user still hol
 w.grad``, ``zero_grad(set_to_none=False)``, accumulation over micro-batches) or activations
 still saved for a pending backward (two forwards before one backward, ``retain_graph=True``)
 are never overwritten: a new buffer is allocated instead. The cost is memory: the cache keeps
-one step's worth of these tensors between steps (:meth:`BufferCache.clear` frees it).
+one step's worth of these tensors between steps (:meth:`BufferCache.clear` frees it; the experts'
+``eval()`` does).
 """
 
 from __future__ import annotations
