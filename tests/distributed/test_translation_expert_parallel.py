@@ -3,13 +3,17 @@ continues a single-process run exactly as the single process does: same paramete
 state and losses after the same steps, and a checkpoint in the single-process format."""
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import torch
 
+from flexmoe.cli import main as cli
 from flexmoe.models.runconfig import load_run_config
 from flexmoe.models.train import Trainer, read_checkpoint, train
-from tests.distributed.launcher import run_distributed
+from tests.distributed.launcher import free_port, run_distributed
 from tests.test_translation_fixtures import write_run_file
 
 # Dropless (per-rank capacities would differ from the single process's), no dropout (other
@@ -54,3 +58,23 @@ def test_world_2_continues_a_single_process_run_as_the_single_process_does(tmp_p
     valid = [json.loads(line) for line in (tmp_path / "sharded" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in valid if r["split"] == "valid"] == [2, 3, 5]
     assert (tmp_path / "sharded" / "loss.png").is_file()
+
+
+def test_torchrun_command_trains_then_a_single_process_evaluates(tmp_path):
+    """``torchrun -m flexmoe train`` end to end (the command joins torchrun's world itself), then
+    ``flexmoe eval`` reads the checkpoint in one process."""
+    run_file = write_run_file(tmp_path, "run", {"num_experts": 4}, {"max_steps": 3})
+    port = str(free_port())
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port]
+    done = subprocess.run(
+        [*command, "-m", "flexmoe", "train", "--config", str(run_file), "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("run directory:") == 1  # rank 0 alone reports
+    assert read_checkpoint(tmp_path / "run")["step"] == 3
+    assert cli(["eval", "--model", str(tmp_path / "run"), "--limit", "4"]) == 0
+    assert (tmp_path / "run" / "eval-test.json").is_file()
