@@ -1,17 +1,21 @@
 """Run the results table of issue 9 (Kudugunta et al.'s Table 1 at our scale) and write one
-``results.json`` per run; ``python -m flexmoe.models.results runs/table > docs/results.md``
-turns them into the table.
+``<row>/seed<N>.json`` per run into ``--results`` (``docs/runs``, tracked by git, so finished runs
+survive a fresh machine); ``python -m flexmoe.models.results docs/runs > docs/results.md`` turns
+them into the table.
 
     python scripts/run_table.py [--minutes 7] [--seeds 0,1,2] [--rows dense,token_target] [--out runs/table]
 
-Rows: configs/table/<row>.toml (equal compute: each run trains ``--minutes`` of CPU time, its
-config's ``budget_clock = "cpu"``, so a busy machine does not shorten a run), plus
-``pruned_token`` (no training: the token/token run of the same seed, pruned per target language
-to its ``--prune-keep`` most used experts, NLLB-MoE style). ``distilled_dense`` needs the
-token/token run of its seed first (the default order does that). Finished runs are skipped
-(a run resumes from its checkpoint), so the script can be killed and restarted; ``--reevaluate``
-scores and times the finished runs again without training (throughput taken on a busy machine
-is redone on a quiet one).
+Rows (:data:`ROWS`): configs/table/<config>.toml, each trained for its share of ``--minutes`` of
+CPU time (the configs' ``budget_clock = "cpu"``, so a busy machine does not shorten a run);
+``pruned_token`` trains nothing (the token/token run of the same seed, pruned per target language
+to its ``--prune-keep`` most used experts, NLLB-MoE style). A distilled row needs its teacher's run
+of the same seed first (the default order does that): ``distilled_dense`` learns from the
+full-budget token/token run (so teacher and student had a budget each), ``distilled_dense_shared``
+from ``token_token_half``, trained half the budget, and trains the other half itself (teacher and
+student share one budget: the equal-total-compute comparison). Finished runs are skipped (a run
+resumes from its checkpoint in ``--out``), so the script can be killed and restarted;
+``--reevaluate`` scores and times finished runs whose checkpoints are still in ``--out`` again
+without training (throughput taken on a busy machine is redone on a quiet one).
 """
 
 from __future__ import annotations
@@ -36,20 +40,36 @@ from flexmoe.models.compare import throughputs  # noqa: E402
 from flexmoe.models.demo import per_direction_sample  # noqa: E402
 from flexmoe.models.evaluate import score, translate_pairs  # noqa: E402
 from flexmoe.models.extraction import extract_direction  # noqa: E402
-from flexmoe.models.runconfig import load_run_config  # noqa: E402
+from flexmoe.models.runconfig import RunConfig, load_run_config  # noqa: E402
 from flexmoe.models.train import TrainedModel, load_corpus, load_trained, train  # noqa: E402
 from flexmoe.task.extract import count_parameters  # noqa: E402
 
-TRAINED_ROWS = [
-    "dense",
-    "token_token",
-    "sentence_sentence",
-    "target_target",
-    "token_target",
-    "token_langpair",
-    "distilled_dense",
-]
-ROWS = [*TRAINED_ROWS, "pruned_token"]
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One row of the table: ``config`` names configs/table/<config>.toml; ``budget`` is its share
+    of ``--minutes``; ``teacher`` the row whose run of the same seed it distils from; ``source``
+    the row whose trained run it reuses without training (pruning)."""
+
+    config: str
+    budget: float = 1.0
+    teacher: str | None = None
+    source: str | None = None
+
+
+# In run order: a teacher or source row comes before the rows that need it.
+ROWS = {
+    "dense": Row("dense"),
+    "token_token": Row("token_token"),
+    "sentence_sentence": Row("sentence_sentence"),
+    "target_target": Row("target_target"),
+    "token_target": Row("token_target"),
+    "token_langpair": Row("token_langpair"),
+    "distilled_dense": Row("distilled_dense", teacher="token_token"),
+    "pruned_token": Row("token_token", source="token_token"),
+    "token_token_half": Row("token_token", budget=0.5),
+    "distilled_dense_shared": Row("distilled_dense", budget=0.5, teacher="token_token_half"),
+}
 BATCH_SIZES = [1, 16, 64, 128]
 
 
@@ -123,12 +143,56 @@ def pruned_results(trained: TrainedModel, corpus, test: list[Pair], keep: int, l
     return result
 
 
+def run_config(row: str, seed: int, minutes: float, out: Path, tsv_dir: str | None) -> RunConfig:
+    """The run of ``row`` for ``seed``: its config with the seed, budget and run directory set
+    (and its teacher's run directory, for a distilled row)."""
+    spec = ROWS[row]
+    run = load_run_config(REPO / "configs" / "table" / f"{spec.config}.toml")
+    trained_row = spec.source or row
+    train_config = dataclasses.replace(
+        run.train, seed=seed, max_minutes=minutes * spec.budget, run_dir=str(out / trained_row / f"seed{seed}")
+    )
+    if spec.teacher:
+        train_config = dataclasses.replace(train_config, distill_from=str(out / spec.teacher / f"seed{seed}"))
+    data = run.data
+    if tsv_dir:
+        files = {s: str(Path(tsv_dir) / f"{s}.tsv") for s in ("train", "valid", "test")}
+        data = dataclasses.replace(data, source="tsv", **files)
+    return dataclasses.replace(run, data=data, train=train_config)
+
+
+def evaluate_run(row: str, seed: int, run: RunConfig, corpus, args: argparse.Namespace) -> dict:
+    """Scores, sizes and throughput of a finished run (the ``results.json`` of one table cell)."""
+    trained = load_trained(run.train.run_dir)
+    torch.set_num_threads(run.train.threads or torch.get_num_threads())
+    test = corpus["test"]
+    test = per_direction_sample(test, args.per_direction) if args.per_direction else test
+    steps = torch.load(Path(run.train.run_dir) / "checkpoint.pt", weights_only=False)["step"]
+    machine = f"{platform.machine()} ({os.cpu_count()} CPUs), torch {torch.__version__}"
+    result = {"row": row, "seed": seed, "minutes": args.minutes, "budget": ROWS[row].budget, "machine": machine,
+              "steps": steps, "language": args.language, "threads": torch.get_num_threads(),
+              "budget_clock": run.train.budget_clock}  # fmt: skip
+    if ROWS[row].source:
+        result.update(pruned_results(trained, corpus, test, args.prune_keep, args.language))
+        return result
+    hypotheses, result["scores"] = scores_of(trained, trained.model, test)
+    result["parameters"] = count_parameters(trained.model)
+    result["active_parameters"] = active_parameters(trained.model)
+    into = [p for p in test if p.target_lang == args.language]
+    result["peak_tokens_per_s"] = max(throughputs({row: trained}, into, BATCH_SIZES)[row].values())
+    config = trained.model.config
+    if "target" in (config.encoder_routing, config.decoder_routing) and not config.is_dense:
+        result["extracted"] = extraction_results(trained, test, hypotheses, args.language)
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--minutes", type=float, default=7.0, help="training CPU minutes per run (default 7)")
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--rows", default=",".join(ROWS), help=f"subset of {ROWS}")
-    parser.add_argument("--out", default="runs/table")
+    parser.add_argument("--rows", default=",".join(ROWS), help=f"subset of {list(ROWS)}")
+    parser.add_argument("--out", default="runs/table", help="run directories (checkpoints; not tracked)")
+    parser.add_argument("--results", default="docs/runs", help="<row>/seed<N>.json per finished run (tracked)")
     parser.add_argument("--language", default="fr", help="target language of the throughput figures")
     parser.add_argument("--per-direction", type=int, default=50, help="test sentences per direction (0: all)")
     parser.add_argument("--prune-keep", type=int, default=2, help="experts kept per layer by pruned_token")
@@ -143,53 +207,27 @@ def main() -> None:
     rows = args.rows.split(",")
     unknown = sorted(set(rows) - set(ROWS))
     if unknown:
-        parser.error(f"unknown rows {unknown}; rows are {ROWS}")
-    machine = f"{platform.machine()} ({os.cpu_count()} CPUs), torch {torch.__version__}"
+        parser.error(f"unknown rows {unknown}; rows are {list(ROWS)}")
+    out, results = Path(args.out), Path(args.results)
+    corpora: dict[str, object] = {}  # the rows share one corpus; loaded once per data config
     for seed in (int(s) for s in args.seeds.split(",")):
         for row in [r for r in ROWS if r in rows]:
-            run_dir = Path(args.out) / row / f"seed{seed}"
-            results_file = run_dir / "results.json"
-            if results_file.is_file() != args.reevaluate:
-                continue  # finished (or, when reevaluating, not finished yet)
-            source_row = "token_token" if row == "pruned_token" else row
-            run = load_run_config(REPO / "configs" / "table" / f"{source_row}.toml")
-            train_config = dataclasses.replace(
-                run.train, seed=seed, max_minutes=args.minutes, run_dir=str(Path(args.out) / source_row / f"seed{seed}")
-            )
-            if run.train.distill_from:
-                train_config = dataclasses.replace(
-                    train_config, distill_from=str(Path(args.out) / "token_token" / f"seed{seed}")
-                )
-            data = run.data
-            if args.tsv_dir:
-                files = {s: str(Path(args.tsv_dir) / f"{s}.tsv") for s in ("train", "valid", "test")}
-                data = dataclasses.replace(data, source="tsv", **files)
-            run = dataclasses.replace(run, data=data, train=train_config)
-            corpus = load_corpus(run.data)
-            if row != "pruned_token":
-                print(f"== {row} seed {seed}: training {args.minutes:g} minutes ==", flush=True)
+            results_file = results / row / f"seed{seed}.json"
+            run = run_config(row, seed, args.minutes, out, args.tsv_dir)
+            if args.reevaluate:
+                if not results_file.is_file() or not (Path(run.train.run_dir) / "checkpoint.pt").is_file():
+                    continue  # not finished, or finished on another machine (its checkpoint is not here)
+            elif results_file.is_file():
+                continue  # finished
+            if repr(run.data) not in corpora:
+                corpora[repr(run.data)] = load_corpus(run.data)
+            corpus = corpora[repr(run.data)]
+            if not ROWS[row].source and not args.reevaluate:
+                print(f"== {row} seed {seed}: training {args.minutes * ROWS[row].budget:g} minutes ==", flush=True)
                 train(run, corpus)
-            trained = load_trained(run.train.run_dir)
-            torch.set_num_threads(run.train.threads or torch.get_num_threads())
-            test = corpus["test"]
-            test = per_direction_sample(test, args.per_direction) if args.per_direction else test
-            steps = torch.load(Path(run.train.run_dir) / "checkpoint.pt", weights_only=False)["step"]
-            result = {"row": row, "seed": seed, "minutes": args.minutes, "machine": machine, "steps": steps,
-                      "language": args.language, "threads": torch.get_num_threads(),
-                      "budget_clock": run.train.budget_clock}  # fmt: skip
-            if row == "pruned_token":
-                result.update(pruned_results(trained, corpus, test, args.prune_keep, args.language))
-            else:
-                hypotheses, result["scores"] = scores_of(trained, trained.model, test)
-                result["parameters"] = count_parameters(trained.model)
-                result["active_parameters"] = active_parameters(trained.model)
-                into = [p for p in test if p.target_lang == args.language]
-                result["peak_tokens_per_s"] = max(throughputs({row: trained}, into, BATCH_SIZES)[row].values())
-                if "target" in (trained.model.config.encoder_routing, trained.model.config.decoder_routing):
-                    if not trained.model.config.is_dense:
-                        result["extracted"] = extraction_results(trained, test, hypotheses, args.language)
+            result = evaluate_run(row, seed, run, corpus, args)
             results_file.parent.mkdir(parents=True, exist_ok=True)
-            results_file.write_text(json.dumps(result, indent=2))
+            results_file.write_text(json.dumps(result, indent=2) + "\n")
             print(f"{row} seed {seed}: mean chrF {result['scores']['mean_chrf']:.1f}", flush=True)
 
 
