@@ -4,7 +4,10 @@ One run measures, per config: the floor (the fastest of bmm on the padded [E, C,
 one addmm per expert on exact counts, and grouped_mm on exact counts: the expert FFN alone on
 exactly the rows the layer routed, no router, no dispatch), MoELayer, a per-expert Python loop
 (HuggingFace-Mixtral style, no capacity), the router's GEMM alone (part of every MoE row, not of
-the floor: MoELayer's ratio cannot go below 1 + its ratio), the one-hot/einsum reference, and DeepSpeed-MoE when
+the floor), the token movement alone (gathering each routed row for its expert and
+scatter-adding the gate-weighted outputs back, fwd+bwd: also part of every MoE row, not of the
+floor), a bound no MoE layer can beat (the floor plus those two rows: routing itself, the softmax
+and top-k, is left out, so the true bound is higher), the one-hot/einsum reference, and DeepSpeed-MoE when
 ``deepspeed`` is importable (``make bench-venv``; same weights, CPU accelerator, a world-1 gloo group). Candidates are
 interleaved per repeat and the median is reported. Upstream gradients are dense random
 tensors (``out.sum().backward()`` would hand back a stride-0 gradient that sends CPU bmm
@@ -66,6 +69,7 @@ ROWS = [
     "floor:grouped_mm",
     "MoELayer",
     "  of which: router GEMM",
+    "  of which: token movement",
     "loop (HF-style)",
     "einsum reference",
     "DeepSpeed-MoE",
@@ -185,6 +189,19 @@ def candidates(layer: MoELayer, x: torch.Tensor) -> tuple[dict, list[torch.Tenso
     def router_gemm():
         F.linear(x_leaf, layer.router.weight).backward(grad_logits)
 
+    # Moving the tokens alone (fwd+bwd): each kept (token, expert) row gathered from x, its
+    # gate-weighted copy scatter-added back (what dispatch + combine must do around the GEMMs).
+    layer.record_plan = True
+    with torch.no_grad():
+        layer(x)
+    plan = layer.last_plan
+    layer.record_plan = False
+    token_index, gates = plan.token_index, plan.gates.detach().unsqueeze(1)
+
+    def token_movement():
+        rows = x_leaf.index_select(0, token_index) * gates
+        torch.zeros_like(x_leaf).index_add_(0, token_index, rows).backward(grad_x)
+
     def loop():
         logits = layer.router(x_leaf)
         gates, chosen = torch.softmax(logits, -1).topk(layer.config.top_k, dim=-1)
@@ -203,7 +220,9 @@ def candidates(layer: MoELayer, x: torch.Tensor) -> tuple[dict, list[torch.Tenso
         reference_moe(params, layer.config, x_leaf)[0].backward(grad_x)
 
     x_leaf = x.clone().requires_grad_()
-    runs = dict(zip(ROWS, [floor_bmm, floor_addmm, floor_grouped, moe_layer, router_gemm, loop, einsum]))
+    runs = dict(
+        zip(ROWS, [floor_bmm, floor_addmm, floor_grouped, moe_layer, router_gemm, token_movement, loop, einsum])
+    )
     leaves = [exact, padded, x_leaf, *w1s, *b1s, *w2s, *b2s, *layer.parameters()]
     if deepspeed_available() is None:
         ds_layer = deepspeed_moe(layer)
@@ -309,6 +328,9 @@ def main(argv: list[str] | None = None) -> None:
             memory = f"{peak_rss_mb(config, name, args.threads):.0f}" if args.memory else "-"
             print(f"| {label} | {name} | {result[name] / floor:.2f}x | {result[name] * 1e3:.1f} | {memory} |")
             label = ""
+        bound = floor + result["  of which: router GEMM"] + result["  of which: token movement"]
+        print(f"|  | bound: floor + router GEMM + token movement | {bound / floor:.2f}x | {bound * 1e3:.1f} | - |")
+        print(f"|  | MoELayer / bound | {result['MoELayer'] / bound:.2f}x | | |")
 
 
 if __name__ == "__main__":
