@@ -15,7 +15,8 @@ from ``token_token_half``, trained half the budget, and trains the other half it
 student share one budget: the equal-total-compute comparison). Finished runs are skipped (a run
 resumes from its checkpoint in ``--out``), so the script can be killed and restarted;
 ``--reevaluate`` scores and times finished runs whose checkpoints are still in ``--out`` again
-without training (throughput taken on a busy machine is redone on a quiet one).
+without training, ``--reevaluate --timing-only`` only their throughput (wall clock: taken on a busy
+machine, it is redone on a quiet one).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from flexmoe import MoELayer, expert_usage, prune_experts  # noqa: E402
+from flexmoe import ExpertUsage, MoELayer, expert_usage, prune_experts  # noqa: E402
 from flexmoe.data.corpus import Pair  # noqa: E402
 from flexmoe.models.batching import collate, encode_pairs, model_inputs  # noqa: E402
 from flexmoe.models.compare import throughputs  # noqa: E402
@@ -88,13 +89,17 @@ def scores_of(trained: TrainedModel, model: torch.nn.Module, pairs: list[Pair]) 
     return hypotheses, score(pairs, hypotheses).to_dict()
 
 
+def has_extraction(trained: TrainedModel) -> bool:
+    """Whether the run's model is task-routed by target language (one sub-network per language)."""
+    config = trained.model.config
+    routings = (config.encoder_routing, config.decoder_routing)
+    return not config.is_dense and "target" in routings and "langpair" not in routings
+
+
 def extraction_results(trained: TrainedModel, test: list[Pair], hypotheses: list[str], language: str) -> dict:
     """Every target language's sub-network translates its sentences; scored over all directions
     like the parent (so equal outputs give the parent's score), with the number of identical
-    translations, and ``language``'s sub-network timed in turn with its parent."""
-    config = trained.model.config
-    if "langpair" in (config.encoder_routing, config.decoder_routing):
-        return {}  # one sub-network per direction; not part of the table
+    translations and the size of ``language``'s sub-network (timed by :func:`timings`)."""
     combined = list(hypotheses)
     result = {"identical": 0, "sentences": len(test)}
     for target in trained.tasks.target_languages:
@@ -107,39 +112,61 @@ def extraction_results(trained: TrainedModel, test: list[Pair], hypotheses: list
             result["identical"] += hypothesis == hypotheses[i]
             combined[i] = hypothesis
         if target == language:
-            sub = dataclasses.replace(trained, model=extracted, task=target)
-            sweeps = throughputs({"extracted": sub, "parent": trained}, [test[i] for i in indices], BATCH_SIZES)
-            result["peak_tokens_per_s"] = max(sweeps["extracted"].values())
-            result["parent_peak_tokens_per_s"] = max(sweeps["parent"].values())
             result["parameters"] = count_parameters(extracted)
     result["scores"] = score(test, combined).to_dict()
     return result
 
 
-def pruned_results(trained: TrainedModel, corpus, test: list[Pair], keep: int, language: str) -> dict:
-    """Per target language: prune every MoE layer to the language's ``keep`` most used experts
-    (usage counted on training sentences into it) and score sentences into it."""
+def language_usage(trained: TrainedModel, corpus) -> ExpertUsage:
+    """Expert usage per target language, counted on the first 4000 training sentences."""
     train_data = encode_pairs(corpus["train"][:4000], trained.tokenizer, trained.tasks, trained.model.config.max_len)
     batches = [
         model_inputs(collate(train_data, range(i, min(i + 64, len(train_data.sources)))))
         for i in range(0, len(train_data.sources), 64)
     ]
-    usage = expert_usage(trained.model, batches, by_task=True)
-    hypotheses, pairs_all, result = [], [], {"per_language": {}}
+    return expert_usage(trained.model, batches, by_task=True)
+
+
+def pruned_model(trained: TrainedModel, usage: ExpertUsage, keep: int, target: str) -> torch.nn.Module:
+    """The model with every MoE layer pruned to ``target``'s ``keep`` most used experts."""
+    return prune_experts(trained.model, usage.top_experts(keep, task=trained.tasks.target_id(target))).eval()
+
+
+def pruned_results(trained: TrainedModel, usage: ExpertUsage, test: list[Pair], keep: int, language: str) -> dict:
+    """Per target language: prune every MoE layer to the language's ``keep`` most used experts
+    and score sentences into it; sizes of ``language``'s pruned model."""
+    hypotheses, pairs_all, result = [], [], {}
     for target in trained.tasks.target_languages:
         pairs = [p for p in test if p.target_lang == target]
         if not pairs:
             continue
-        pruned = prune_experts(trained.model, usage.top_experts(keep, task=trained.tasks.target_id(target))).eval()
+        pruned = pruned_model(trained, usage, keep, target)
         out, _ = scores_of(trained, pruned, pairs)
         hypotheses += out
         pairs_all += pairs
         if target == language:
-            sub = dataclasses.replace(trained, model=pruned, task=target)
-            result["peak_tokens_per_s"] = max(throughputs({"pruned": sub}, pairs, BATCH_SIZES)["pruned"].values())
             result["parameters"] = count_parameters(pruned)
             result["active_parameters"] = active_parameters(pruned)
     result["scores"] = score(pairs_all, hypotheses).to_dict()
+    return result
+
+
+def timings(row: str, trained: TrainedModel, usage: ExpertUsage | None, test: list[Pair], args) -> dict:
+    """Peak greedy decoding tokens/s into ``args.language`` over :data:`BATCH_SIZES` (wall clock:
+    take it on a quiet machine): the row's model (the pruned one for a pruned row) and, for a
+    target-routed model, its extracted sub-network, timed in turn with it."""
+    into = [p for p in test if p.target_lang == args.language]
+    models = {"model": trained}
+    if ROWS[row].source:
+        pruned = pruned_model(trained, usage, args.prune_keep, args.language)
+        models = {"model": dataclasses.replace(trained, model=pruned, task=args.language)}
+    elif has_extraction(trained):
+        extracted = extract_direction(trained.model, trained.tasks, args.language)
+        models["extracted"] = dataclasses.replace(trained, model=extracted, task=args.language)
+    peaks = {name: max(sweep.values()) for name, sweep in throughputs(models, into, BATCH_SIZES).items()}
+    result = {"peak_tokens_per_s": peaks["model"]}
+    if "extracted" in peaks:
+        result["extracted"] = {"peak_tokens_per_s": peaks["extracted"], "parent_peak_tokens_per_s": peaks["model"]}
     return result
 
 
@@ -165,24 +192,42 @@ def evaluate_run(row: str, seed: int, run: RunConfig, corpus, args: argparse.Nam
     """Scores, sizes and throughput of a finished run (the ``results.json`` of one table cell)."""
     trained = load_trained(run.train.run_dir)
     torch.set_num_threads(run.train.threads or torch.get_num_threads())
-    test = corpus["test"]
-    test = per_direction_sample(test, args.per_direction) if args.per_direction else test
+    test = test_pairs(corpus, args)
     steps = torch.load(Path(run.train.run_dir) / "checkpoint.pt", weights_only=False)["step"]
     machine = f"{platform.machine()} ({os.cpu_count()} CPUs), torch {torch.__version__}"
     result = {"row": row, "seed": seed, "minutes": args.minutes, "budget": ROWS[row].budget, "machine": machine,
               "steps": steps, "language": args.language, "threads": torch.get_num_threads(),
               "budget_clock": run.train.budget_clock}  # fmt: skip
-    if ROWS[row].source:
-        result.update(pruned_results(trained, corpus, test, args.prune_keep, args.language))
-        return result
-    hypotheses, result["scores"] = scores_of(trained, trained.model, test)
-    result["parameters"] = count_parameters(trained.model)
-    result["active_parameters"] = active_parameters(trained.model)
-    into = [p for p in test if p.target_lang == args.language]
-    result["peak_tokens_per_s"] = max(throughputs({row: trained}, into, BATCH_SIZES)[row].values())
-    config = trained.model.config
-    if "target" in (config.encoder_routing, config.decoder_routing) and not config.is_dense:
-        result["extracted"] = extraction_results(trained, test, hypotheses, args.language)
+    usage = language_usage(trained, corpus) if ROWS[row].source else None
+    if usage is not None:
+        result.update(pruned_results(trained, usage, test, args.prune_keep, args.language))
+    else:
+        hypotheses, result["scores"] = scores_of(trained, trained.model, test)
+        result["parameters"] = count_parameters(trained.model)
+        result["active_parameters"] = active_parameters(trained.model)
+        if has_extraction(trained):
+            result["extracted"] = extraction_results(trained, test, hypotheses, args.language)
+    return merge_timings(result, timings(row, trained, usage, test, args))
+
+
+def retime_run(row: str, run: RunConfig, corpus, results_file: Path, args: argparse.Namespace) -> dict:
+    """A finished run's results with its throughput figures taken again (nothing else changes)."""
+    trained = load_trained(run.train.run_dir)
+    torch.set_num_threads(run.train.threads or torch.get_num_threads())
+    usage = language_usage(trained, corpus) if ROWS[row].source else None
+    result = json.loads(results_file.read_text())
+    return merge_timings(result, timings(row, trained, usage, test_pairs(corpus, args), args))
+
+
+def test_pairs(corpus, args: argparse.Namespace) -> list[Pair]:
+    test = corpus["test"]
+    return per_direction_sample(test, args.per_direction) if args.per_direction else test
+
+
+def merge_timings(result: dict, timed: dict) -> dict:
+    result["peak_tokens_per_s"] = timed["peak_tokens_per_s"]
+    if "extracted" in timed:
+        result["extracted"].update(timed["extracted"])
     return result
 
 
@@ -202,12 +247,19 @@ def main() -> None:
         help="evaluate finished runs again (scores and throughput; no training): throughput figures "
         "taken while the machine was busy are redone on a quiet one",
     )
+    parser.add_argument(
+        "--timing-only",
+        action="store_true",
+        help="with --reevaluate: take the throughput figures again, keep the scores",
+    )
     parser.add_argument("--tsv-dir", help="DIR/{train,valid,test}.tsv instead of the embedded corpus")
     args = parser.parse_args()
     rows = args.rows.split(",")
     unknown = sorted(set(rows) - set(ROWS))
     if unknown:
         parser.error(f"unknown rows {unknown}; rows are {list(ROWS)}")
+    if args.timing_only and not args.reevaluate:
+        parser.error("--timing-only goes with --reevaluate")
     out, results = Path(args.out), Path(args.results)
     corpora: dict[str, object] = {}  # the rows share one corpus; loaded once per data config
     for seed in (int(s) for s in args.seeds.split(",")):
@@ -222,6 +274,10 @@ def main() -> None:
             if repr(run.data) not in corpora:
                 corpora[repr(run.data)] = load_corpus(run.data)
             corpus = corpora[repr(run.data)]
+            if args.reevaluate and args.timing_only:
+                results_file.write_text(json.dumps(retime_run(row, run, corpus, results_file, args), indent=2) + "\n")
+                print(f"{row} seed {seed}: timed again", flush=True)
+                continue
             if not ROWS[row].source and not args.reevaluate:
                 print(f"== {row} seed {seed}: training {args.minutes * ROWS[row].budget:g} minutes ==", flush=True)
                 train(run, corpus)
