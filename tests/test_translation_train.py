@@ -133,13 +133,15 @@ def test_results_table_reports_spread_over_seeds(tmp_path):
                   "parameters": 10, "active_parameters": 5, "peak_tokens_per_s": 100.0}  # fmt: skip
         result["steps"] = 10 + 2 * seed
         if row == "token_target":
+            result["peak_tokens_per_s"] = 80.0
             result["extracted"] = {"scores": scores, "identical": 3, "sentences": 3, "parameters": 6,
-                                   "peak_tokens_per_s": 150.0, "parent_peak_tokens_per_s": 100.0}  # fmt: skip
+                                   "peak_tokens_per_s": 150.0, "parent_peak_tokens_per_s": 80.0}  # fmt: skip
         (tmp_path / row).mkdir(exist_ok=True)
         (tmp_path / row / f"seed{seed}.json").write_text(json.dumps(result))
     text = render(tmp_path)
     assert "| dense | 2 | 11 ± 1 | 42.0 ± 2.8 |" in text
-    assert "| token / target | 1 | 10 | 50.0 |" in text and "| 50.0 (3/3 identical) | 150 (x1.5 vs parent)" in text
+    assert "| token / target | 1 | 10 | 50.0 |" in text and "| 80, x0.80 vs dense |" in text
+    assert "| 50.0 (3/3 identical) | 150 (x1.88 vs parent, x1.50 vs dense), 6 parameters |" in text
 
 
 def test_distilled_student_starts_from_the_teachers_shared_weights(tmp_path):

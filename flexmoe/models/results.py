@@ -45,19 +45,28 @@ def load_results(runs: Path) -> dict[str, list[dict]]:
     return by_row
 
 
-def extracted_cells(results: list[dict]) -> str:
+def versus(speeds: list[float], baseline: float | None, name: str) -> str:
+    """``, xR vs name``: the mean of ``speeds`` over ``baseline`` (nothing without a baseline)."""
+    return f", x{statistics.mean(speeds) / baseline:.2f} vs {name}" if baseline and speeds else ""
+
+
+def extracted_cells(results: list[dict], dense_speed: float | None = None) -> str:
     """chrF of the extracted sub-networks (over all directions, each sentence translated by its
-    target language's sub-network), identical translations, and throughput vs the parent."""
+    target language's sub-network), identical translations, and throughput vs the parent (each
+    run's pair timed in turn) and vs the dense row's mean."""
     extracted = [r["extracted"] for r in results if r.get("extracted")]
     if not extracted:
         return "|  |  |"
     chrf = spread([e["scores"]["mean_chrf"] for e in extracted])
     identical = sum(e["identical"] for e in extracted)
     sentences = sum(e["sentences"] for e in extracted)
-    speed = spread([e["peak_tokens_per_s"] for e in extracted], digits=0)
-    ratio = spread([e["peak_tokens_per_s"] / e["parent_peak_tokens_per_s"] for e in extracted])
+    speeds = [e["peak_tokens_per_s"] for e in extracted]
+    ratio = spread([e["peak_tokens_per_s"] / e["parent_peak_tokens_per_s"] for e in extracted], digits=2)
     parameters = f"{extracted[0]['parameters']:,}"
-    return f"| {chrf} ({identical}/{sentences} identical) | {speed} (x{ratio} vs parent), {parameters} parameters |"
+    return (
+        f"| {chrf} ({identical}/{sentences} identical) | {spread(speeds, digits=0)} "
+        f"(x{ratio} vs parent{versus(speeds, dense_speed, 'dense')}), {parameters} parameters |"
+    )
 
 
 def table(by_row: dict[str, list[dict]]) -> str:
@@ -69,6 +78,8 @@ def table(by_row: dict[str, list[dict]]) -> str:
         f"{first.get('language', 'fr')} |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
+    dense = [r["peak_tokens_per_s"] for r in by_row.get("dense", []) if "peak_tokens_per_s" in r]
+    dense_speed = statistics.mean(dense) if dense else None
     for row in rows:
         results = by_row[row]
         chrf = [r["scores"]["mean_chrf"] for r in results]
@@ -78,7 +89,8 @@ def table(by_row: dict[str, list[dict]]) -> str:
         steps = spread([r.get("steps", 0) for r in results], digits=0)
         lines.append(
             f"| {ROW_NAMES[row]} | {len(results)} | {steps} | {spread(chrf)} | {spread(bleu)} | {parameters} "
-            f"| {spread(speed, digits=0)} {extracted_cells(results)}"
+            f"| {spread(speed, digits=0)}{'' if row == 'dense' else versus(speed, dense_speed, 'dense')} "
+            f"{extracted_cells(results, dense_speed)}"
         )
     return "\n".join(lines)
 
