@@ -188,17 +188,22 @@ def run_config(row: str, seed: int, minutes: float, out: Path, tsv_dir: str | No
     return dataclasses.replace(run, data=data, train=train_config)
 
 
-def evaluate_run(row: str, seed: int, run: RunConfig, corpus, args: argparse.Namespace) -> dict:
-    """Scores, sizes and throughput of a finished run (the ``results.json`` of one table cell)."""
+def load_run(row: str, run: RunConfig, corpus) -> tuple[TrainedModel, ExpertUsage | None]:
+    """A finished run's model (threads set as it trained) and, for a pruned row, its usage per language."""
     trained = load_trained(run.train.run_dir)
     torch.set_num_threads(run.train.threads or torch.get_num_threads())
+    return trained, language_usage(trained, corpus) if ROWS[row].source else None
+
+
+def evaluate_run(row: str, seed: int, run: RunConfig, corpus, args: argparse.Namespace) -> dict:
+    """Scores, sizes and throughput of a finished run (the ``<row>/seed<N>.json`` of one table cell)."""
+    trained, usage = load_run(row, run, corpus)
     test = test_pairs(corpus, args)
     steps = torch.load(Path(run.train.run_dir) / "checkpoint.pt", weights_only=False)["step"]
     machine = f"{platform.machine()} ({os.cpu_count()} CPUs), torch {torch.__version__}"
     result = {"row": row, "seed": seed, "minutes": args.minutes, "budget": ROWS[row].budget, "machine": machine,
               "steps": steps, "language": args.language, "threads": torch.get_num_threads(),
               "budget_clock": run.train.budget_clock}  # fmt: skip
-    usage = language_usage(trained, corpus) if ROWS[row].source else None
     if usage is not None:
         result.update(pruned_results(trained, usage, test, args.prune_keep, args.language))
     else:
@@ -212,9 +217,7 @@ def evaluate_run(row: str, seed: int, run: RunConfig, corpus, args: argparse.Nam
 
 def retime_run(row: str, run: RunConfig, corpus, results_file: Path, args: argparse.Namespace) -> dict:
     """A finished run's results with its throughput figures taken again (nothing else changes)."""
-    trained = load_trained(run.train.run_dir)
-    torch.set_num_threads(run.train.threads or torch.get_num_threads())
-    usage = language_usage(trained, corpus) if ROWS[row].source else None
+    trained, usage = load_run(row, run, corpus)
     result = json.loads(results_file.read_text())
     return merge_timings(result, timings(row, trained, usage, test_pairs(corpus, args), args))
 
