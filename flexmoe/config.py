@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import InitVar, dataclass
 from typing import Literal
 
 import torch
@@ -12,12 +13,12 @@ import torch
 Activation = Literal["gelu", "relu", "silu"] | Callable[[torch.Tensor], torch.Tensor]
 RouterKind = Literal["linear", "cosine"]
 AuxLossKind = Literal["gshard", "load_importance"]
-ExpertLayout = Literal["auto", "padded", "grouped", "per_expert"]
+ExpertKernel = Literal["auto", "padded", "grouped", "per_expert"]
 
 ACTIVATIONS = ("gelu", "relu", "silu")
 ROUTERS = ("linear", "cosine")
 AUX_LOSSES = ("gshard", "load_importance", None)
-EXPERT_LAYOUTS = ("auto", "padded", "grouped", "per_expert")
+EXPERT_KERNELS = ("auto", "padded", "grouped", "per_expert")
 GRANULARITIES = ("token", "sentence", "task")
 Granularity = Literal["token", "sentence", "task"]
 ScoreFunction = Literal["softmax", "sigmoid"]
@@ -118,13 +119,16 @@ class MoEConfig:
     Experts:
         activation: ``"gelu"``, ``"relu"``, ``"silu"`` or a callable.
         bias: biases in the expert FFNs. gated: SwiGLU-style experts (``w3``).
-        expert_layout: ``"grouped"`` runs the built-in experts on exact token counts
+        expert_kernel: ``"grouped"`` runs the built-in experts on exact token counts
             (tokens sorted by expert, ``grouped_mm``; no padded slots); ``"per_expert"`` on
             exact counts too, one plain GEMM pair per expert (any dtype); ``"padded"`` on the
             ``[experts, capacity, model_dim]`` buffer (``bmm``). ``"auto"``: on CPU,
             per_expert when the experts that got rows average at least ``PER_EXPERT_MIN_ROWS`` (where
             plain GEMMs beat CPU ``grouped_mm``), else grouped; on other devices grouped;
-            padded where grouped cannot run (float64, custom experts).
+            padded where grouped cannot run (float64, custom experts). Under expert parallelism
+            the exact-count path runs grouped or per_expert by the same rule (per_expert where
+            grouped cannot run), and ``"padded"`` makes the padded blocks the default there.
+            (``expert_layout``, its former name, is still accepted with a DeprecationWarning.)
 
     Checks:
         check_finite: raise on NaN/inf in the input (off by default: costs a sync).
@@ -145,7 +149,7 @@ class MoEConfig:
     activation: Activation = "gelu"
     bias: bool = True
     gated: bool = False
-    expert_layout: ExpertLayout = "auto"
+    expert_kernel: ExpertKernel = "auto"
     cosine_proj_dim: int = 256
     granularity: Granularity = "token"
     num_tasks: int | None = None
@@ -176,7 +180,17 @@ class MoEConfig:
             return self.task_embedding_dim or self.model_dim
         return self.model_dim
 
-    def __post_init__(self) -> None:
+    # The former name of ``expert_kernel``: accepted at construction, with a DeprecationWarning.
+    expert_layout: InitVar[ExpertKernel | None] = None
+
+    def __post_init__(self, expert_layout: ExpertKernel | None) -> None:
+        if expert_layout is not None:
+            warnings.warn(
+                "MoEConfig(expert_layout=...) is deprecated: pass expert_kernel=... (same values)",
+                DeprecationWarning,
+                stacklevel=3,
+            )
+            object.__setattr__(self, "expert_kernel", expert_layout)
         _check_positive_int("model_dim", self.model_dim)
         _check_positive_int("num_experts", self.num_experts)
         if self.hidden_dim is not None:
@@ -192,8 +206,8 @@ class MoEConfig:
             raise ValueError(f"aux_loss must be one of {AUX_LOSSES}, got {self.aux_loss!r}")
         if not callable(self.activation) and self.activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS} or a callable, got {self.activation!r}")
-        if self.expert_layout not in EXPERT_LAYOUTS:
-            raise ValueError(f"expert_layout must be one of {EXPERT_LAYOUTS}, got {self.expert_layout!r}")
+        if self.expert_kernel not in EXPERT_KERNELS:
+            raise ValueError(f"expert_kernel must be one of {EXPERT_KERNELS}, got {self.expert_kernel!r}")
         _check_positive_int("cosine_proj_dim", self.cosine_proj_dim)
         if self.granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")

@@ -29,7 +29,7 @@ def _all_equal_over_ranks(tensor: torch.Tensor) -> bool:
 
 
 def check_mismatches(rank: int, world_size: int) -> None:
-    base = dict(model_dim=6, hidden_dim=8, num_experts=4)
+    base = dict(model_dim=6, hidden_dim=8, num_experts=4, group=dist.group.WORLD)
     _raises_everywhere("model_dim differs", MoELayer, **dict(base, model_dim=6 + 2 * rank))
     _raises_everywhere("num_experts differs", MoELayer, **dict(base, num_experts=4 if rank else 3))
     _raises_everywhere("hidden_dim differs", MoELayer, **dict(base, hidden_dim=8 * (rank + 1)))
@@ -48,7 +48,7 @@ def check_mismatches(rank: int, world_size: int) -> None:
     _raises_everywhere("a2a_algorithm='2dh' needs", layer, x, a2a_algorithm="2dh")
     _raises_everywhere("a2a_algorithm must be one of", layer, x, a2a_algorithm="ring")
     with pytest.raises(TypeError, match="group must be"):
-        MoELayer(**base, group="world")
+        MoELayer(**dict(base, group="world"))
     # The group is still in step after the errors; copies share the groups.
     assert layer(x).shape == x.shape
     torch.testing.assert_close(copy.deepcopy(layer)(x), layer(x), rtol=0, atol=0)
@@ -68,7 +68,7 @@ class _Model(nn.Module):
     def __init__(self, group=None):
         super().__init__()
         self.proj = nn.Linear(6, 6)
-        self.moe = MoELayer(model_dim=6, hidden_dim=8, num_experts=2, top_k=2, group=group)
+        self.moe = MoELayer(model_dim=6, hidden_dim=8, num_experts=2, top_k=2, group=group or dist.group.WORLD)
 
     def forward(self, x):
         return self.moe(torch.tanh(self.proj(x)), parallel_degree=self.degree)

@@ -4,6 +4,7 @@ single-process result on each rank's tokens: outputs, input / router / expert gr
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from flexmoe import MoELayer
@@ -37,6 +38,7 @@ def check_case(rank: int, options: dict, counts: list[int], call: dict) -> int:
             parallel_degree=choice.parallel_degree,
             overlap_degree=choice.overlap_degree,
             a2a_algorithm=choice.a2a_algorithm,
+            exact=choice.exact,
             **call,
         )
         (out * upstream[mine]).sum().backward()
@@ -78,7 +80,7 @@ def check_custom_experts(rank: int, world_size: int) -> None:
     options = dict(model_dim=model_dim, num_experts=num_experts)
     reference = MoELayer(**options, experts=_LinearExperts(weight), group=SINGLE_PROCESS).double()
     local = slice(rank * 2, rank * 2 + 2)
-    layer = MoELayer(**options, experts=_LinearExperts(weight[local])).double()
+    layer = MoELayer(**options, experts=_LinearExperts(weight[local]), group=dist.group.WORLD).double()
     layer.router.load_state_dict(reference.router.state_dict())
     assert [c.parallel_degree for c in layer.valid_parallel_choices()] == [1, 1, 1]
     x = torch.randn(sum(counts), model_dim, dtype=torch.float64)
@@ -124,7 +126,8 @@ def check_pipeline_order(rank: int, world_size: int, monkeypatch) -> None:
     issue, wait = Exchange.issue, Exchange.wait
     monkeypatch.setattr(Exchange, "issue", lambda self, x: (log.append("issue"), issue(self, x))[1])
     monkeypatch.setattr(Exchange, "wait", lambda self: (log.append("wait"), wait(self))[1])
-    layer = MoELayer(model_dim=4, num_experts=2 * world_size, experts=_LoggedExperts(log), top_k=1).double()
+    experts = _LoggedExperts(log)
+    layer = MoELayer(model_dim=4, num_experts=2 * world_size, experts=experts, top_k=1, group=dist.group.WORLD).double()
     x = torch.randn(8, 4, dtype=torch.float64, requires_grad=True)
     out = layer(x, overlap_degree=2, capacity_factor=2.0)
     forward, log[:] = list(log), []

@@ -50,14 +50,14 @@ def _world_4(rank: int, world_size: int, cases, cache_dir: str) -> None:
 def test_world_2_choices_match_single_process_and_mismatches_raise(tmp_path):
     cases = [
         # whole experts (S = 1): r in {0, 1}; ragged, one rank empty
-        (dict(BASE, num_experts=4), [7, 0], {}, 1 + 3),
-        (dict(BASE, num_experts=4, capacity_factor=0.5, gated=True), [9, 4], {}, 4),
-        (dict(BASE, num_experts=2, hidden_dim=16, model_dim=8, dtype=torch.float32), [6, 3], {}, 4),
+        (dict(BASE, num_experts=4), [7, 0], {}, 2 + 3 * 2),
+        (dict(BASE, num_experts=4, capacity_factor=0.5, gated=True), [9, 4], {}, 8),
+        (dict(BASE, num_experts=2, hidden_dim=16, model_dim=8, dtype=torch.float32), [6, 3], {}, 8),
         # sharded experts (S = 2): r in {0, 1, 2}
-        (dict(BASE, num_experts=1, top_k=1), [5, 3], {}, 1 + 3 + 3),
-        (dict(BASE, num_experts=1, top_k=1, capacity_factor=-0.5), [0, 6], {}, 7),
+        (dict(BASE, num_experts=1, top_k=1), [5, 3], {}, 2 + 3 * 2 + 3 * 2),
+        (dict(BASE, num_experts=1, top_k=1, capacity_factor=-0.5), [0, 6], {}, 14),
         # no tokens anywhere: capacity 0, every path still runs (zero expert gradients)
-        (dict(BASE, num_experts=1, top_k=1), [0, 0], {}, 7),
+        (dict(BASE, num_experts=1, top_k=1), [0, 0], {}, 14),
     ]
     run_distributed(_world_2, 2, cases, str(tmp_path))
 
@@ -65,8 +65,8 @@ def test_world_2_choices_match_single_process_and_mismatches_raise(tmp_path):
 def test_world_4_choices_match_single_process_and_ddp_recipe(tmp_path):
     # 2 simulated nodes of 2 ranks: 2dh is offered where the whole group exchanges.
     cases = [
-        (dict(BASE, num_experts=8), [6, 0, 3, 5], {}, 1 + 3 * 2),
-        (dict(BASE, num_experts=2, gated=True), [4, 5, 0, 2], {"top_k": 1}, 1 + 3 + 3 * 2),
-        (dict(BASE, num_experts=1, top_k=1, capacity_factor=1.0), [3, 1, 4, 0], {}, 1 + 3 + 3 + 3 * 2),
+        (dict(BASE, num_experts=8), [6, 0, 3, 5], {}, 2 + 3 * 2 + 3),
+        (dict(BASE, num_experts=2, gated=True), [4, 5, 0, 2], {"top_k": 1}, 2 + 3 * 2 + 3 * 2 + 3),
+        (dict(BASE, num_experts=1, top_k=1, capacity_factor=1.0), [3, 1, 4, 0], {}, 2 + 3 * 2 * 3 + 3),
     ]
     run_distributed(_world_4, 4, cases, str(tmp_path), local_world_size=2)
