@@ -62,9 +62,7 @@ def layer_settings(
     }
 
 
-def tuning_key(
-    config: MoEConfig, layout: ExpertLayout, capacity: int, top_k: int, tokens: torch.Tensor
-) -> TuningKey:
+def tuning_key(config: MoEConfig, layout: ExpertLayout, capacity: int, top_k: int, tokens: torch.Tensor) -> TuningKey:
     """The tuner's key for a call at the agreed ``capacity``: the same on every rank, since it
     reads only agreed settings, shapes, dtype and device type, never values."""
     return TuningKey.for_call(

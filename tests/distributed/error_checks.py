@@ -38,6 +38,7 @@ def check_mismatches(rank: int, world_size: int) -> None:
     _raises_everywhere("top_k differs", layer, x, top_k=1 + rank)
     _raises_everywhere("parallel_degree differs", layer, x, parallel_degree=rank)
     _raises_everywhere("overlap_degree differs", layer, x, overlap_degree=1 + rank)
+    _raises_everywhere("exact differs", layer, x, exact=rank == 0)  # one rank exact, one padded
     _raises_everywhere("input_requires_grad differs", layer, x.clone().requires_grad_(rank == 0))
     _raises_everywhere(r"dtype differs \(torch.float64 vs torch.float32\)", layer, x.float() if rank else x)
     layer.tuner = Tuner() if rank == 0 else None  # one rank tuning, the other not
