@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
-from dataclasses import InitVar, dataclass
+from dataclasses import InitVar, dataclass, fields
 from typing import Literal
 
 import torch
@@ -180,6 +180,21 @@ class MoEConfig:
             return self.task_embedding_dim or self.model_dim
         return self.model_dim
 
+    @property
+    def routing_config(self) -> RoutingConfig:
+        """The routing options as a :class:`RoutingConfig`."""
+        return _section_of(self, RoutingConfig)
+
+    @property
+    def experts_config(self) -> ExpertsConfig:
+        """The routed experts' options as an :class:`ExpertsConfig`."""
+        return _section_of(self, ExpertsConfig)
+
+    @property
+    def shared_experts_config(self) -> SharedExpertsConfig:
+        """The shared experts' options as a :class:`SharedExpertsConfig`."""
+        return _section_of(self, SharedExpertsConfig)
+
     # The former name of ``expert_kernel``: accepted at construction, with a DeprecationWarning.
     expert_layout: InitVar[ExpertKernel | None] = None
 
@@ -256,3 +271,92 @@ class MoEConfig:
             raise ValueError("num_shared_experts > 0 needs shared_hidden_dim (or hidden_dim)")
         if self.shared_expert_gate is True and not self.num_shared_experts:
             raise ValueError("shared_expert_gate=True needs num_shared_experts > 0")
+
+
+# --- the same configuration in sections --------------------------------------------------------
+# MoEConfig is flat (one keyword per option, as MoELayer takes them); these sections group the
+# same options by the part of the layer they configure. Field names and defaults are
+# MoEConfig's (tests/test_config_sections.py checks they stay equal); values are validated when
+# the sections are combined into a MoEConfig.
+
+
+@dataclass(frozen=True)
+class RoutingConfig:
+    """The router's options (see :class:`MoEConfig` for each)."""
+
+    top_k: int = 2
+    capacity_factor: float = 0.0
+    router: RouterKind = "linear"
+    gate_noise: float = 0.0
+    normalize_gate: bool = True
+    batch_prioritized_routing: bool = False
+    aux_loss: AuxLossKind | None = "gshard"
+    aux_loss_weight: float = 0.01
+    z_loss: float = 0.0
+    cosine_proj_dim: int = 256
+    granularity: Granularity = "token"
+    num_tasks: int | None = None
+    task_embedding_dim: int | None = None
+    expert_capacity: int | None = None
+    score_function: ScoreFunction = "softmax"
+    route_scale: float = 1.0
+    num_groups: int = 1
+    top_groups: int | None = None
+    loss_free_balance: bool = False
+    balance_update_rate: float = 1e-3
+
+
+@dataclass(frozen=True)
+class ExpertsConfig:
+    """The routed experts' options (see :class:`MoEConfig` for each)."""
+
+    hidden_dim: int | None = None
+    activation: Activation = "gelu"
+    bias: bool = True
+    gated: bool = False
+    expert_kernel: ExpertKernel = "auto"
+
+
+@dataclass(frozen=True)
+class SharedExpertsConfig:
+    """The shared experts' options (see :class:`MoEConfig` for each)."""
+
+    num_shared_experts: int = 0
+    shared_hidden_dim: int | None = None
+    shared_expert_gate: bool = False
+
+
+SECTIONS: dict[str, type] = {"routing": RoutingConfig, "experts": ExpertsConfig, "shared_experts": SharedExpertsConfig}
+
+
+def _section_fields(section: type) -> tuple[str, ...]:
+    return tuple(f.name for f in fields(section))
+
+
+def config_from_sections(
+    model_dim: int,
+    num_experts: int,
+    *,
+    routing: RoutingConfig | None = None,
+    experts: ExpertsConfig | None = None,
+    shared_experts: SharedExpertsConfig | None = None,
+    **flat: object,
+) -> MoEConfig:
+    """A :class:`MoEConfig` from sections, plus any flat options the sections do not set
+    (``check_finite``, or options of a section not given). An option given twice is a ValueError."""
+    options: dict[str, object] = {}
+    for name, value in (("routing", routing), ("experts", experts), ("shared_experts", shared_experts)):
+        if value is None:
+            continue
+        if not isinstance(value, SECTIONS[name]):
+            raise TypeError(f"{name} must be a {SECTIONS[name].__name__}, got {type(value).__name__}")
+        section = {field: getattr(value, field) for field in _section_fields(SECTIONS[name])}
+        twice = sorted(set(section) & set(flat))
+        if twice:
+            raise ValueError(f"{twice} given both flat and in {name}={SECTIONS[name].__name__}(...): give each once")
+        options.update(section)
+    return MoEConfig(model_dim=model_dim, num_experts=num_experts, **options, **flat)
+
+
+def _section_of(config: MoEConfig, section: type):
+    return section(**{name: getattr(config, name) for name in _section_fields(section)})

@@ -9,7 +9,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from flexmoe.config import MoEConfig, check_capacity_factor, check_top_k
+from flexmoe.config import (
+    SECTIONS,
+    ExpertsConfig,
+    MoEConfig,
+    check_capacity_factor,
+    check_top_k,
+    config_from_sections,
+)
 from flexmoe.executors import ExpertParallelExecutor, LocalExecutor
 from flexmoe.executors.expert_parallel import layer_settings
 from flexmoe.experts import FFNExperts
@@ -38,10 +45,13 @@ from flexmoe.tuner import Tuner
 class MoELayer(nn.Module):
     """Mixture-of-Experts FFN: input ``[..., model_dim]`` -> output of the same shape.
 
-    Build it from keyword options (``MoELayer(model_dim=512, num_experts=8, hidden_dim=2048)``)
-    or from a :class:`MoEConfig` (``MoELayer(config)``, options given beside it override it).
-    ``experts``: an optional custom module mapping ``[num_experts, capacity, model_dim]`` to
-    the same shape; it replaces the built-in FFN experts.
+    Build it from keyword options (``MoELayer(model_dim=512, num_experts=8, hidden_dim=2048)``),
+    from sections (``MoELayer(model_dim=512, num_experts=8, routing=RoutingConfig(top_k=1),
+    experts=ExpertsConfig(hidden_dim=2048), shared_experts=SharedExpertsConfig(...))``, see
+    :mod:`flexmoe.config`) or from a :class:`MoEConfig` (``MoELayer(config)``, options given
+    beside it override it). ``experts``: an :class:`~flexmoe.config.ExpertsConfig`, or a custom
+    module mapping ``[num_experts, capacity, model_dim]`` to the same shape that replaces the
+    built-in FFN experts.
 
     One forward: routing units -> :attr:`routing` (a :class:`~flexmoe.routing.router.Router`)
     -> :class:`~flexmoe.RoutingPlan` -> ``executor.run(tokens, plan)`` -> + shared experts.
@@ -82,12 +92,9 @@ class MoELayer(nn.Module):
         **options: Any,
     ) -> None:
         super().__init__()
-        if config is None:
-            config = MoEConfig(**options)
-        elif not isinstance(config, MoEConfig):
-            raise TypeError(f"config must be a MoEConfig, got {type(config).__name__}")
-        elif options:
-            config = dataclasses.replace(config, **options)
+        if isinstance(experts, ExpertsConfig):  # the experts section, not a module
+            options["experts"], experts = experts, None
+        config = _resolve_config(config, options)
         self.executor: LocalExecutor | ExpertParallelExecutor | None = None
         self.config = config
         self.router = build_router(config.router, config.router_input_dim, config.num_experts, config.cosine_proj_dim)
@@ -415,6 +422,21 @@ class MoELayer(nn.Module):
             routing_scores=scores.detach(),  # the entropy is computed when read
             _capacity=plan._capacity,  # None when dropless: read from the counts on first access
         )
+
+
+def _resolve_config(config: MoEConfig | None, options: dict[str, Any]) -> MoEConfig:
+    """The layer's config from a MoEConfig, flat options and / or sections (``routing``,
+    ``experts``, ``shared_experts``); options and sections override the given config."""
+    sections = {name: options.pop(name) for name in SECTIONS if name in options}
+    if config is None:
+        return config_from_sections(**options, **sections) if sections else MoEConfig(**options)
+    if not isinstance(config, MoEConfig):
+        raise TypeError(f"config must be a MoEConfig, got {type(config).__name__}")
+    for name, section in sections.items():
+        if not isinstance(section, SECTIONS[name]):
+            raise TypeError(f"{name} must be a {SECTIONS[name].__name__}, got {type(section).__name__}")
+        options = {**dataclasses.asdict(section), **options}
+    return dataclasses.replace(config, **options) if options else config
 
 
 def _autocast_dtype(tokens: torch.Tensor) -> torch.Tensor:
