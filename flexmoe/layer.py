@@ -125,10 +125,8 @@ class MoELayer(nn.Module):
         if config.loss_free_balance:
             self.load_balancer = LoadBalanceBias(config.num_experts, config.balance_update_rate)
         mark_expert_module(self.experts)
-        if self.groups is None:
-            self.executor = LocalExecutor(self.experts, config)
-        else:
-            self.executor = ExpertParallelExecutor(self.experts, config, self.layout, self.groups, self.parallel)
+        self.executor = self._build_executor()
+        if self.groups is not None:
             self.check_choice(self.executor.default_choice(self.parallel))
             # Replicated parameters start equal on every rank (as DDP would make them).
             self.groups.broadcast_from_first_rank([p for _, p in non_expert_parameters(self)])
@@ -138,6 +136,12 @@ class MoELayer(nn.Module):
         # Set by flexmoe.task.usage while it records routing; None otherwise.
         self.last_plan: RoutingPlan | None = None
         self.record_plan = False
+
+    def _build_executor(self) -> LocalExecutor | ExpertParallelExecutor:
+        """The executor for this layer's group: local, or expert-parallel over the group."""
+        if self.groups is None:
+            return LocalExecutor(self.experts, self.config)
+        return ExpertParallelExecutor(self.experts, self.config, self.layout, self.groups, self.parallel)
 
     def _check_experts(self, experts: nn.Module | None, config: MoEConfig) -> nn.Module:
         if experts is None:
@@ -274,6 +278,14 @@ class MoELayer(nn.Module):
     def __setstate__(self, state: dict[str, Any]) -> None:
         if "aux_loss" in state:  # pickled before aux_loss became a property
             state["_aux_loss"] = state.pop("aux_loss")
+        if "config" in state:  # pickled before the layer had an executor
+            state["_config"] = state.pop("config")
+            tuner = state.pop("tuner", None)
+            super().__setstate__(state)
+            self.executor = None
+            self.executor = self._build_executor()
+            self.tuner = tuner
+            return
         super().__setstate__(state)
 
     def extra_repr(self) -> str:

@@ -26,6 +26,7 @@ directly with the composed order, so no intermediate copy of the rows is made.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -48,9 +49,14 @@ def segment_index(starts: list[int], lengths: list[int], device: torch.device) -
     if total == 0:
         return torch.zeros(0, dtype=torch.int64, device=device)
     lengths_t = torch.tensor(lengths, device=device)
-    begins = torch.tensor([sum(lengths[:k]) for k in range(len(lengths))], device=device)
+    begins = torch.tensor(_exclusive_sums(lengths), device=device)
     shift = (torch.tensor(starts, device=device) - begins).repeat_interleave(lengths_t, output_size=total)
     return torch.arange(total, device=device) + shift
+
+
+def _exclusive_sums(values: list[int]) -> list[int]:
+    """[0, v0, v0 + v1, ...]: where each of ``values`` starts when laid end to end."""
+    return [0, *itertools.accumulate(values)][: len(values)]
 
 
 def part_bounds(count: int, degree: int, part: int) -> tuple[int, int]:
@@ -89,7 +95,7 @@ def route_parts(
     (>= 1); ``members``: the exchanging ranks (group positions), in exchange order."""
     local = layout.local_experts
     own = table.own_counts(layout)
-    offsets = [sum(own[:e]) for e in range(len(own))]
+    offsets = _exclusive_sums(own)
     experts = [
         [ExpertLayout(layout.num_experts, layout.world_size, j).first_expert + e for e in range(local)] for j in members
     ]
@@ -132,7 +138,7 @@ def _regroup(incoming: list[list[int]], device: torch.device) -> tuple[torch.Ten
     them (local expert, peer) for the kernel, and its inverse."""
     peers, local = len(incoming), len(incoming[0])
     flat = [incoming[m][e] for m in range(peers) for e in range(local)]
-    arrived = [sum(flat[:k]) for k in range(len(flat))]  # start of segment (m, e) as received
+    arrived = _exclusive_sums(flat)  # start of segment (m, e) as received
     kernel_order = [(m, e) for e in range(local) for m in range(peers)]
     kernel_starts, position = {}, 0
     for m, e in kernel_order:

@@ -82,3 +82,15 @@ def test_replacing_the_config_reaches_the_executor():
     assert layer.expert_kernel(x, plan) == "grouped"
     layer.config = dataclasses.replace(layer.config, expert_kernel="padded")
     assert layer.expert_kernel(x, plan) == "padded"
+
+
+def test_a_layer_pickled_without_an_executor_loads():
+    layer = make_layer()
+    state = layer.__getstate__()
+    # What the state of a layer pickled before it had an executor holds.
+    state["config"], state["tuner"] = state.pop("_config"), None
+    del state["executor"]
+    clone = MoELayer.__new__(MoELayer)
+    clone.__setstate__(state)
+    x = torch.randn(5, 8, dtype=torch.float64)
+    torch.testing.assert_close(clone(x), layer(x), rtol=0, atol=0)
