@@ -199,7 +199,8 @@ class FFNExperts(nn.Module):
         if kernel == "per_expert":
             # No buffer cache: several calls of one step (pipelined parts) keep their activations.
             return per_expert_ffn(x, tokens_per_expert, self.activation, w1, b1, w3, w2, b2)
-        counts = torch.tensor(tokens_per_expert, device=x.device)
+        # Host ints to the device without synchronising its stream (they are known on the host).
+        counts = torch.tensor(tokens_per_expert).to(x.device, non_blocking=True)
         offsets = torch.cumsum(counts, 0, dtype=torch.int32)
         rows = x.shape[0]
         pre = F.grouped_mm(x, w1, offs=offsets)

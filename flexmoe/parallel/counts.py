@@ -51,6 +51,12 @@ class CountTable:
         return [count for j in range(0, layout.world_size, shards) for count in self.sent[j]]
 
 
+def host_ints(values: list[int], device: torch.device) -> torch.Tensor:
+    """[len(values)] int64 on ``device``, copied without waiting for the device's queued work
+    (``torch.tensor(..., device=cuda)`` would synchronise the stream)."""
+    return torch.tensor(values, dtype=torch.int64).to(device, non_blocking=True)
+
+
 def experts_of_ranks(layout: ExpertLayout, device: torch.device) -> torch.Tensor:
     """[world_size, local_experts] the global expert each rank holds (whole or a slice of)."""
     ranks = torch.arange(layout.world_size, device=device)
@@ -71,8 +77,8 @@ def exchange_counts(
     world = layout.world_size
     counts = plan.kept_per_expert.to(device=device, dtype=torch.int64)
     # Fixed capacity is a host int; dropless capacity is the largest load, left on the device.
-    capacity = counts.max().reshape(1) if plan._capacity is None else torch.tensor([plan._capacity], device=device)
-    head = torch.tensor(list(settings.values()), dtype=torch.int64, device=device)
+    capacity = counts.max().reshape(1) if plan._capacity is None else host_ints([plan._capacity], device)
+    head = host_ints(list(settings.values()), device)
     send = torch.cat(
         [head.expand(world, -1), capacity.expand(world, 1), counts[experts_of_ranks(layout, device)]], dim=1
     )

@@ -34,7 +34,7 @@ import torch
 
 from flexmoe.ops import combine, dispatch
 from flexmoe.parallel.all_to_all import Exchange, finish_all_to_all, start_all_to_all
-from flexmoe.parallel.counts import CountTable
+from flexmoe.parallel.counts import CountTable, host_ints
 from flexmoe.parallel.groups import ParallelGroups
 from flexmoe.parallel.layout import ExpertLayout
 from flexmoe.routing import RoutingPlan
@@ -48,9 +48,8 @@ def segment_index(starts: list[int], lengths: list[int], device: torch.device) -
     total = sum(lengths)
     if total == 0:
         return torch.zeros(0, dtype=torch.int64, device=device)
-    lengths_t = torch.tensor(lengths, device=device)
-    begins = torch.tensor(_exclusive_sums(lengths), device=device)
-    shift = (torch.tensor(starts, device=device) - begins).repeat_interleave(lengths_t, output_size=total)
+    shift = host_ints([s - b for s, b in zip(starts, _exclusive_sums(lengths))], device)
+    shift = shift.repeat_interleave(host_ints(lengths, device), output_size=total)
     return torch.arange(total, device=device) + shift
 
 

@@ -62,6 +62,7 @@ def test_world_2_choices_match_single_process_and_mismatches_raise(tmp_path):
         (dict(BASE, num_experts=1, top_k=1, capacity_factor=-0.5), [0, 6], {}, 14),
         # no tokens anywhere: capacity 0, every path still runs (zero expert gradients)
         (dict(BASE, num_experts=1, top_k=1), [0, 0], {}, 14),
+        (dict(BASE, num_experts=4), [0, 0], {}, 8),  # two local experts: the regrouping path, empty
         # a skewed router: 90% of the first choices go to expert 0 (dropless)
         (dict(BASE, num_experts=4, top_k=1, skew=0.9), [10, 10], {}, 8),
     ]
