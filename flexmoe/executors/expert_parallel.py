@@ -161,7 +161,7 @@ class ExpertParallelExecutor:
         tokens [T, model_dim] -> [T, model_dim]. The unit whose time depends on the choice (and
         only on it, with the counts agreed): what the tuner times. Every rank passes the same choice."""
         if choice.exact:
-            compute = self.exact_compute(choice.parallel_degree)
+            compute = self.exact_compute(choice.parallel_degree, tokens.dtype)
             return run_exact(
                 tokens, plan, table, compute, self.layout, self.groups, choice.parallel_degree, choice.overlap_degree
             )
@@ -173,16 +173,19 @@ class ExpertParallelExecutor:
         expert_out = run_expert_parallel(buffer, self.experts, self.layout, self.groups, choice)
         return combine(expert_out.reshape(num_rows, model_dim), plan.gates, plan.token_index, rows, num_tokens)
 
-    def exact_compute(self, parallel_degree: int) -> ExactCompute:
-        """The experts at degree r on exact counts: (rows [n, M] sorted by expert, counts) -> [n, M]."""
-        weights = gather_expert_weights(self.experts, self.layout, self.groups, parallel_degree)
+    def exact_compute(self, parallel_degree: int, dtype: torch.dtype) -> ExactCompute:
+        """The experts at degree r on exact counts: (rows [n, M] sorted by expert, counts) -> [n, M].
+        The kernel: ``grouped_mm`` where it can run (per ``expert_kernel``), else one GEMM pair
+        per expert; a forced ``"grouped"`` that cannot run raises here, before any exchange."""
         requested = self.config.expert_kernel
+        # The hidden width computed with: the whole expert at r = 0, a 1 / r slice at r >= 1.
+        dims = (self.config.model_dim, self.config.hidden_dim // max(parallel_degree, 1))
+        grouped_reason = grouped_unsupported_reason(self.experts, dims, dtype)
+        if requested == "grouped" and grouped_reason:
+            raise ValueError(f"expert_kernel='grouped' cannot run here: {grouped_reason}; use 'auto'")
+        weights = gather_expert_weights(self.experts, self.layout, self.groups, parallel_degree)
 
         def compute(rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
-            dims = (self.config.model_dim, weights["w1"].shape[-1])
-            grouped_reason = grouped_unsupported_reason(self.experts, dims, rows.dtype)
-            if requested == "grouped" and grouped_reason:
-                raise ValueError(f"expert_kernel='grouped' cannot run here: {grouped_reason}; use 'auto'")
             busy = sum(1 for count in counts if count)
             per_expert = (
                 requested == "per_expert"

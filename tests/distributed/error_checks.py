@@ -48,6 +48,10 @@ def check_mismatches(rank: int, world_size: int) -> None:
     _raises_everywhere("parallel_degree must be one of", layer, x, parallel_degree=2)
     _raises_everywhere("a2a_algorithm='2dh' needs", layer, x, a2a_algorithm="2dh")
     _raises_everywhere("a2a_algorithm must be one of", layer, x, a2a_algorithm="ring")
+    # A kernel that cannot run (grouped_mm in float64) raises before any token exchange.
+    grouped = MoELayer(**base, expert_kernel="grouped").double()
+    _raises_everywhere("expert_kernel='grouped' cannot run", grouped, x)
+    _raises_everywhere("exact=True runs the 'linear' all-to-all", layer, x, exact=True, a2a_algorithm="2dh")
     with pytest.raises(TypeError, match="group must be"):
         MoELayer(**dict(base, group="world"))
     # The group is still in step after the errors; copies share the groups.
