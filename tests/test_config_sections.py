@@ -62,3 +62,12 @@ def test_sections_reject_options_given_twice_and_wrong_types():
         MoELayer(model_dim=8, num_experts=4, hidden_dim=4, routing=ExpertsConfig())
     with pytest.raises(ValueError, match="top_k must be"):  # validated when combined
         MoELayer(model_dim=8, num_experts=4, routing=RoutingConfig(top_k=9), experts=ExpertsConfig(hidden_dim=4))
+
+
+def test_expert_layout_is_taken_at_construction_with_a_warning():
+    with pytest.warns(DeprecationWarning, match="expert_kernel"):
+        config = MoEConfig(model_dim=8, num_experts=2, expert_layout="per_expert")
+    assert config.expert_kernel == "per_expert"
+    with pytest.warns(DeprecationWarning, match="expert_kernel"):
+        assert dataclasses.replace(config, expert_layout="grouped").expert_kernel == "grouped"
+    assert dataclasses.replace(config, top_k=1).expert_kernel == "per_expert"

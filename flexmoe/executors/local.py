@@ -30,7 +30,7 @@ class LocalExecutor:
         return [ParallelChoice(1)]
 
     def check_choice(self, choice: ParallelChoice) -> ParallelChoice:
-        return check_choice(choice, None, None, True)  # type: ignore[arg-type]
+        return check_choice(choice, None, None, True)
 
     def default_choice(self, parallel) -> ParallelChoice:
         return parallel.default_choice(exact_possible=False)

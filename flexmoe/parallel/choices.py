@@ -37,9 +37,10 @@ def valid_choices(layout: ExpertLayout, groups: ParallelGroups | None, gatherabl
 
 
 def check_choice(
-    choice: ParallelChoice, layout: ExpertLayout, groups: ParallelGroups | None, gatherable: bool
+    choice: ParallelChoice, layout: ExpertLayout | None, groups: ParallelGroups | None, gatherable: bool
 ) -> ParallelChoice:
-    """Return ``choice`` or raise ValueError naming what is accepted for this layout and group."""
+    """Return ``choice`` or raise ValueError naming what is accepted for this layout and group
+    (single process, ``groups`` None: the layout plays no part)."""
     if groups is None:
         if choice.parallel_degree > 1 or choice.a2a_algorithm != "linear":
             raise ValueError(f"a single-process layer runs parallel_degree 0 or 1 and 'linear', got {choice}")
