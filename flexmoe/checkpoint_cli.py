@@ -1,4 +1,4 @@
-"""``flexmoe checkpoint convert SRC DST --to-world-size N``: reshard a checkpoint offline."""
+"""flexmoe checkpoint convert SRC DST --to-world-size N: reshard a checkpoint offline."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ from flexmoe.checkpoint import CheckpointReader, convert_checkpoint
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="flexmoe checkpoint", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="flexmoe checkpoint", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     actions = parser.add_subparsers(dest="action", required=True)
     convert = actions.add_parser("convert", help="rewrite a checkpoint for another world size (no model needed)")
     convert.add_argument("src", help="checkpoint directory written by save_checkpoint")

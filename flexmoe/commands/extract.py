@@ -1,9 +1,9 @@
-"""``flexmoe extract``: save one task's sub-network (task-routed layers folded to dense blocks).
+"""flexmoe extract: save one task's sub-network (task-routed layers folded to dense blocks).
 
     flexmoe extract --model pkg.mod:factory [--model-kwargs JSON] [--checkpoint W.pt] --task 3 --out DIR
 
-DIR gets ``model.safetensors`` and ``flexmoe_subnetwork.json`` (:func:`flexmoe.save_subnetwork`);
-load it back with ``flexmoe.load_subnetwork(DIR, factory)``.
+DIR gets model.safetensors and flexmoe_subnetwork.json (flexmoe.save_subnetwork);
+load it back with flexmoe.load_subnetwork(DIR, factory).
 """
 
 from __future__ import annotations
@@ -16,7 +16,9 @@ from flexmoe.task import extract_task, save_subnetwork
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="flexmoe extract", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="flexmoe extract", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_model_arguments(parser)
     parser.add_argument("--task", type=int, required=True, help="task id whose sub-network to extract")
     parser.add_argument("--out", type=Path, required=True, help="directory to write the sub-network to")

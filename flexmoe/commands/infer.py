@@ -1,19 +1,19 @@
-"""``flexmoe infer``: run mixed-task inputs through per-task sub-networks (:class:`flexmoe.TaskServer`).
+"""flexmoe infer: run mixed-task inputs through per-task sub-networks (flexmoe.TaskServer).
 
     flexmoe infer --model pkg.mod:factory [--checkpoint W.pt] --inputs IN --out OUT [--max-subnetworks 4]
 
 Input formats, by suffix:
-  .pt     ``torch.save`` of a dict: ``inputs`` [batch, ...], ``task_ids`` [batch] and optionally
-          more tensors [batch, ...] passed to the model by keyword (``padding_mask``, ...).
-  .jsonl  one request per line: ``{"task_id": 3, "inputs": [...], "padding_mask": [...]}``, each
+  .pt     torch.save of a dict: inputs [batch, ...], task_ids [batch] and optionally
+          more tensors [batch, ...] passed to the model by keyword (padding_mask, ...).
+  .jsonl  one request per line: {"task_id": 3, "inputs": [...], "padding_mask": [...]}, each
           value one example without the batch dimension; integer and bool lists become int64 /
           bool tensors (token ids, masks).
 Floating-point inputs take the model's dtype. A .pt batch goes to the server whole
-(:meth:`TaskServer.__call__`: each task's rows run as one batch, no per-row split). Each JSON
+(TaskServer.__call__: each task's rows run as one batch, no per-row split). Each JSON
 line is one request: lines of one task with the same shapes run as one batch, so lines may have
 different lengths.
-Output formats, by suffix: .pt (``{"outputs": [batch, ...], "task_ids": [batch]}``; a list of
-``[1, ...]`` tensors if their shapes differ) or .jsonl (``{"task_id": t, "outputs": [...]}`` per line).
+Output formats, by suffix: .pt ({"outputs": [batch, ...], "task_ids": [batch]}; a list of
+[1, ...] tensors if their shapes differ) or .jsonl ({"task_id": t, "outputs": [...]} per line).
 Rows stay in input order. Server statistics go to stderr.
 """
 

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
-from flexmoe.data.corpus import Pair
-from flexmoe.models.tokenizer import BOS_ID, PAD_ID, Tokenizer
+from flexmoe_mt.data.corpus import Pair
+from flexmoe_mt.tokenizer import BOS_ID, PAD_ID, Tokenizer
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,8 @@ class TaskTable:
 
     def target_id(self, lang: str) -> int:
         if lang not in self.target_languages:
-            raise ValueError(f"target language must be one of {list(self.target_languages)}, got {lang!r}")
+            known = ", ".join(self.target_languages)
+            raise ValueError(f"target language {lang!r} is not one the model translates into: {known}")
         return self.target_languages.index(lang)
 
     def pair_id(self, source_lang: str, target_lang: str) -> int:

@@ -5,12 +5,12 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from flexmoe.data.corpus import Pair, read_tsv
-from flexmoe.models.batching import encode_pairs
-from flexmoe.models.evaluate import Scores, decoding_throughput, score, translate_pairs
-from flexmoe.models.extraction import load_translation_model
-from flexmoe.models.train import TrainedModel, load_corpus
 from flexmoe.task.extract import count_parameters
+from flexmoe_mt.batching import encode_pairs
+from flexmoe_mt.data.corpus import Pair, read_tsv
+from flexmoe_mt.evaluate import Scores, decoding_throughput, score, translate_pairs
+from flexmoe_mt.extraction import load_translation_model
+from flexmoe_mt.train import TrainedModel, load_corpus
 
 
 def served_pairs(trained: TrainedModel, pairs: list[Pair]) -> list[Pair]:
@@ -35,22 +35,28 @@ def evaluate_model(
     limit: int = 0,
     batch_size: int = 64,
     beam_size: int = 1,
+    progress: bool = False,
 ) -> Scores:
+    """Scores of ``trained`` on ``split`` (or the TSV file); ``progress``: a progress bar on stderr."""
     pairs = evaluation_pairs(trained, split, tsv, limit)
+    label = f"translating {len(pairs)} sentences" if progress else None
     hypotheses = translate_pairs(
-        trained.model, trained.tokenizer, trained.tasks, pairs, batch_size, beam_size=beam_size
+        trained.model, trained.tokenizer, trained.tasks, pairs, batch_size, beam_size=beam_size, progress=label
     )
     return score(pairs, hypotheses)
 
 
-def compare_extracted(full: TrainedModel, extracted_dir: str | Path, split: str, limit: int) -> str:
+def compare_extracted(
+    full: TrainedModel, extracted_dir: str | Path, split: str, limit: int, progress: bool = False
+) -> str:
     """Load the saved sub-network back and score it and its parent on the same sentences
-    (the direction is the one the sub-network serves)."""
+    (the direction is the one the sub-network serves); ``progress``: progress bars on stderr."""
     extracted = load_translation_model(extracted_dir)
     pairs = evaluation_pairs(extracted, split, limit=limit)
     outputs = {}
     for name, trained in (("full", full), ("extracted", extracted)):
-        hypotheses = translate_pairs(trained.model, trained.tokenizer, trained.tasks, pairs)
+        label = f"{name} model, {len(pairs)} sentences" if progress else None
+        hypotheses = translate_pairs(trained.model, trained.tokenizer, trained.tasks, pairs, progress=label)
         outputs[name] = (hypotheses, score(pairs, hypotheses), count_parameters(trained.model))
     same = sum(a == b for a, b in zip(outputs["full"][0], outputs["extracted"][0]))
     lines = [f"{'model':<10} {'parameters':>11} {'chrF':>6} {'BLEU':>6}   ({len(pairs)} {split} sentences)"]

@@ -1,8 +1,8 @@
-"""``make demo``: build the corpus, train a task-MoE and a dense model for the same wall time,
+"""flexmoe-mt demo (make demo): build the corpus, train a task-MoE and a dense model for the same wall time,
 evaluate both, extract one language's sub-network, and print scores, decoding throughput and
 example translations.
 
-    python -m flexmoe.models.demo [--minutes 6] [--language fr] [--tsv-dir DIR] [--fresh]
+    flexmoe-mt demo [--minutes 8] [--language fr] [--tsv-dir DIR] [--fresh]
 """
 
 from __future__ import annotations
@@ -14,21 +14,22 @@ import os
 import platform
 import random
 import shutil
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from flexmoe.data.corpus import Pair
-from flexmoe.models.compare import served_pairs, throughputs
-from flexmoe.models.evaluate import score, translate_pairs
-from flexmoe.models.extraction import extract_direction, load_translation_model, save_extracted
-from flexmoe.models.plots import read_metrics
-from flexmoe.models.runconfig import RunConfig, load_run_config
-from flexmoe.models.train import load_corpus, load_trained, train
 from flexmoe.task.extract import count_parameters
+from flexmoe_mt.compare import served_pairs, throughputs
+from flexmoe_mt.data.corpus import Pair
+from flexmoe_mt.evaluate import score, translate_pairs
+from flexmoe_mt.extraction import extract_direction, load_translation_model, save_extracted
+from flexmoe_mt.plots import read_metrics
+from flexmoe_mt.runconfig import RunConfig, load_run_config
+from flexmoe_mt.train import TrainedModel, load_corpus, load_trained, train
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 BATCH_SIZES = [1, 16, 64]
 
 
@@ -79,7 +80,9 @@ def train_side_by_side(runs: list[RunConfig]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m flexmoe.models.demo", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="flexmoe-mt demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--minutes", type=float, default=8.0, help="training minutes per model (default 8)")
     parser.add_argument("--language", default="fr", help="target language to extract (default fr)")
     parser.add_argument("--per-direction", type=int, default=25, help="test sentences per direction (default 25)")
@@ -97,11 +100,14 @@ def main(argv: list[str] | None = None) -> None:
     print("\n== corpus ==")
     corpus = load_corpus(runs["demo_task_moe"].data)
     print(f"{len(corpus['train']):,} training pairs, {len(corpus.target_languages)} target languages")
+    if args.language not in corpus.target_languages:
+        known = ", ".join(corpus.target_languages)
+        parser.error(f"--language {args.language}: the corpus's target languages are {known}; pass one of them")
     print(f"\n== training task-MoE and dense side by side, {args.minutes:g} minutes each, one thread each ==")
     train_side_by_side(list(runs.values()))
 
     moe, dense = (load_trained(run.train.run_dir) for run in runs.values())
-    language = args.language if args.language in moe.tasks.target_languages else moe.tasks.target_languages[-1]
+    language = args.language
     sub_network = extract_direction(moe.model, moe.tasks, language)
     extracted_dir = save_extracted(sub_network, moe, Path(moe.run.train.run_dir) / f"extract-{language}", language)
     extracted = load_translation_model(extracted_dir)  # reloaded from safetensors, as a server would
@@ -124,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
         (f"task-MoE, into {language}", moe, into_language),
         (f"extracted {language}", extracted, into_language),
     ):
-        hypotheses = translate_pairs(model.model, model.tokenizer, model.tasks, pairs)
+        hypotheses = translate_pairs(model.model, model.tokenizer, model.tasks, pairs, progress=name)
         outputs[name] = hypotheses
         scores = score(pairs, hypotheses)
         rows.append((name, count_parameters(model.model), scores.mean_chrf, scores.mean_bleu, peaks.get(name)))
@@ -158,7 +164,37 @@ def main(argv: list[str] | None = None) -> None:
             extracted.model if pair in into_language else moe.model, moe.tokenizer, moe.tasks, [pair]
         )
         print(f"{pair.source_lang}->{pair.target_lang}  {pair.source}\n      -> {hypothesis}\n   (ref) {pair.target}")
-    print(f"\ndemo finished in {(time.perf_counter() - started) / 60:.1f} minutes; runs in runs/demo/")
+    print(f"\ndemo finished in {(time.perf_counter() - started) / 60:.1f} minutes")
+    print(next_steps(moe, dense, extracted_dir, into_language[0] if into_language else test[0]))
+
+
+def command_path(name: str) -> str:
+    """How to call this environment's ``name`` script: .venv/bin/flexmoe-mt when the venv is below
+    the working directory, else the absolute path (so the line runs without activating anything)."""
+    script = Path(sys.executable).parent / name
+    try:
+        return str(script.relative_to(Path.cwd()))
+    except ValueError:
+        return str(script)
+
+
+def next_steps(moe: TrainedModel, dense: TrainedModel, extracted_dir: Path, example: Pair) -> str:
+    """The demo's last lines: where the models are, how to translate a sentence, what they know."""
+    program = command_path("flexmoe-mt")
+    languages = " ".join(moe.tasks.target_languages)
+    return "\n".join(
+        [
+            f"models: task-MoE {moe.run.train.run_dir}, dense {dense.run.train.run_dir}, "
+            f"{extracted_dir.name.removeprefix('extract-')} sub-network {extracted_dir}",
+            "translate a sentence (--to: one of " + languages + "; a file argument or stdin, one sentence a line):",
+            f'  echo "{example.source}" | {program} translate --model {moe.run.train.run_dir} '
+            f"--to {example.target_lang} --from {example.source_lang}",
+            "what the models know: the embedded corpus's phrases (numbers, years, dates, times, units, "
+            "amounts of money, percentages, lists, names of languages, countries, currencies, scripts, "
+            "months and days), not free text",
+            f"a rerun reuses these trained models; {program} demo --fresh retrains them",
+        ]
+    )
 
 
 if __name__ == "__main__":

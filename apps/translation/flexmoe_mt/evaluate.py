@@ -14,11 +14,12 @@ from dataclasses import dataclass, field
 
 import sacrebleu
 import torch
+from tqdm import tqdm
 
-from flexmoe.data.corpus import Pair
-from flexmoe.models.batching import EncodedPairs, TaskTable, encode_pairs, pad
-from flexmoe.models.tokenizer import Tokenizer
-from flexmoe.models.translation import TranslationModel
+from flexmoe_mt.batching import EncodedPairs, TaskTable, encode_pairs, pad
+from flexmoe_mt.data.corpus import Pair
+from flexmoe_mt.tokenizer import Tokenizer
+from flexmoe_mt.translation import TranslationModel
 
 CHAR_BLEU_LANGUAGES = ("ja", "zh", "ko", "th", "lo", "km", "my", "yue")
 
@@ -91,13 +92,20 @@ def length_sorted_batches(data: EncodedPairs, batch_size: int) -> list[list[int]
 
 
 def generate_ids(
-    model: TranslationModel, data: EncodedPairs, batch_size: int = 64, max_new_tokens: int = 64, beam_size: int = 1
+    model: TranslationModel,
+    data: EncodedPairs,
+    batch_size: int = 64,
+    max_new_tokens: int = 64,
+    beam_size: int = 1,
+    progress: str | None = None,
 ) -> list[list[int]]:
-    """Output ids of every example of ``data``, in order: greedy, or beam search when ``beam_size > 1``."""
+    """Output ids of every example of ``data``, in order: greedy, or beam search when ``beam_size > 1``.
+    ``progress``: a label for a progress bar over the batches (on stderr); None: no bar."""
     outputs: list[list[int]] = [[] for _ in data.sources]
     device = next(model.parameters()).device
     model.eval()
-    for indices in length_sorted_batches(data, batch_size):
+    batches = length_sorted_batches(data, batch_size)
+    for indices in tqdm(batches, desc=progress, unit="batch", disable=progress is None, leave=False):
         inputs = (
             pad([data.sources[i] for i in indices]).to(device),
             torch.tensor([data.target_lang[i] for i in indices], device=device),
@@ -120,10 +128,13 @@ def translate_pairs(
     batch_size: int = 64,
     max_new_tokens: int = 64,
     beam_size: int = 1,
+    progress: str | None = None,
 ) -> list[str]:
-    """Translations of ``pairs``' sources into their target languages (greedy, or beam search)."""
+    """Translations of ``pairs``' sources into their target languages (greedy, or beam search);
+    ``progress``: a label for a progress bar (stderr), None for none."""
     data = encode_pairs(pairs, tokenizer, tasks, model.config.max_len)
-    return [tokenizer.decode(ids) for ids in generate_ids(model, data, batch_size, max_new_tokens, beam_size)]
+    generated = generate_ids(model, data, batch_size, max_new_tokens, beam_size, progress)
+    return [tokenizer.decode(ids) for ids in generated]
 
 
 def decoding_throughput(

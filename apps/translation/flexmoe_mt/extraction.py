@@ -13,13 +13,13 @@ import json
 import shutil
 from pathlib import Path
 
-from flexmoe.models.batching import TaskTable
-from flexmoe.models.runconfig import run_config_from_dict
-from flexmoe.models.tokenizer import Tokenizer
-from flexmoe.models.train import CHECKPOINT, TOKENIZER, TrainedModel, build_model, load_trained
-from flexmoe.models.translation import TranslationModel
 from flexmoe.task import extract_task, load_subnetwork, save_subnetwork
 from flexmoe.task.extract import count_parameters
+from flexmoe_mt.batching import TaskTable
+from flexmoe_mt.runconfig import run_config_from_dict
+from flexmoe_mt.tokenizer import Tokenizer
+from flexmoe_mt.train import CHECKPOINT, TOKENIZER, TrainedModel, build_model, load_trained
+from flexmoe_mt.translation import TranslationModel
 
 DESCRIPTION = "translation_run.json"
 

@@ -12,9 +12,9 @@ import matplotlib.pyplot as plt
 import torch
 
 from flexmoe.layer import MoELayer
-from flexmoe.models.batching import EncodedPairs, in_order_batches, model_inputs
-from flexmoe.models.translation import TranslationModel
 from flexmoe.task import expert_usage
+from flexmoe_mt.batching import EncodedPairs, in_order_batches, model_inputs
+from flexmoe_mt.translation import TranslationModel
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:

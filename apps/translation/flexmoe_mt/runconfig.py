@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 import tomllib
 
-from flexmoe.models.config import ModelConfig, check_int
+from flexmoe_mt.config import ModelConfig, check_int
 
 DataSource = Literal["cldr_demo", "tsv"]
 DATA_SOURCES = ("cldr_demo", "tsv")

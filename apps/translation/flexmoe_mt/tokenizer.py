@@ -14,7 +14,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-from flexmoe.data.corpus import Corpus, Pair
+from flexmoe_mt.data.corpus import Corpus, Pair
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 

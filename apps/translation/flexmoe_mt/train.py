@@ -1,9 +1,9 @@
-"""Training: ``flexmoe train --config configs/<name>.toml``.
+"""Training: ``flexmoe-mt train --config configs/<name>.toml``.
 
 A run directory holds ``config.toml``-equivalent ``checkpoint.pt`` (model, optimizer, sampler
 and RNG state, step, elapsed time: a killed run resumes on the same loss curve),
 ``tokenizer.model``, ``metrics.jsonl`` and PNG plots. Under ``torchrun`` the MoE layers shard
-their experts over the ranks and the checkpoint keeps this format (:mod:`flexmoe.models.distributed`).
+their experts over the ranks and the checkpoint keeps this format (:mod:`flexmoe_mt.distributed`).
 """
 
 from __future__ import annotations
@@ -23,21 +23,21 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from flexmoe.checkpoint import load_checkpoint, save_checkpoint
-from flexmoe.data.corpus import Corpus, Pair, load_tsv
-from flexmoe.data.sampler import TemperatureSampler
-from flexmoe.models.batching import (
+from flexmoe.parallel import SINGLE_PROCESS, allreduce_non_expert_grads, clip_grad_norm_
+from flexmoe_mt.batching import (
     TaskTable,
     collate,
     encode_pairs,
     in_order_batches,
     model_inputs,
 )
-from flexmoe.models.distributed import RunGroup
-from flexmoe.models.evaluate import generate_ids, score
-from flexmoe.models.runconfig import BUDGET_CLOCKS, DataConfig, RunConfig, run_config_from_dict
-from flexmoe.models.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer, train_tokenizer
-from flexmoe.models.translation import TranslationModel
-from flexmoe.parallel import SINGLE_PROCESS, allreduce_non_expert_grads, clip_grad_norm_
+from flexmoe_mt.data.corpus import Corpus, Pair, load_tsv
+from flexmoe_mt.data.sampler import TemperatureSampler
+from flexmoe_mt.distributed import RunGroup
+from flexmoe_mt.evaluate import generate_ids, score
+from flexmoe_mt.runconfig import BUDGET_CLOCKS, DataConfig, RunConfig, run_config_from_dict
+from flexmoe_mt.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer, train_tokenizer
+from flexmoe_mt.translation import TranslationModel
 
 CHECKPOINT = "checkpoint.pt"
 SHARDS = "shards"  # under torchrun: each rank's part of the latest checkpoint (flexmoe.checkpoint)
@@ -48,7 +48,7 @@ TOKENIZER = "tokenizer.model"
 def load_corpus(data: DataConfig) -> Corpus:
     """The corpus a run trains on: the embedded one (built and cached on first use) or TSV files."""
     if data.source == "cldr_demo":
-        from flexmoe.data.cldr import CorpusConfig, build_corpus  # heavy: babel data; only when used
+        from flexmoe_mt.data.cldr import CorpusConfig, build_corpus  # heavy: babel data; only when used
 
         return build_corpus(CorpusConfig.demo(), cache_dir=Path(data.cache_dir) / "corpus", progress=True)
     files = {name: path for name, path in (("train", data.train), ("valid", data.valid), ("test", data.test)) if path}
@@ -85,7 +85,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     if path.is_dir():
         path = path / CHECKPOINT
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: train a model first (flexmoe train --config ...)")
+        raise FileNotFoundError(f"{path} does not exist: train a model first (flexmoe-mt train --config ...)")
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
@@ -128,7 +128,7 @@ class Trainer:
 
     def __init__(self, run: RunConfig, corpus: Corpus | None = None, progress: bool = True) -> None:
         self.run_config, self.config = run, run.train
-        self.ranks = RunGroup.current()  # under torchrun: expert parallelism, see flexmoe.models.distributed
+        self.ranks = RunGroup.current()  # under torchrun: expert parallelism, see flexmoe_mt.distributed
         self.progress = progress and self.ranks.is_main
         self.run_dir = Path(self.config.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -370,11 +370,15 @@ class Trainer:
     def run(self) -> Path:
         """Train until ``max_steps`` or ``max_minutes``; returns the run directory."""
         config = self.config
+        first_step = self.step
+        finished = self.done()
+        if first_step and self.ranks.is_main:
+            # Said even without a progress bar: a rerun must not silently pass for a new run.
+            state = "already trained to its budget: reusing it" if finished else "resuming it"
+            print(f"{self.run_dir}: checkpoint at step {first_step}, {state} (--fresh starts over)", flush=True)
         bar = tqdm(total=config.max_steps or None, initial=self.step, disable=not self.progress, unit="step")
         window_loss, window_aux, window_tokens, window_start = [], [], 0, time.perf_counter()
-        first_step = self.step
         clock = BUDGET_CLOCKS[config.budget_clock]
-        finished = self.done()
         while not finished:
             started = clock()
             loss, aux, tokens = self.train_step()
@@ -415,7 +419,7 @@ class Trainer:
         if self.ranks.is_main:
             if self.progress:
                 print(f"step {self.step}: valid loss {record['loss']:.3f}, chrF {record['chrf']:.1f}")
-            from flexmoe.models.plots import plot_run  # matplotlib only once there is something to draw
+            from flexmoe_mt.plots import plot_run  # matplotlib only once there is something to draw
 
             plot_run(self.run_dir, gathered[0], self.valid_data, list(self.tasks.target_languages))
         self.ranks.barrier()

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from flexmoe.layer import MoELayer
-from flexmoe.models.config import ModelConfig, Routing
 from flexmoe.routing.granularity import sentence_means
+from flexmoe_mt.config import ModelConfig, Routing
 
 # Cache of one decoder layer: self-attention keys/values so far and the encoder's keys/values.
 LayerCache = dict[str, torch.Tensor]

@@ -1,21 +1,21 @@
-"""Run the results table of issue 9 (Kudugunta et al.'s Table 1 at our scale) and write one
-``<row>/seed<N>.json`` per run into ``--results`` (``docs/runs``, tracked by git, so finished runs
-survive a fresh machine); ``python -m flexmoe.models.results docs/runs > docs/results.md`` turns
-them into the table.
+"""Run the results table (Kudugunta et al.'s Table 1 at our scale) and write one
+<row>/seed<N>.json per run into --results (apps/translation/results, tracked by git, so finished
+runs survive a fresh machine); python -m flexmoe_mt.results > docs/results.md turns them into the
+table. Run from the repository root:
 
-    python scripts/run_table.py [--minutes 7] [--seeds 0,1,2] [--rows dense,token_target] [--out runs/table]
+    python apps/translation/scripts/run_table.py [--minutes 7] [--seeds 0,1,2] [--rows dense,token_target]
 
-Rows (:data:`ROWS`): configs/table/<config>.toml, each trained for its share of ``--minutes`` of
-CPU time (the configs' ``budget_clock = "cpu"``, so a busy machine does not shorten a run);
-``pruned_token`` trains nothing (the token/token run of the same seed, pruned per target language
-to its ``--prune-keep`` most used experts, NLLB-MoE style). A distilled row needs its teacher's run
-of the same seed first (the default order does that): ``distilled_dense`` learns from the
-full-budget token/token run (so teacher and student had a budget each), ``distilled_dense_shared``
-from ``token_token_half``, trained half the budget, and trains the other half itself (teacher and
+Rows (ROWS): apps/translation/configs/table/<config>.toml, each trained for its share of --minutes of
+CPU time (the configs' budget_clock = "cpu", so a busy machine does not shorten a run);
+pruned_token trains nothing (the token/token run of the same seed, pruned per target language
+to its --prune-keep most used experts, NLLB-MoE style). A distilled row needs its teacher's run
+of the same seed first (the default order does that): distilled_dense learns from the
+full-budget token/token run (so teacher and student had a budget each), distilled_dense_shared
+from token_token_half, trained half the budget, and trains the other half itself (teacher and
 student share one budget: the equal-total-compute comparison). Finished runs are skipped (a run
-resumes from its checkpoint in ``--out``), so the script can be killed and restarted;
-``--reevaluate`` scores and times finished runs whose checkpoints are still in ``--out`` again
-without training, ``--reevaluate --timing-only`` only their throughput (wall clock: taken on a busy
+resumes from its checkpoint in --out), so the script can be killed and restarted;
+--reevaluate scores and times finished runs whose checkpoints are still in --out again
+without training, --reevaluate --timing-only only their throughput (wall clock: taken on a busy
 machine, it is redone on a quiet one).
 """
 
@@ -31,19 +31,19 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+APP = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(APP))
 
 from flexmoe import ExpertUsage, MoELayer, expert_usage, prune_experts  # noqa: E402
-from flexmoe.data.corpus import Pair  # noqa: E402
-from flexmoe.models.batching import collate, encode_pairs, model_inputs  # noqa: E402
-from flexmoe.models.compare import throughputs  # noqa: E402
-from flexmoe.models.demo import per_direction_sample  # noqa: E402
-from flexmoe.models.evaluate import score, translate_pairs  # noqa: E402
-from flexmoe.models.extraction import extract_direction  # noqa: E402
-from flexmoe.models.runconfig import RunConfig, load_run_config  # noqa: E402
-from flexmoe.models.train import TrainedModel, load_corpus, load_trained, train  # noqa: E402
 from flexmoe.task.extract import count_parameters  # noqa: E402
+from flexmoe_mt.batching import collate, encode_pairs, model_inputs  # noqa: E402
+from flexmoe_mt.compare import throughputs  # noqa: E402
+from flexmoe_mt.data.corpus import Pair  # noqa: E402
+from flexmoe_mt.demo import per_direction_sample  # noqa: E402
+from flexmoe_mt.evaluate import score, translate_pairs  # noqa: E402
+from flexmoe_mt.extraction import extract_direction  # noqa: E402
+from flexmoe_mt.runconfig import RunConfig, load_run_config  # noqa: E402
+from flexmoe_mt.train import TrainedModel, load_corpus, load_trained, train  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,7 +174,7 @@ def run_config(row: str, seed: int, minutes: float, out: Path, tsv_dir: str | No
     """The run of ``row`` for ``seed``: its config with the seed, budget and run directory set
     (and its teacher's run directory, for a distilled row)."""
     spec = ROWS[row]
-    run = load_run_config(REPO / "configs" / "table" / f"{spec.config}.toml")
+    run = load_run_config(APP / "configs" / "table" / f"{spec.config}.toml")
     trained_row = spec.source or row
     train_config = dataclasses.replace(
         run.train, seed=seed, max_minutes=minutes * spec.budget, run_dir=str(out / trained_row / f"seed{seed}")
@@ -235,12 +235,14 @@ def merge_timings(result: dict, timed: dict) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=7.0, help="training CPU minutes per run (default 7)")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--rows", default=",".join(ROWS), help=f"subset of {list(ROWS)}")
     parser.add_argument("--out", default="runs/table", help="run directories (checkpoints; not tracked)")
-    parser.add_argument("--results", default="docs/runs", help="<row>/seed<N>.json per finished run (tracked)")
+    parser.add_argument(
+        "--results", default="apps/translation/results", help="<row>/seed<N>.json per finished run (tracked)"
+    )
     parser.add_argument("--language", default="fr", help="target language of the throughput figures")
     parser.add_argument("--per-direction", type=int, default=50, help="test sentences per direction (0: all)")
     parser.add_argument("--prune-keep", type=int, default=2, help="experts kept per layer by pruned_token")

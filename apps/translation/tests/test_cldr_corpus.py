@@ -9,7 +9,7 @@ import pytest
 import torch
 from babel import Locale
 
-from flexmoe.data import (
+from flexmoe_mt.data import (
     KINDS,
     CorpusConfig,
     Pair,
@@ -19,8 +19,8 @@ from flexmoe.data import (
     card,
     cldr,
 )
-from flexmoe.data.cldr import DEFAULT_LANGUAGES, corpus_to_tsv, render_corpus
-from flexmoe.data.kinds import combination_of, parts_of
+from flexmoe_mt.data.cldr import DEFAULT_LANGUAGES, corpus_to_tsv, render_corpus
+from flexmoe_mt.data.kinds import combination_of, parts_of
 
 TINY = CorpusConfig(languages=("ru", "ja", "fr", "ar"), items_per_kind=40, seed=3)
 

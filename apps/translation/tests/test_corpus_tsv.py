@@ -1,6 +1,6 @@
 import pytest
 
-from flexmoe.data import Pair, load_tsv
+from flexmoe_mt.data import Pair, load_tsv
 
 
 def test_load_tsv(tmp_path):

@@ -40,4 +40,4 @@ def test_rows_come_after_their_teachers_and_sources(run_table):
     for position, (row, spec) in enumerate(run_table.ROWS.items()):
         for needed in (spec.teacher, spec.source):
             assert needed is None or order.index(needed) < position, row
-        assert (run_table.REPO / "configs" / "table" / f"{spec.config}.toml").is_file(), row
+        assert (run_table.APP / "configs" / "table" / f"{spec.config}.toml").is_file(), row

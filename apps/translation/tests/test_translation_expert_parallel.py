@@ -9,12 +9,12 @@ import subprocess
 import sys
 
 import torch
+from translation_fixtures import write_run_file
 
-from flexmoe.cli import main as cli
-from flexmoe.models.runconfig import load_run_config
-from flexmoe.models.train import Trainer, read_checkpoint, train
+from flexmoe_mt.cli import main as cli
+from flexmoe_mt.runconfig import load_run_config
+from flexmoe_mt.train import Trainer, read_checkpoint, train
 from tests.distributed.launcher import free_port, run_distributed
-from tests.test_translation_fixtures import write_run_file
 
 # Dropless (per-rank capacities would differ from the single process's), no dropout (other
 # random masks), no balance loss (each rank's own, then averaged: not the whole batch's).
@@ -61,13 +61,13 @@ def test_world_2_continues_a_single_process_run_as_the_single_process_does(tmp_p
 
 
 def test_torchrun_command_trains_then_a_single_process_evaluates(tmp_path):
-    """``torchrun -m flexmoe train`` end to end (the command joins torchrun's world itself), then
-    ``flexmoe eval`` reads the checkpoint in one process."""
+    """``torchrun -m flexmoe_mt train`` end to end (the command joins torchrun's world itself), then
+    ``flexmoe-mt eval`` reads the checkpoint in one process."""
     run_file = write_run_file(tmp_path, "run", {"num_experts": 4}, {"max_steps": 3})
     port = str(free_port())
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port]
     done = subprocess.run(
-        [*command, "-m", "flexmoe", "train", "--config", str(run_file), "--quiet"],
+        [*command, "-m", "flexmoe_mt", "train", "--config", str(run_file), "--quiet"],
         capture_output=True,
         text=True,
         timeout=300,

@@ -2,13 +2,13 @@
 
 import pytest
 import torch
+from translation_fixtures import one_thread
 
 from flexmoe import MoELayer, expert_usage
-from flexmoe.models import ModelConfig, TranslationModel
-from flexmoe.models.batching import TaskTable
-from flexmoe.models.extraction import extract_direction
 from flexmoe.task import DenseFFN
-from tests.test_translation_fixtures import one_thread
+from flexmoe_mt import ModelConfig, TranslationModel
+from flexmoe_mt.batching import TaskTable
+from flexmoe_mt.extraction import extract_direction
 
 _one_thread = pytest.fixture(autouse=True)(one_thread)
 

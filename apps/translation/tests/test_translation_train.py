@@ -3,11 +3,11 @@
 import json
 
 import pytest
+from translation_fixtures import one_thread, write_run_file
 
-from flexmoe.cli import main as flexmoe
-from flexmoe.models.runconfig import load_run_config
-from flexmoe.models.train import Trainer, train
-from tests.test_translation_fixtures import one_thread, write_run_file
+from flexmoe_mt.cli import main as flexmoe_mt
+from flexmoe_mt.runconfig import load_run_config
+from flexmoe_mt.train import Trainer, train
 
 _one_thread = pytest.fixture(autouse=True)(one_thread)
 
@@ -64,38 +64,39 @@ def test_unknown_table(tmp_path):
 
 def test_commands_end_to_end(tmp_path, capsys):
     config = write_run_file(tmp_path, "cli", model={"encoder_routing": "token", "decoder_routing": "target"})
-    assert flexmoe(["train", "--config", str(config), "--quiet"]) == 0
+    assert flexmoe_mt(["train", "--config", str(config), "--quiet"]) == 0
     run_dir = tmp_path / "cli"
     for name in ("checkpoint.pt", "tokenizer.model", "metrics.jsonl", "loss.png", "chrf.png", "expert_load.png"):
         assert (run_dir / name).is_file(), name
-    assert flexmoe(["eval", "--model", str(run_dir)]) == 0
+    assert flexmoe_mt(["eval", "--model", str(run_dir)]) == 0
     scores = json.loads((run_dir / "eval-test.json").read_text())
     assert set(scores["chrf"]) == {"en-fr", "fr-en", "en-de", "de-en"}
     assert scores["bleu_tokenizer"]["en-fr"] == "13a"
 
-    assert flexmoe(["mt", "extract", "--model", str(run_dir), "--task", "fr"]) == 0
+    assert flexmoe_mt(["extract", "--model", str(run_dir), "--task", "fr"]) == 0
     out = capsys.readouterr().out
     assert "identical translations" in out
     same, total = out.split("identical translations: ")[1].split()[0].split("/")
     assert same == total and int(total) > 0
     extracted = run_dir / "extract-fr"
-    assert flexmoe(["eval", "--model", str(extracted)]) == 0
+    assert flexmoe_mt(["eval", "--model", str(extracted)]) == 0
     assert set(json.loads((extracted / "eval-test.json").read_text())["chrf"]) == {"en-fr"}
 
     source = tmp_path / "in.txt"
     source.write_text("one two\nthree\n")
     capsys.readouterr()
-    assert flexmoe(["translate", "--model", str(extracted), "--to", "fr", "--beam", "2", str(source)]) == 0
+    assert flexmoe_mt(["translate", "--model", str(extracted), "--to", "fr", "--beam", "2", str(source)]) == 0
     assert len(capsys.readouterr().out.splitlines()) == 2
-    assert flexmoe(["mt", "throughput", "--model", str(run_dir), "--model", str(extracted), "--task", "fr",
+    assert flexmoe_mt(["throughput", "--model", str(run_dir), "--model", str(extracted), "--task", "fr",
                     "--batch-sizes", "1,4"]) == 0  # fmt: skip
     assert "peak" in capsys.readouterr().out
 
 
 def test_tokenizer_is_cached_and_tags_stay_whole(tmp_path):
-    from flexmoe.data import load_tsv
-    from flexmoe.models.tokenizer import EOS_ID, train_tokenizer
-    from tests.test_translation_fixtures import write_corpus
+    from translation_fixtures import write_corpus
+
+    from flexmoe_mt.data import load_tsv
+    from flexmoe_mt.tokenizer import EOS_ID, train_tokenizer
 
     corpus = load_tsv(write_corpus(tmp_path))
     first = train_tokenizer(corpus, 64, tmp_path / "cache")
@@ -108,8 +109,8 @@ def test_tokenizer_is_cached_and_tags_stay_whole(tmp_path):
 
 
 def test_temperature_sampling_flattens_directions():
-    from flexmoe.data.corpus import Pair
-    from flexmoe.data.sampler import TemperatureSampler
+    from flexmoe_mt.data.corpus import Pair
+    from flexmoe_mt.data.sampler import TemperatureSampler
 
     lang_pair = [0] * 900 + [1] * 100  # 9:1 data -> 9**(1/5):1 sampling at T = 5
     pairs = [Pair("a", "b", "en", "fr")] * len(lang_pair)
@@ -124,7 +125,7 @@ def test_temperature_sampling_flattens_directions():
 
 
 def test_results_table_reports_spread_over_seeds(tmp_path):
-    from flexmoe.models.results import render
+    from flexmoe_mt.results import render
 
     for row, seed, chrf in (("dense", 0, 40.0), ("dense", 1, 44.0), ("token_target", 0, 50.0)):
         scores = {"chrf": {"en-fr": chrf}, "bleu": {"en-fr": 10.0}, "bleu_tokenizer": {"en-fr": "13a"},
@@ -166,6 +167,6 @@ def test_distilled_student_starts_from_the_teachers_shared_weights(tmp_path):
 def test_train_command_reports_config_errors_without_traceback(tmp_path, capsys):
     path = write_run_file(tmp_path, train={"max_step": 3})
     with pytest.raises(SystemExit) as exit_info:
-        flexmoe(["train", "--config", str(path)])
+        flexmoe_mt(["train", "--config", str(path)])
     assert exit_info.value.code == 2
     assert "unknown key(s) ['max_step'] in [train]" in capsys.readouterr().err

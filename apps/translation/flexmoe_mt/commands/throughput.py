@@ -1,4 +1,4 @@
-"""``flexmoe mt throughput --model DIR [--model DIR ...]``: greedy decoding tokens/s over a sweep
+"""flexmoe-mt throughput --model DIR [--model DIR ...]: greedy decoding tokens/s over a sweep
 of batch sizes on the test sentences each model serves, and the peak."""
 
 from __future__ import annotations
@@ -7,7 +7,9 @@ import argparse
 
 
 def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="flexmoe mt throughput", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="flexmoe-mt throughput", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", action="append", required=True, help="run or extracted directory (repeatable)")
     parser.add_argument("--batch-sizes", default="1,8,32,128", help="comma-separated sweep (default 1,8,32,128)")
     parser.add_argument("--task", help="decode only sentences into this target language (default: all)")
@@ -15,7 +17,7 @@ def main(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     import torch
 
-    from flexmoe.models.compare import throughput_table
+    from flexmoe_mt.compare import throughput_table
 
     if args.threads:
         torch.set_num_threads(args.threads)

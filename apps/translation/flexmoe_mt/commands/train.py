@@ -1,8 +1,8 @@
-"""``flexmoe train --config configs/<name>.toml``: train, or resume the run in ``train.run_dir``.
+"""flexmoe-mt train --config configs/<name>.toml: train, or resume the run in train.run_dir.
 
-Under ``torchrun --nproc_per_node N -m flexmoe train --config ...`` every rank joins the world
-group (gloo on CPU, NCCL when ``train.device`` is CUDA) and the MoE layers shard their experts
-over it (:mod:`flexmoe.models.distributed`)."""
+Under torchrun --nproc_per_node N -m flexmoe_mt train --config ... every rank joins the world
+group (gloo on CPU, NCCL when train.device is CUDA) and the MoE layers shard their experts
+over it (flexmoe_mt.distributed)."""
 
 from __future__ import annotations
 
@@ -11,11 +11,13 @@ import os
 import shutil
 from pathlib import Path
 
-from flexmoe.models.runconfig import load_run_config
+from flexmoe_mt.runconfig import load_run_config
 
 
 def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="flexmoe train", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="flexmoe-mt train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config", required=True, help="TOML run file ([data], [model], [train])")
     parser.add_argument("--fresh", action="store_true", help="delete train.run_dir's checkpoint and start over")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -29,7 +31,7 @@ def main(argv: list[str]) -> None:
     try:
         if args.fresh and run_dir.exists() and int(os.environ.get("RANK", "0")) == 0:
             shutil.rmtree(run_dir)
-        from flexmoe.models.train import train  # torch and the data stack load after argument errors
+        from flexmoe_mt.train import train  # torch and the data stack load after argument errors
 
         if joined:
             import torch.distributed as dist

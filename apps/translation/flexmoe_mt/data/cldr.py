@@ -22,8 +22,8 @@ import babel
 from babel import Locale, UnknownLocaleError
 from tqdm import tqdm
 
-from flexmoe.data.corpus import Corpus, Pair
-from flexmoe.data.kinds import (
+from flexmoe_mt.data.corpus import SPLITS, Corpus, Pair
+from flexmoe_mt.data.kinds import (
     DIGIT_KINDS,
     FALLBACK_KIND,
     FAMILIES,
@@ -35,7 +35,7 @@ from flexmoe.data.kinds import (
     render,
     reset_locale_data,
 )
-from flexmoe.data.splits import SPLITS, assign_splits, demote_unseen_compositions
+from flexmoe_mt.data.splits import assign_splits, demote_unseen_compositions
 
 Direction = Literal["en->xx", "xx->en"]
 DIRECTIONS: tuple[Direction, ...] = ("en->xx", "xx->en")
@@ -61,9 +61,9 @@ class CorpusConfig:
     days have fewer), each rendered in every language and direction that supports its kind.
 
     languages: target locales (CLDR codes such as ``"ru"``, ``"sr_Latn"``); English is always the other side.
-    kinds: subset of :data:`flexmoe.data.kinds.KINDS`.
+    kinds: subset of :data:`flexmoe_mt.data.kinds.KINDS`.
     directions: ``"en->xx"`` (English source) and/or ``"xx->en"``.
-    valid_fraction, test_fraction, compositional_fraction: shares of items (see :mod:`flexmoe.data.splits`).
+    valid_fraction, test_fraction, compositional_fraction: shares of items (see :mod:`flexmoe_mt.data.splits`).
     """
 
     languages: tuple[str, ...] = DEFAULT_LANGUAGES

@@ -1,7 +1,7 @@
 """Parallel-corpus records and the user's own TSV files.
 
 A :class:`Pair` is one translation example; a :class:`Corpus` holds named splits of them.
-The embedded CLDR/num2words corpus (``flexmoe.data.cldr``) and a user's TSV files produce the
+The embedded CLDR/num2words corpus (``flexmoe_mt.data.cldr``) and a user's TSV files produce the
 same types, so everything downstream (tokenizer, sampler, training) reads one interface.
 Tasks are target languages: ``Pair.target_lang`` is the task a task-routed decoder routes on.
 """
@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 TSV_COLUMNS = ("source_lang", "target_lang", "source", "target")
+# The embedded corpus's splits; a TSV corpus has the first three.
+SPLITS = ("train", "valid", "test", "test_compositional")
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from collections.abc import Hashable, Iterator, Sequence
 
 import torch
 
-from flexmoe.data.corpus import Pair
+from flexmoe_mt.data.corpus import Pair
 
 
 class TemperatureSampler:

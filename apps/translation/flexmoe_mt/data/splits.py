@@ -12,10 +12,8 @@ import hashlib
 from collections import defaultdict
 from collections.abc import Iterable
 
-from flexmoe.data.corpus import Pair
-from flexmoe.data.kinds import combination_of, parts_of
-
-SPLITS = ("train", "valid", "test", "test_compositional")
+from flexmoe_mt.data.corpus import Pair
+from flexmoe_mt.data.kinds import combination_of, parts_of
 
 
 def unit_interval(seed: int, salt: str, key: str) -> float:
