@@ -5,12 +5,11 @@ from __future__ import annotations
 import argparse
 
 from flexmoe.checkpoint import CheckpointReader, convert_checkpoint
+from flexmoe.cli import CommandParser
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="flexmoe checkpoint", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = CommandParser("flexmoe checkpoint", description=__doc__)
     actions = parser.add_subparsers(dest="action", required=True)
     convert = actions.add_parser("convert", help="rewrite a checkpoint for another world size (no model needed)")
     convert.add_argument("src", help="checkpoint directory written by save_checkpoint")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import sys
+from typing import NoReturn
 
 from flexmoe import __version__
 
@@ -21,6 +23,19 @@ APPLICATION_HINT = (
     "the translation model's commands are in the flexmoe-mt program "
     "(pip install -e apps/translation; then flexmoe-mt -h)"
 )
+
+
+class CommandParser(argparse.ArgumentParser):
+    """An ArgumentParser for a flexmoe or flexmoe-mt command: the description (the module's
+    docstring) is shown as written, and a usage error is one line on stderr with status 2."""
+
+    def __init__(self, prog: str, description: str | None = None, **options) -> None:
+        options.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(prog=prog, description=description, **options)
+
+    def error(self, message: str) -> NoReturn:
+        print(f"{self.prog}: error: {message} (see {self.prog} -h)", file=sys.stderr)
+        raise SystemExit(2)
 
 
 def run_command(

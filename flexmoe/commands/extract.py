@@ -8,17 +8,15 @@ load it back with flexmoe.load_subnetwork(DIR, factory).
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
+from flexmoe.cli import CommandParser
 from flexmoe.commands.model_source import add_model_arguments, load_model
 from flexmoe.task import extract_task, save_subnetwork
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="flexmoe extract", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = CommandParser("flexmoe extract", description=__doc__)
     add_model_arguments(parser)
     parser.add_argument("--task", type=int, required=True, help="task id whose sub-network to extract")
     parser.add_argument("--out", type=Path, required=True, help="directory to write the sub-network to")

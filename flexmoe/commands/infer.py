@@ -19,7 +19,6 @@ Rows stay in input order. Server statistics go to stderr.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from dataclasses import asdict, dataclass
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from flexmoe.cli import CommandParser
 from flexmoe.commands.model_source import add_model_arguments, load_model
 from flexmoe.serving import CacheBound, Request, TaskServer
 
@@ -132,9 +132,7 @@ def run_server(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="flexmoe infer", description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = CommandParser("flexmoe infer", description=__doc__.split("\n")[0])
     parser.epilog = __doc__.split("\n\n", 2)[2]
     add_model_arguments(parser)
     parser.add_argument("--inputs", type=Path, required=True, help="requests: .pt or .jsonl (formats below)")

@@ -7,7 +7,6 @@ example translations.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import multiprocessing
 import os
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from flexmoe.cli import CommandParser
 from flexmoe.task.extract import count_parameters
 from flexmoe_mt.compare import served_pairs, throughputs
 from flexmoe_mt.data.corpus import Pair
@@ -80,9 +80,7 @@ def train_side_by_side(runs: list[RunConfig]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="flexmoe-mt demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = CommandParser("flexmoe-mt demo", description=__doc__)
     parser.add_argument("--minutes", type=float, default=8.0, help="training minutes per model (default 8)")
     parser.add_argument("--language", default="fr", help="target language to extract (default fr)")
     parser.add_argument("--per-direction", type=int, default=25, help="test sentences per direction (default 25)")

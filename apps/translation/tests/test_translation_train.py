@@ -92,6 +92,38 @@ def test_commands_end_to_end(tmp_path, capsys):
     assert "peak" in capsys.readouterr().out
 
 
+def run_error(command: list[str], capsys) -> str:
+    """The one stderr line of a command that must stop with status 2."""
+    with pytest.raises(SystemExit) as exit_info:
+        flexmoe_mt(command)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_commands_explain_user_mistakes_and_show_progress(tmp_path, capsys):
+    config = write_run_file(tmp_path, "run", model={"decoder_routing": "target"}, train={"max_steps": 2})
+    assert flexmoe_mt(["train", "--config", str(config), "--quiet"]) == 0
+    run_dir = tmp_path / "run"
+    capsys.readouterr()
+    assert flexmoe_mt(["train", "--config", str(config), "--quiet"]) == 0  # a rerun says what it does
+    assert "checkpoint at step 2, already trained to its budget: reusing it" in capsys.readouterr().out
+
+    assert flexmoe_mt(["eval", "--model", str(run_dir), "--limit", "4"]) == 0
+    assert "translating 4 sentences" in capsys.readouterr().err  # the progress bar
+
+    source = tmp_path / "in.txt"
+    source.write_text("one two\n")
+    line = run_error(["translate", "--model", str(run_dir), "--to", "it", str(source)], capsys)
+    assert "--to it" in line and "de, en, fr" in line
+    line = run_error(["extract", "--model", str(run_dir), "--task", "it"], capsys)
+    assert "--task it" in line and "de, en, fr" in line
+    assert flexmoe_mt(["extract", "--model", str(run_dir), "--task", "fr", "--limit", "2"]) == 0
+    line = run_error(["translate", "--model", str(run_dir / "extract-fr"), "--to", "de", str(source)], capsys)
+    assert "--to de" in line and "serves only fr" in line and "--to fr" in line
+    line = run_error(["eval", "--model", str(run_dir), "--split", "tests"], capsys)
+    assert "--split" in line and "'test'" in line
+
+
 def test_tokenizer_is_cached_and_tags_stay_whole(tmp_path):
     from translation_fixtures import write_corpus
 

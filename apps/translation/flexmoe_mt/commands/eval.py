@@ -3,17 +3,15 @@ run's corpus (or a TSV file); writes eval-<split>.json into the model directory.
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
+from flexmoe.cli import CommandParser
 from flexmoe_mt.data.corpus import SPLITS
 
 
 def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(
-        prog="flexmoe-mt eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = CommandParser("flexmoe-mt eval", description=__doc__)
     parser.add_argument("--model", required=True, help="a run directory or an extracted sub-network directory")
     parser.add_argument("--split", default="test", choices=SPLITS, help="corpus split (default: test)")
     parser.add_argument("--tsv", help="evaluate on this TSV file instead of the run's corpus")

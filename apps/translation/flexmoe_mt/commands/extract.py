@@ -4,16 +4,14 @@ evaluated against the full model on that language's test sentences."""
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
+from flexmoe.cli import CommandParser
 from flexmoe_mt.data.corpus import SPLITS
 
 
 def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(
-        prog="flexmoe-mt extract", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = CommandParser("flexmoe-mt extract", description=__doc__)
     parser.add_argument("--model", required=True, help="a run directory (checkpoint.pt)")
     parser.add_argument("--task", required=True, help="target language (fr) or direction (en-fr)")
     parser.add_argument("--out", help="output directory (default: RUN/extract-TASK)")

@@ -3,13 +3,11 @@ of batch sizes on the test sentences each model serves, and the peak."""
 
 from __future__ import annotations
 
-import argparse
+from flexmoe.cli import CommandParser
 
 
 def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(
-        prog="flexmoe-mt throughput", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = CommandParser("flexmoe-mt throughput", description=__doc__)
     parser.add_argument("--model", action="append", required=True, help="run or extracted directory (repeatable)")
     parser.add_argument("--batch-sizes", default="1,8,32,128", help="comma-separated sweep (default 1,8,32,128)")
     parser.add_argument("--task", help="decode only sentences into this target language (default: all)")

@@ -6,18 +6,16 @@ over it (flexmoe_mt.distributed)."""
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 from pathlib import Path
 
+from flexmoe.cli import CommandParser
 from flexmoe_mt.runconfig import load_run_config
 
 
 def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(
-        prog="flexmoe-mt train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = CommandParser("flexmoe-mt train", description=__doc__)
     parser.add_argument("--config", required=True, help="TOML run file ([data], [model], [train])")
     parser.add_argument("--fresh", action="store_true", help="delete train.run_dir's checkpoint and start over")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -9,8 +9,9 @@ not free text."""
 
 from __future__ import annotations
 
-import argparse
 import sys
+
+from flexmoe.cli import CommandParser
 
 
 def direction_error(trained, target_lang: str, source_lang: str) -> str | None:
@@ -36,9 +37,7 @@ def direction_error(trained, target_lang: str, source_lang: str) -> str | None:
 
 
 def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(
-        prog="flexmoe-mt translate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = CommandParser("flexmoe-mt translate", description=__doc__)
     parser.add_argument("--model", required=True, help="a run directory or an extracted sub-network directory")
     parser.add_argument("--to", dest="target_lang", required=True, help="target language code, e.g. fr")
     parser.add_argument("--from", dest="source_lang", default="en", help="source language code (default en)")
