@@ -12,7 +12,7 @@ Records the expert load imbalance max_e load_e / mean_e load_e (1.0 = perfectly 
 every step, writes a plot (--plot, matplotlib with the Agg backend) and prints the final
 imbalance (mean of the last 20 steps) and loss of each run.
 
-    python -m flexmoe.examples.loss_free_balance --plot docs/loss_free_balance.png
+    python -m flexmoe.examples.loss_free_balance --plot docs/images/loss_free_balance.png
 """
 
 from __future__ import annotations

@@ -41,3 +41,11 @@ def test_rows_come_after_their_teachers_and_sources(run_table):
         for needed in (spec.teacher, spec.source):
             assert needed is None or order.index(needed) < position, row
         assert (run_table.APP / "configs" / "table" / f"{spec.config}.toml").is_file(), row
+
+
+def test_results_page_starts_with_the_generated_table():
+    from flexmoe_mt.results import RESULTS, render
+
+    repo = Path(__file__).resolve().parents[3]
+    page = (repo / "docs" / "results.md").read_text()
+    assert page.startswith(render(repo / RESULTS).replace(str(repo / RESULTS), str(RESULTS)) + "\n")
