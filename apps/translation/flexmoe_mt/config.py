@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 from flexmoe.config import check_top_k
 
 # What one routing decision covers in a stack: a token, a sentence, the target language
 # (task = target language) or the language pair (task = source-target direction).
 Routing = Literal["token", "sentence", "target", "langpair"]
-ROUTINGS = ("token", "sentence", "target", "langpair")
+ROUTINGS: tuple[str, ...] = get_args(Routing)
 
 
 def check_int(name: str, value: object, minimum: int) -> None:

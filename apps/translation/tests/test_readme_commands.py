@@ -6,9 +6,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from translation_fixtures import write_run_file
 
 from flexmoe_mt.cli import main as flexmoe_mt
-from translation_fixtures import write_run_file
 
 REPO = Path(__file__).resolve().parents[3]
 VENV_BIN = REPO / ".venv" / "bin"
