@@ -29,7 +29,8 @@ helloworld: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m ruff check .
 	$(PY) -m pytest
-	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet --site-dir $(VENV)/site
+	@# no --quiet: it hides the warnings that --strict counts, and a broken link would pass
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir $(VENV)/site
 
 # The docs site into site/ (open site/index.html); `$(VENV)/bin/mkdocs serve` for live editing.
 docs: $(VENV)/.installed

@@ -1,4 +1,4 @@
-"""Training: ``flexmoe-mt train --config configs/<name>.toml``.
+"""Training: ``flexmoe-mt train --config apps/translation/configs/<name>.toml``.
 
 A run directory holds ``config.toml``-equivalent ``checkpoint.pt`` (model, optimizer, sampler
 and RNG state, step, elapsed time: a killed run resumes on the same loss curve),

@@ -1,4 +1,4 @@
-"""flexmoe-mt train --config configs/<name>.toml: train, or resume the run in train.run_dir.
+"""flexmoe-mt train --config apps/translation/configs/<name>.toml: train, or resume the run in train.run_dir.
 
 Under torchrun --nproc_per_node N -m flexmoe_mt train --config ... every rank joins the world
 group (gloo on CPU, NCCL when train.device is CUDA) and the MoE layers shard their experts

@@ -1,7 +1,7 @@
 """flexmoe-mt translate --model DIR --to fr [--from en] [FILE]: translate each line of FILE (or
 of stdin, interactively) into the target language.
 
-    echo "3 January 2024" | flexmoe-mt translate --model runs/demo/task_moe --to de
+    echo "January 3, 2024" | flexmoe-mt translate --model runs/demo/task_moe --to de
 
 The models of this application know the phrases of their corpus (the embedded CLDR corpus:
 numbers, dates, times, units, amounts of money, names of languages, countries, months and days),
