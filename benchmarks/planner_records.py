@@ -120,7 +120,7 @@ def main() -> None:
     if dist.get_rank() == 0:
         document = {
             "format": RECORDS_FORMAT,
-            "machine": f"gloo loopback, {world_size} ranks, {args.threads} thread(s) per rank, torch {torch.__version__}",
+            "machine": f"gloo loopback, {world_size} ranks, {args.threads} thread(s)/rank, torch {torch.__version__}",
             "records": records,
         }
         with open(args.out, "w") as f:

@@ -108,13 +108,10 @@ def load_measurements(path: str | Path) -> list[Measurement]:
 def predicted_seconds(cluster: ClusterConfig, measurement: Measurement) -> float:
     """The model's time for a measured call (the cluster's node size set to the run's)."""
     cluster = cluster.replace(gpus_per_node=measurement.local_world_size)
-    return predict(
-        measurement.shape, cluster, measurement.world_size, measurement.choice, measurement.workload
-    ).seconds
+    return predict(measurement.shape, cluster, measurement.world_size, measurement.choice, measurement.workload).seconds
 
 
 # --- the fit ------------------------------------------------------------------------------------------
-
 
 
 # How far (a factor, either way) a fitted constant may move from its start: keeps a constant the
@@ -146,16 +143,19 @@ def nelder_mead(
         order = sorted(range(len(simplex)), key=scores.__getitem__)
         simplex, scores = [simplex[i] for i in order], [scores[i] for i in order]
         centroid = [sum(p[j] for p in simplex[:-1]) / (len(simplex) - 1) for j in range(len(start))]
+        worst = simplex[-1]
 
-        def toward(t: float) -> list[float]:
-            return [c + t * (w - c) for c, w in zip(centroid, simplex[-1])]
+        def toward(t: float, centroid: list[float] = centroid, worst: list[float] = worst) -> list[float]:
+            return [c + t * (w - c) for c, w in zip(centroid, worst)]
 
         reflected = toward(-1.0)
         reflected_score = loss(reflected)
         if reflected_score < scores[0]:
             expanded = toward(-2.0)
             expanded_score = loss(expanded)
-            simplex[-1], scores[-1] = (expanded, expanded_score) if expanded_score < reflected_score else (reflected, reflected_score)
+            simplex[-1], scores[-1] = (
+                (expanded, expanded_score) if expanded_score < reflected_score else (reflected, reflected_score)
+            )
         elif reflected_score < scores[-2]:
             simplex[-1], scores[-1] = reflected, reflected_score
         else:

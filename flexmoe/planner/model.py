@@ -9,7 +9,6 @@ executor's issue order. docs/planner.md writes the model down term by term.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -107,7 +106,8 @@ class Prediction:
 
     seconds: the total after overlap. gemm / exchange / weights / local: the expert GEMMs, the
     token all-to-alls (incl. the count exchange), the weight gathers and gradient reductions,
-    the local copies and per-operation overheads.
+    the local copies and per-operation overheads. outside_step: the part of ``local`` outside
+    the expert step (router, dispatch, combine).
     """
 
     choice: PlanChoice
@@ -116,6 +116,12 @@ class Prediction:
     exchange: float
     weights: float
     local: float
+    outside_step: float
+
+    @property
+    def expert_step(self) -> float:
+        """Seconds of the expert step alone (all-to-all, experts, all-to-all), what a tuner times."""
+        return self.seconds - self.outside_step
 
 
 # --- collectives in alpha-beta terms -----------------------------------------------------------------
@@ -279,7 +285,7 @@ def predict(
         weights = all_gather(cluster, world, weights_bytes) + all_reduce(cluster, world, weights_bytes)
         forward = gemm_seconds(cluster, shape, buffer_rows, shape.hidden_dim) + shape.matrices * op
         gemm = 3 * forward
-        return Prediction(choice, gemm + weights + local, gemm, 0.0, weights, local)
+        return Prediction(choice, gemm + weights + local, gemm, 0.0, weights, local, local)
 
     block = shards // degree  # ranks whose slices make up one hidden slice at degree r
     group = world // block  # ranks in one all-to-all
@@ -308,7 +314,7 @@ def predict(
     gemm = 3 * chunks * chunk_forward
     exchange_total = 4 * chunks * (exchange.background + exchange.blocking) + count_exchange
     total = forward + backward + weights + count_exchange + local
-    return Prediction(choice, total, gemm, exchange_total, weights, local + 2 * chunks * chunk_local)
+    return Prediction(choice, total, gemm, exchange_total, weights, local + 2 * chunks * chunk_local, local)
 
 
 def predict_all(
@@ -322,7 +328,3 @@ def predict_all(
     workload = workload or Workload.from_shape(shape, world_size)
     predictions = [predict(shape, cluster, world_size, choice, workload) for choice in choices]
     return sorted(predictions, key=lambda p: (p.seconds, p.choice))
-
-
-def ratio(numerator: float, denominator: float) -> float:
-    return numerator / denominator if denominator > 0 else math.inf

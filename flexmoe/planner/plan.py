@@ -110,7 +110,9 @@ def format_plan(plan: Plan, limit: int | None = None) -> str:
     for prediction in plan.predictions[:limit]:
         lines.append(
             f"{prediction.choice.label:<28} {prediction.seconds * 1e3:>9.3f} {prediction.seconds / best:>7.2f} "
-            + " ".join(f"{v * 1e3:>8.3f}" for v in (prediction.gemm, prediction.exchange, prediction.weights, prediction.local))
+            + " ".join(
+                f"{v * 1e3:>8.3f}" for v in (prediction.gemm, prediction.exchange, prediction.weights, prediction.local)
+            )
         )
     lines.append(f"best: {plan.best.choice.label} ({best * 1e3:.3f} ms forward + backward)")
     return "\n".join(lines)
