@@ -15,6 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("flexmoe.models.commands.train", "train a translation model (flexmoe train --config FILE)"),
     "eval": ("flexmoe.models.commands.eval", "score a translation model: chrF and BLEU per direction"),
     "translate": ("flexmoe.models.commands.translate", "translate lines with a trained model"),
+    "plan": ("flexmoe.planner.cli", "predict the layer's step time and best (r, d, all-to-all) on a cluster"),
 }
 
 

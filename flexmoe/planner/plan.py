@@ -118,12 +118,13 @@ def format_plan(plan: Plan, limit: int | None = None) -> str:
     return "\n".join(lines)
 
 
-def _family(choice: PlanChoice, world_size: int, num_experts: int) -> str:
-    """A choice's line in the sweep plot: r as 0, 1, S or a hybrid; the algorithm; the rows."""
+def _families(choice: PlanChoice, world_size: int, num_experts: int) -> list[str]:
+    """A choice's lines in the sweep plot: r as 0, 1, S or a hybrid (both 1 and S when S = 1, where
+    they coincide); the algorithm; the rows."""
     shards = max(1, world_size // num_experts)
     degree = choice.parallel_degree
-    name = "0" if degree == 0 else "S" if degree == shards else "1" if degree == 1 else "hybrid"
-    return f"r={name} {choice.a2a_algorithm} {choice.token_rows}"
+    names = ["0"] if degree == 0 else [n for n, r in (("1", 1), ("S", shards)) if r == degree] or ["hybrid"]
+    return [f"r={name} {choice.a2a_algorithm} {choice.token_rows}" for name in names]
 
 
 def plot_sweep(plans: Sequence[Plan], path: str | Path) -> Path:
@@ -141,13 +142,23 @@ def plot_sweep(plans: Sequence[Plan], path: str | Path) -> Path:
     families: dict[str, dict[int, float]] = {}
     for plan in plans:
         for prediction in plan.predictions:
-            family = families.setdefault(_family(prediction.choice, plan.world_size, plan.shape.num_experts), {})
-            family[plan.world_size] = min(family.get(plan.world_size, float("inf")), prediction.seconds)
+            for name in _families(prediction.choice, plan.world_size, plan.shape.num_experts):
+                family = families.setdefault(name, {})
+                family[plan.world_size] = min(family.get(plan.world_size, float("inf")), prediction.seconds)
     figure, axis = plt.subplots(figsize=(9, 5.5))
+    colors = {"r=0": "tab:blue", "r=1": "tab:orange", "r=S": "tab:green", "r=hybrid": "tab:purple"}
     for name, times in sorted(families.items()):
         xs = [w for w in worlds if w in times]
-        style = "--" if "padded" in name else "-"
-        axis.plot(xs, [times[w] * 1e3 for w in xs], style, marker="o", markersize=3, label=name)
+        degree, algorithm, rows = name.split()
+        axis.plot(
+            xs,
+            [times[w] * 1e3 for w in xs],
+            "--" if rows == "padded" else "-",
+            color=colors[degree] if algorithm == "linear" else "tab:red" if degree == "r=S" else "tab:brown",
+            marker="o" if algorithm == "linear" else "s",
+            markersize=3,
+            label=name,
+        )
     axis.plot(worlds, [plan.best.seconds * 1e3 for plan in plans], "k-", linewidth=3, alpha=0.35, label="best")
     shape = plans[0].shape
     axis.set(
@@ -156,7 +167,8 @@ def plot_sweep(plans: Sequence[Plan], path: str | Path) -> Path:
         xlabel="GPUs (world size)",
         ylabel="predicted forward + backward (ms)",
         title=f"{plans[0].cluster.name}: E={shape.num_experts} M={shape.model_dim} H={shape.hidden_dim} "
-        f"k={shape.top_k} T={shape.tokens_per_rank}/GPU f={shape.capacity_factor} (best d per line)",
+        f"k={shape.top_k} T={shape.tokens_per_rank}/GPU f={shape.capacity_factor} "
+        f"skew {max(shape.rows_per_expert()) / (sum(shape.rows_per_expert()) / shape.num_experts):g} (best d per line)",
     )
     axis.set_xticks(worlds, [str(w) for w in worlds])
     axis.legend(fontsize=7, ncol=2)
