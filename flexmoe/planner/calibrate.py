@@ -170,9 +170,12 @@ def nelder_mead(
     return simplex[min(range(len(simplex)), key=scores.__getitem__)]
 
 
-def fit_cluster(measurements: Sequence[Measurement], start: ClusterConfig = LOOPBACK_START) -> ClusterConfig:
+def fit_cluster(
+    measurements: Sequence[Measurement], start: ClusterConfig = LOOPBACK_START, iterations: int = 600
+) -> ClusterConfig:
     """The constants (latency, bandwidth, GEMM throughput of the records' dtype, memory bandwidth,
-    per-op overhead) that best predict ``measurements``, starting from ``start``."""
+    per-op overhead) that best predict ``measurements``, starting from ``start`` (``iterations``
+    Nelder-Mead steps per restart)."""
     if not measurements:
         raise ValueError("measurements must not be empty: nothing to fit")
     dtypes = {m.shape.dtype for m in measurements}
@@ -200,7 +203,9 @@ def fit_cluster(measurements: Sequence[Measurement], start: ClusterConfig = LOOP
     upper = [v + math.log(FIT_RANGE) for v in initial]
     best = initial
     for _ in range(3):  # restarts: Nelder-Mead stalls on the max() kinks of the pipeline
-        best = [min(max(v, low), high) for v, low, high in zip(nelder_mead(loss, best), lower, upper)]
+        best = [
+            min(max(v, low), high) for v, low, high in zip(nelder_mead(loss, best, iterations=iterations), lower, upper)
+        ]
     return _cluster_from(best, start, dtype)
 
 

@@ -283,9 +283,9 @@ def predict(
     if degree == 0:  # every rank gathers every expert and computes its own rows
         weights_bytes = experts * expert_bytes
         weights = all_gather(cluster, world, weights_bytes) + all_reduce(cluster, world, weights_bytes)
-        forward = gemm_seconds(cluster, shape, buffer_rows, shape.hidden_dim) + shape.matrices * op
-        gemm = 3 * forward
-        return Prediction(choice, gemm + weights + local, gemm, 0.0, weights, local, local)
+        gemm = 3 * gemm_seconds(cluster, shape, buffer_rows, shape.hidden_dim)
+        launches = 3 * shape.matrices * op
+        return Prediction(choice, gemm + weights + local + launches, gemm, 0.0, weights, local + launches, local)
 
     block = shards // degree  # ranks whose slices make up one hidden slice at degree r
     group = world // block  # ranks in one all-to-all
