@@ -4,7 +4,7 @@ constants to measured records; ``--paper`` the presets beside the Tutel paper's 
 
     flexmoe plan --preset a100-hdr --world 2048 --experts 64 --tokens 4096
     flexmoe plan --preset h100-ndr --sweep sweep.png
-    flexmoe plan --calibrate records_w2.json --check records_w4.json
+    flexmoe plan --calibrate records_w2.json --holdout --check records_w4.json
     flexmoe plan --paper
 """
 
@@ -49,6 +49,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     out.add_argument("--limit", type=int, default=None, help="rows of the table (default all)")
     out.add_argument("--sweep", type=Path, metavar="PNG", help="sweep world sizes 16..2048, plot to PNG")
     out.add_argument("--calibrate", type=Path, nargs="+", metavar="RECORDS", help="fit the constants to records")
+    out.add_argument("--holdout", action="store_true", help="--calibrate on even steps, validate on odd ones")
     out.add_argument("--check", type=Path, nargs="+", metavar="RECORDS", help="validate on these records too")
     out.add_argument("--save-cluster", type=Path, help="write the fitted ClusterConfig as JSON")
     out.add_argument("--paper", action="store_true", help="the preset's ratios beside the Tutel paper's")
@@ -122,10 +123,15 @@ def run(args: argparse.Namespace) -> None:
         return
     if args.calibrate or args.check:
         if args.calibrate:
-            cluster = fit_cluster([m for path in args.calibrate for m in load_measurements(path)])
-            print(
-                format_validation(validate([m for p in args.calibrate for m in load_measurements(p)], cluster), cluster)
-            )
+            measurements = [m for path in args.calibrate for m in load_measurements(path)]
+            if args.holdout:  # fit on the even steps, validate on the odd ones
+                fitted_on = [m for m in measurements if m.step % 2 == 0]
+                measurements = [m for m in measurements if m.step % 2 == 1]
+                print("fitted on the even steps; the tables are the odd steps (held out)")
+            else:
+                fitted_on = measurements
+            cluster = fit_cluster(fitted_on)
+            print(format_validation(validate(measurements, cluster), cluster))
         if args.check:
             print(f"\nchecked on {', '.join(map(str, args.check))} with these constants:")
             measurements = [m for path in args.check for m in load_measurements(path)]

@@ -294,10 +294,13 @@ def predict(
     received_rows = workload.max_received_rows(degree) if exact else group * local_experts * workload.capacity
     chunks = choice.overlap_degree
     chunk_bytes = max(sent_rows, received_rows) * row_bytes / chunks
-    if choice.a2a_algorithm == "2dh":
-        exchange = _Exchange(*two_dh_all_to_all(cluster, world, chunk_bytes))
-    else:
-        exchange = _Exchange(linear_all_to_all(cluster, group, chunk_bytes, stride=block))
+
+    def exchange_of(nbytes: float) -> _Exchange:
+        if choice.a2a_algorithm == "2dh":
+            return _Exchange(*two_dh_all_to_all(cluster, world, nbytes))
+        return _Exchange(linear_all_to_all(cluster, group, nbytes, stride=block))
+
+    exchange = exchange_of(chunk_bytes)
     # Per chunk: the GEMMs, the flexible-layout regroup there and back, the partial sums (r > 1).
     regroup = 2 * received_rows / chunks * row_bytes * copy
     partial_sums = (sent_rows / chunks * row_bytes * copy) if degree > 1 else 0.0
@@ -310,7 +313,9 @@ def predict(
     if block > 1:  # gather this rank's hidden slice from its block; reduce its gradient back
         slice_bytes = local_experts * expert_bytes / degree
         weights = all_gather(cluster, block, slice_bytes) + all_reduce(cluster, block, slice_bytes)
-    count_exchange = linear_all_to_all(cluster, group, experts * COUNT_BYTES) if exact else 0.0
+    # The exact path first exchanges per-expert counts (same group and algorithm): latency only.
+    counts = exchange_of(experts * COUNT_BYTES)
+    count_exchange = counts.background + counts.blocking if exact else 0.0
     gemm = 3 * chunks * chunk_forward
     exchange_total = 4 * chunks * (exchange.background + exchange.blocking) + count_exchange
     total = forward + backward + weights + count_exchange + local
