@@ -20,6 +20,7 @@ talks over loopback.
 from __future__ import annotations
 
 import math
+import statistics
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -228,13 +229,15 @@ class ChoiceRow:
 
 @dataclass(frozen=True)
 class Validation:
-    """Per configuration: the choice rows, and per step whether the predicted best is the measured best
-    (and what the predicted best costs over the measured best: the price of a wrong pick)."""
+    """Per configuration: the choice rows, and per step whether the predicted best is the measured best,
+    what the predicted best costs over the measured best (the price of a wrong pick), and the
+    measured second best over the best (how close a call the step was)."""
 
     config: str
     rows: tuple[ChoiceRow, ...]
     same_best: tuple[bool, ...]
     regret: tuple[float, ...]
+    runner_up: tuple[float, ...]
 
 
 def validate(measurements: Sequence[Measurement], cluster: ClusterConfig) -> list[Validation]:
@@ -251,15 +254,17 @@ def validate(measurements: Sequence[Measurement], cluster: ClusterConfig) -> lis
             sums[m.choice][0] += predicted
             sums[m.choice][1] += m.seconds
             steps[m.step].append((m, predicted))
-        same, regret = [], []
+        same, regret, runner_up = [], [], []
         for step in sorted(steps):
             entries = steps[step]
+            measured = sorted(m.seconds for m, _ in entries)
+            runner_up.append(measured[1] / measured[0] if len(measured) > 1 else 1.0)
             predicted_best = min(entries, key=lambda e: (e[1], e[0].choice))[0]
             measured_best = min(entries, key=lambda e: (e[0].seconds, e[0].choice))[0]
             same.append(predicted_best.choice == measured_best.choice)
             regret.append(predicted_best.seconds / measured_best.seconds)
         rows = tuple(ChoiceRow(choice, p, s) for choice, (p, s) in sorted(sums.items()))
-        results.append(Validation(config, rows, tuple(same), tuple(regret)))
+        results.append(Validation(config, rows, tuple(same), tuple(regret), tuple(runner_up)))
     return results
 
 
@@ -282,6 +287,7 @@ def format_validation(validations: Sequence[Validation], cluster: ClusterConfig)
         lines.append(
             f"within 25%: {within}/{len(v.rows)} choices; predicted best = measured best on "
             f"{sum(v.same_best)}/{len(v.same_best)} steps; measured time of the predicted best over the "
-            f"measured best: mean {mean_regret:.2f}x, worst {max(v.regret):.2f}x"
+            f"measured best: mean {mean_regret:.2f}x, worst {max(v.regret):.2f}x; measured second best over "
+            f"the best: median {statistics.median(v.runner_up):.2f}x"
         )
     return "\n".join(lines)
