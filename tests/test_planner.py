@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import re
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -221,6 +224,7 @@ def test_candidates_to_measure():
     assert candidates_to_measure(predictions, 64) == ["b", "d", "e"]  # 3 fastest, offered order
     assert candidates_to_measure(predictions, 2048, limit=1) == ["b"]  # tie: the earlier
     assert candidates_to_measure({"a": None, "b": 3.0}, 64, limit=2) == ["a", "b"]
+    assert candidates_to_measure({"a": None, "b": None, "c": None, "d": None}, 64) == ["a", "b", "c", "d"]
     with pytest.raises(ValueError, match="empty"):
         candidates_to_measure({}, 64)
 
@@ -284,6 +288,16 @@ def test_tuner_predictor_from_a_tuning_key():
     shape = LayerShape(256, 512, 16, 2, 512, dtype="bfloat16")
     assert shape.capacity() == 64
     assert predicted[ParallelChoice(4, 2, "2dh")] == predict(shape, A100, 64, PlanChoice(4, 2, "2dh")).expert_step
+    # No throughput for the key's dtype: no predictions, so a tuner measures every candidate.
+    assert predictor(dataclasses.replace(key, dtype="float64"), candidates) == {}
+    tuner = Tuner(predictor=predictor)
+    float64_key = dataclasses.replace(key, dtype="float64")
+    handed_out = set()
+    while tuner.is_tuning(float64_key):
+        choice = tuner.choose(float64_key, candidates)
+        handed_out.add(choice)
+        tuner.record(float64_key, choice, 1.0)
+    assert handed_out == set(candidates)
 
 
 # --- calibration ------------------------------------------------------------------------------------
@@ -399,3 +413,14 @@ def test_sweep_plot_without_matplotlib(monkeypatch, tmp_path):
     plans = sweep(SHAPE, A100, (16, 32))
     with pytest.raises(ValueError, match=r"pip install 'flexmoe\[plot\]'"):
         plot_sweep(plans, tmp_path / "x.png")
+
+
+DOC = Path(__file__).resolve().parent.parent / "docs" / "planner.md"
+
+
+@pytest.mark.parametrize("index", range(2))
+def test_doc_snippets_run(index, tmp_path, monkeypatch):
+    snippets = re.findall(r"```python\n(.*?)```", DOC.read_text(), flags=re.S)
+    assert len(snippets) == 2
+    monkeypatch.chdir(tmp_path)  # the tuner snippet names a cache file
+    exec(compile(snippets[index], f"docs/planner.md snippet {index}", "exec"), {"__name__": "doc"})

@@ -27,8 +27,8 @@ def candidates_to_measure(
     predictions: Mapping[C, float | None], world_size: int, limit: int = MEASURED_PER_KEY
 ) -> list[C]:
     """The candidates to time, in the mapping's order: all of them below
-    :data:`PRUNE_FROM_WORLD_SIZE` ranks, else the ``limit`` with the smallest predicted seconds
-    (ties: the earlier one; a prediction of None or NaN counts as slowest).
+    :data:`PRUNE_FROM_WORLD_SIZE` ranks or when no prediction is known, else the ``limit`` with
+    the smallest predicted seconds (ties: the earlier one; None or NaN counts as slowest).
 
     predictions: candidate -> predicted seconds (every candidate the layer offers)."""
     check_int("world_size", world_size, 1)
@@ -36,14 +36,14 @@ def candidates_to_measure(
     if not predictions:
         raise ValueError("predictions must not be empty: there is no candidate to measure")
     candidates = list(predictions)
-    if world_size < PRUNE_FROM_WORLD_SIZE:
-        return candidates
 
     def predicted(index: int) -> tuple[float, int]:
         seconds = predictions[candidates[index]]
         unknown = seconds is None or not math.isfinite(seconds)
         return (math.inf if unknown else float(seconds), index)
 
+    if world_size < PRUNE_FROM_WORLD_SIZE or all(predicted(i)[0] == math.inf for i in range(len(candidates))):
+        return candidates
     fastest = sorted(range(len(candidates)), key=predicted)[:limit]
     return [candidates[i] for i in sorted(fastest)]
 
@@ -78,9 +78,12 @@ def shape_for_key(key: Any) -> LayerShape:
 def tuner_predictor(cluster: ClusterConfig) -> Callable[[Any, Sequence[Any]], dict[Any, float]]:
     """``predictor(key, candidates) -> {candidate: predicted seconds}`` for ``Tuner(predictor=...)``:
     the planner's forward + backward seconds of the expert step (all-to-all, experts, all-to-all;
-    what the tuner times) for each candidate on ``cluster``."""
+    what the tuner times) for each candidate on ``cluster``. A key whose dtype the cluster has
+    no GEMM throughput for gets no predictions (``{}``): the tuner then measures every candidate."""
 
     def predictor(key: Any, candidates: Sequence[Any]) -> dict[Any, float]:
+        if key.dtype not in cluster.gemm_throughput:
+            return {}
         shape = shape_for_key(key)
         return {
             choice: predict(shape, cluster, key.world_size, plan_choice(choice)).expert_step for choice in candidates
