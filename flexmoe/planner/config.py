@@ -92,7 +92,7 @@ class ClusterConfig:
 
 
 # Published clusters. Bandwidths are what a device achieves, below the links' peak:
-# A100 (Azure NDm A100 v4, the Tutel paper's machine): NVLink 3 (600 GB/s both ways per GPU),
+# A100 (8 per node with HDR InfiniBand, the Tutel paper's setting): NVLink 3 (600 GB/s both ways per GPU),
 # one 200 Gb/s HDR InfiniBand NIC per GPU (25 GB/s); 312 TFLOP/s bf16 peak, ~60% achieved on
 # expert-sized GEMMs; HBM2e 2 TB/s.
 # H100 (DGX H100 class): NVLink 4 (900 GB/s both ways), one 400 Gb/s NDR NIC per GPU (50 GB/s);
