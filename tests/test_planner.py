@@ -424,3 +424,16 @@ def test_doc_snippets_run(index, tmp_path, monkeypatch):
     assert len(snippets) == 2
     monkeypatch.chdir(tmp_path)  # the tuner snippet names a cache file
     exec(compile(snippets[index], f"docs/planner.md snippet {index}", "exec"), {"__name__": "doc"})
+
+
+def test_plan_command_calibrates_saves_and_predicts_with_the_fit(tmp_path, capsys):
+    records, fitted = tmp_path / "records.json", tmp_path / "fitted.json"
+    records.write_text(json.dumps({"format": RECORDS_FORMAT, "records": _records(TRUE)[:8]}))
+    plan_main(["--calibrate", str(records), "--holdout", "--check", str(records), "--save-cluster", str(fitted)])
+    out = capsys.readouterr().out
+    assert "held out" in out and "checked on" in out and "within 25%" in out
+    plan_main(["--cluster", str(fitted), "--world", "2", "--experts", "4", "--dtype", "float32", "--tokens", "64"])
+    assert "gloo-loopback (fitted): world 2" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # the fit knows float32 only
+        plan_main(["--cluster", str(fitted), "--world", "2", "--experts", "4"])
+    assert "float32" in capsys.readouterr().err
