@@ -24,7 +24,7 @@ import math
 import statistics
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -146,7 +146,7 @@ class Tuner:
         trials_per_candidate: int = 2,
         cache_path: str | Path | None = None,
         group: Any = None,
-        predictor: Callable[[TuningKey, tuple[Choice, ...]], dict[Choice, float]] | None = None,
+        predictor: Callable[[TuningKey, tuple[Choice, ...]], Mapping[Choice, float | None]] | None = None,
     ) -> None:
         check_int("trials_per_candidate", trials_per_candidate, 1)
         self.trials_per_candidate = trials_per_candidate
@@ -156,7 +156,7 @@ class Tuner:
         self._decisions: dict[TuningKey, Choice] = {}
         self._candidates: dict[TuningKey, tuple[Choice, ...]] = {}
         self._timings: dict[TuningKey, dict[Choice, list[float]]] = {}
-        self._predicted: dict[TuningKey, dict[Choice, float]] = {}
+        self._predicted: dict[TuningKey, dict[Choice, float | None]] = {}
         # Per decided key: every candidate's predicted and measured seconds (cache "timings").
         self.timings_records: dict[TuningKey, list[dict[str, Any]]] = {}
         if self.cache_path is not None:
