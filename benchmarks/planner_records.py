@@ -109,6 +109,13 @@ def measure(num_experts: int, args: argparse.Namespace) -> list[dict]:
     return records
 
 
+def records_json(document: dict) -> str:
+    """The document as JSON with one record per line (short diffs when records are rerun)."""
+    head = json.dumps({k: v for k, v in document.items() if k != "records"})[:-1]
+    lines = ",\n".join(json.dumps(record) for record in document["records"])
+    return f'{head}, "records": [\n{lines}\n]}}\n'
+
+
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
@@ -124,7 +131,7 @@ def main() -> None:
             "records": records,
         }
         with open(args.out, "w") as f:
-            json.dump(document, f, indent=1)
+            f.write(records_json(document))
         print(f"wrote {len(records)} records to {args.out}")
     dist.destroy_process_group()
 
