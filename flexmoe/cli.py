@@ -15,6 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "checkpoint": ("flexmoe.checkpoint_cli", "convert a checkpoint to another world size"),
     "extract": ("flexmoe.commands.extract", "save one task's sub-network (task-routed layers made dense)"),
     "infer": ("flexmoe.commands.infer", "run mixed-task inputs through per-task sub-networks"),
+    "plan": ("flexmoe.planner.cli", "predict the layer's step time and best (r, d, all-to-all) on a cluster"),
 }
 
 # Commands of the translation application, which has its own program.
