@@ -108,7 +108,7 @@ def test_route_tasks_gives_each_row_its_task_through_forward():
 
 def test_route_tasks_bad_input_is_named():
     model = task_model("mixtral")
-    with pytest.raises(ValueError, match="0..num_tasks-1 = 0..2"):
+    with pytest.raises(ValueError, match=r"0\.\.num_tasks-1 = 0\.\.2"):
         with route_tasks(model, [0, 3]):
             pass
     with pytest.raises(ValueError, match="2 task ids for a batch of 3 rows"):

@@ -146,4 +146,3 @@ def export_task_model(model: nn.Module, task_id: int) -> nn.Module:
     dense.load_state_dict(state, strict=True)
     dense.generation_config = copy.deepcopy(model.generation_config)
     return dense.eval()
-

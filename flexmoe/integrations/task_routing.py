@@ -72,7 +72,8 @@ def task_embedding_state(config: MoEConfig, like: torch.Tensor) -> dict[str, tor
             f"task_embedding_dim must be the model's hidden size ({config.model_dim}) to reuse the pretrained "
             f"router, got {config.task_embedding_dim}; leave it unset"
         )
-    return {"task_embedding.weight": torch.zeros(config.num_tasks, config.model_dim, dtype=like.dtype, device=like.device)}
+    zeros = torch.zeros(config.num_tasks, config.model_dim, dtype=like.dtype, device=like.device)
+    return {"task_embedding.weight": zeros}
 
 
 def task_routed_layers(model: nn.Module) -> list[MoELayer]:
@@ -89,7 +90,8 @@ def _as_task_ids(task_ids: torch.Tensor | int | Sequence[int]) -> torch.Tensor:
         task_ids = torch.as_tensor(list(task_ids))
     if task_ids.is_floating_point() or task_ids.dtype == torch.bool or task_ids.dim() > 1:
         raise TypeError(
-            f"task_ids must be an int or one integer per batch row ([batch]), got {task_ids.dtype} {tuple(task_ids.shape)}"
+            "task_ids must be an int or one integer per batch row ([batch]), "
+            f"got {task_ids.dtype} {tuple(task_ids.shape)}"
         )
     return task_ids.reshape(-1).long()
 
