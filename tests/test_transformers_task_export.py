@@ -3,8 +3,11 @@ forward and generate, task embeddings from the mean router input, and exported d
 logits (float64) and greedy tokens equal the task-routed model's, loadable without flexmoe."""
 
 import json
+import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -173,6 +176,7 @@ def test_saved_dense_checkpoint_loads_without_flexmoe(tmp_path):
     torch.save(ids, tmp_path / "ids.pt")
     script = f"""
 import sys
+from pathlib import Path
 sys.modules["flexmoe"] = None  # import flexmoe raises ImportError
 import torch, transformers
 model = transformers.AutoModelForCausalLM.from_pretrained({str(tmp_path / "task1")!r}, dtype=torch.float64).eval()
@@ -245,3 +249,22 @@ def test_task_embeddings_learn_under_route_tasks():
         model(input_ids=ids, labels=ids).loss.backward()
     grads = [layer.task_embedding.weight.grad for layer in task_routed_layers(model)]
     assert all(g is not None and g[:2].abs().sum() > 0 and g[2].abs().sum() == 0 for g in grads)
+
+
+def test_docs_snippet_runs():
+    page = Path(__file__).resolve().parent.parent / "docs" / "transformers_task_routing.md"
+    (snippet,) = re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S)
+    exec(compile(snippet, str(page), "exec"), {"__name__": "docs"})
+
+
+def test_benchmark_quick_runs():
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHONPATH=str(root))
+    command = [sys.executable, str(root / "benchmarks" / "task_transformers.py"), "--quick"]
+    done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=120, check=True)
+    for row in ("token-routed (trained)", "task-routed, converted (mean init)", "exported dense (MistralForCausalLM)"):
+        assert row in done.stdout
+    # The exported models (saved and reloaded) compute the fine-tuned task-routed model's losses.
+    difference = float(done.stdout.split("largest relative loss difference ")[1].split()[0])
+    assert difference < 1e-5
+    assert sum(" peak " in line and " at batch " in line for line in done.stdout.splitlines()) == 4
