@@ -10,9 +10,10 @@ translation), so token routing can tell the tasks apart too. Steps:
 
   1. a random Mixtral trained with token routing on the mix (flexmoe layers, GShard balance loss),
      put back into transformers' own blocks (``from_flexmoe``): the token-routed model;
-  2. the mean router input of each task's tokens (``mean_router_inputs``) -> ``to_flexmoe(...,
-     granularity="task")`` -> ``set_task_embeddings``: the task-routed model as converted, before any
-     training (and, for reference, with zero task embeddings: uniform scores);
+  2. task embeddings from the token router (``initial_task_embeddings``, both methods: the mean
+     scores of the task's tokens, or their mean router input) -> ``to_flexmoe(...,
+     granularity="task")`` -> ``set_task_embeddings``: the task-routed model as converted, before
+     any training (and, for reference, with zero task embeddings: uniform scores);
   3. the task-routed model fine-tuned briefly (task ids through ``route_tasks``);
   4. ``export_task_model`` per task: dense ``MistralForCausalLM`` models, saved and reloaded with
      ``AutoModelForCausalLM.from_pretrained``.
@@ -41,7 +42,12 @@ from torch import nn
 
 import flexmoe
 from flexmoe.integrations.export import export_task_model
-from flexmoe.integrations.task_routing import mean_router_inputs, route_tasks, set_task_embeddings
+from flexmoe.integrations.task_routing import (
+    INIT_METHODS,
+    initial_task_embeddings,
+    route_tasks,
+    set_task_embeddings,
+)
 from flexmoe.integrations.transformers import flexmoe_aux_loss, from_flexmoe, to_flexmoe
 
 
@@ -65,7 +71,7 @@ class Setup:
     eval_batches: int = 4
     prompt: int = 8
     new_tokens: int = 24
-    max_batch: int = 256
+    max_batch: int = 4096
 
 
 QUICK = Setup(hidden=32, layers=2, heads=2, expert_width=32, vocab=64, seq=16, batch=8, pretrain_steps=4,
@@ -229,15 +235,18 @@ def main(argv: list[str] | None = None) -> None:
     from_flexmoe(token_model)
     losses = {"token-routed (trained)": task_losses(token_model, eval_set, setup)}
 
-    # 2. Task routing, initialised from the token router.
+    # 2. Task routing, initialised from the token router (both methods; fine-tuning starts from mean_scores).
     calibration = [dict(input_ids=ids, task_ids=t) for ids, t in (mix.batch(eval_generator) for _ in range(4))]
-    means = mean_router_inputs(token_model, calibration, setup.tasks)
+    initial = {
+        method: initial_task_embeddings(token_model, calibration, setup.tasks, method) for method in INIT_METHODS
+    }
     task_model = build_mixtral(setup)
     task_model.load_state_dict(token_model.state_dict())
     to_flexmoe(task_model, granularity="task", num_tasks=setup.tasks)
     losses["task-routed, zero embeddings"] = task_losses(task_model, eval_set, setup, task_routed=True)
-    set_task_embeddings(task_model, means)
-    losses["task-routed, converted (mean init)"] = task_losses(task_model, eval_set, setup, task_routed=True)
+    for method in ("mean_input", "mean_scores"):
+        set_task_embeddings(task_model, initial[method])
+        losses[f"task-routed, converted ({method})"] = task_losses(task_model, eval_set, setup, task_routed=True)
 
     # 3. Fine-tune with task routing.
     train(task_model, mix, setup.finetune_steps, 1e-3, args.seed + 1, task_routed=True)

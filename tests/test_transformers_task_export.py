@@ -16,8 +16,8 @@ transformers = pytest.importorskip("transformers")
 
 from flexmoe.integrations.export import export_task_model  # noqa: E402
 from flexmoe.integrations.task_routing import (  # noqa: E402
+    initial_task_embeddings,
     layer_granularities,
-    mean_router_inputs,
     route_tasks,
     set_task_embeddings,
     task_routed_layers,
@@ -211,34 +211,46 @@ def test_what_does_not_fold_is_named():
         export_task_model(build("mixtral"), 0)
 
 
-def test_task_embeddings_from_mean_router_inputs():
+def test_task_embeddings_from_the_token_router():
     model = build("mixtral")
     ids, mask = token_ids(rows=4, seq=6), torch.ones(4, 6, dtype=torch.long)
-    mask[1, 4:] = 0  # padding: left out of the mean
+    mask[1, 4:] = 0  # padding: left out of the means
     tasks = torch.tensor([0, 1, 0, 1])
+    batches = [dict(input_ids=ids, attention_mask=mask, task_ids=tasks)]
     block = model.model.layers[2].mlp
     seen = []
     handle = block.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach()))
-    means = mean_router_inputs(model, [dict(input_ids=ids, attention_mask=mask, task_ids=tasks)], num_tasks=2)
+    means = initial_task_embeddings(model, batches, num_tasks=2, method="mean_input")
+    by_scores = initial_task_embeddings(model, batches, num_tasks=2)
     handle.remove()
-    (hidden,) = seen
+    hidden = seen[0]
+    expected_means, expected_scores = [], []
     for task in range(2):
-        rows = tasks == task
-        expected = hidden[rows][mask[rows].bool()].mean(0)
-        torch.testing.assert_close(means[2][task], expected, rtol=0, atol=1e-12)
-    with pytest.raises(ValueError, match="no token of task\\(s\\) \\[2\\]"):
-        mean_router_inputs(model, [dict(input_ids=ids, task_ids=tasks)], num_tasks=3)
+        tokens = hidden[tasks == task][mask[tasks == task].bool()]  # [task tokens, hidden]
+        expected_means.append(tokens.mean(0))
+        expected_scores.append(torch.softmax(tokens @ block.gate.weight.T, dim=-1).mean(0))
+    torch.testing.assert_close(means[2], torch.stack(expected_means), rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match=r"no token of task\(s\) \[2\]"):
+        initial_task_embeddings(model, [dict(input_ids=ids, task_ids=tasks)], num_tasks=3)
+    with pytest.raises(ValueError, match="mean_scores"):
+        initial_task_embeddings(model, batches, num_tasks=2, method="mean")
 
     with torch.no_grad():
-        logits = means[2] @ block.gate.weight.T  # the pretrained router on the mean input
-    to_flexmoe(model, granularity="task", num_tasks=2)
-    set_task_embeddings(model, means)
-    layer = flexmoe_layers(model)[2]
-    for task in range(2):
-        _, experts = task_gates(layer, task)
-        assert set(experts.tolist()) == set(logits[task].topk(2).indices.tolist())
-    with pytest.raises(ValueError, match="one per MoE block \\(3\\)"):
-        set_task_embeddings(model, means[:2])
+        mean_logits = means[2] @ block.gate.weight.T  # the pretrained router on the mean input
+    for embeddings, check in ((means, "mean_input"), (by_scores, "mean_scores")):
+        converted = to_flexmoe(build("mixtral"), granularity="task", num_tasks=2)
+        set_task_embeddings(converted, embeddings)
+        layer = flexmoe_layers(converted)[2]
+        for task in range(2):
+            gates, experts = task_gates(layer, task)
+            if check == "mean_input":
+                assert set(experts.tolist()) == set(mean_logits[task].topk(2).indices.tolist())
+            else:  # the experts the task's tokens use most, gates in proportion to their mean scores
+                usage = expected_scores[task]
+                assert experts.tolist() == usage.topk(2).indices.tolist()
+                torch.testing.assert_close(gates, usage[experts] / usage[experts].sum(), rtol=0, atol=1e-10)
+    with pytest.raises(ValueError, match=r"one per MoE block \(3\)"):
+        set_task_embeddings(converted, means[:2])
 
 
 def test_task_embeddings_learn_under_route_tasks():
@@ -262,7 +274,11 @@ def test_benchmark_quick_runs():
     env = dict(os.environ, PYTHONPATH=str(root))
     command = [sys.executable, str(root / "benchmarks" / "task_transformers.py"), "--quick"]
     done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=120, check=True)
-    for row in ("token-routed (trained)", "task-routed, converted (mean init)", "exported dense (MistralForCausalLM)"):
+    for row in (
+        "token-routed (trained)",
+        "task-routed, converted (mean_scores)",
+        "exported dense (MistralForCausalLM)",
+    ):
         assert row in done.stdout
     # The exported models (saved and reloaded) compute the fine-tuned task-routed model's losses.
     difference = float(done.stdout.split("largest relative loss difference ")[1].split()[0])

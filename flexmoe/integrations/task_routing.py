@@ -6,9 +6,9 @@ A task-routed :class:`~flexmoe.MoELayer` routes on a learned embedding of the ta
 on each token (Kudugunta et al., 2021): every token of a task goes to the same top-k experts, so
 the layer folds into one dense FFN per task (:func:`flexmoe.integrations.export.export_task_model`).
 
-    means = mean_router_inputs(model, batches, num_tasks=3)      # pretrained model, token routing
-    to_flexmoe(model, granularity=["token", "task"], num_tasks=3)  # per MoE block
-    set_task_embeddings(model, means)                              # start close to the original
+    embeddings = initial_task_embeddings(model, batches, num_tasks=3)  # pretrained model, token routing
+    to_flexmoe(model, granularity=["token", "task"], num_tasks=3)       # per MoE block
+    set_task_embeddings(model, embeddings)                              # start close to the original
     with route_tasks(model, torch.tensor([0, 2])):                 # one task per batch row
         model.generate(input_ids, max_new_tokens=8)
 
@@ -20,7 +20,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import partial
+from typing import Literal
 
 import torch
 from torch import nn
@@ -28,8 +30,11 @@ from torch import nn
 from flexmoe.config import MoEConfig
 from flexmoe.layer import MoELayer
 from flexmoe.routing.granularity import GRANULARITIES
+from flexmoe.routing.scores import routing_scores
 
 GranularityChoice = str | Sequence[str] | Callable[[int], str]
+InitMethod = Literal["mean_scores", "mean_input"]
+INIT_METHODS = ("mean_scores", "mean_input")
 
 
 def layer_granularities(granularity: GranularityChoice, num_layers: int) -> list[str]:
@@ -154,32 +159,79 @@ def _moe_blocks(model: nn.Module) -> list[nn.Module]:
     return [b for _, _, b in _find_blocks(model, lambda m: isinstance(m, FlexMoEBlock) or _is_moe_block(m))]
 
 
+def _block_router(block: nn.Module) -> tuple[torch.Tensor, str]:
+    """(router weight [num_experts, hidden], score function) of a transformers or converted MoE block."""
+    from flexmoe.integrations.transformers import FlexMoEBlock, _describe
+
+    if isinstance(block, FlexMoEBlock):
+        return block.moe.router.weight.detach(), block.moe.config.score_function
+    conversion = _describe(block)  # views of the block's tensors, no copy
+    return conversion.state["router.weight"], conversion.config.score_function
+
+
+@dataclass
+class _TaskSums:
+    """Per-task sums over tokens of one block's router input and router scores."""
+
+    inputs: torch.Tensor  # [num_tasks, hidden]
+    scores: torch.Tensor  # [num_tasks, num_experts]
+
+
+def _embeddings(sums: _TaskSums, counts: torch.Tensor, weight: torch.Tensor, score_function: str, method: str):
+    """[num_tasks, hidden] task embeddings of one block from its per-task sums."""
+    if method == "mean_input":
+        return sums.inputs / counts[:, None]
+    mean_scores = (sums.scores / counts[:, None]).clamp(1e-12, 1 - 1e-12)
+    # The router logits whose scores are the mean scores: log p (softmax: up to a constant, which
+    # softmax ignores) or the inverse sigmoid; the embedding is the least-norm solution of
+    # router(e) = logits, exact when num_experts <= hidden (the router's rows are independent).
+    logits = mean_scores.log() if score_function == "softmax" else torch.logit(mean_scores)
+    return logits @ torch.linalg.pinv(weight.to(torch.float64)).T
+
+
 @torch.no_grad()
-def mean_router_inputs(
-    model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], num_tasks: int
+def initial_task_embeddings(
+    model: nn.Module,
+    batches: Iterable[dict[str, torch.Tensor]],
+    num_tasks: int,
+    method: InitMethod = "mean_scores",
 ) -> list[torch.Tensor]:
-    """The mean input of each MoE block over each task's tokens: one ``[num_tasks, hidden]`` tensor
-    per block, in module order (what :func:`set_task_embeddings` takes).
+    """Task embeddings from the pretrained token router: one ``[num_tasks, hidden]`` tensor (float64)
+    per MoE block, in module order (what :func:`set_task_embeddings` takes).
 
     Run it on the pretrained model (its token routing decides the hidden states) before
-    ``to_flexmoe(..., granularity="task")``. A task embedding equal to the mean router input gives
-    the task the experts of the highest mean router logit (the router is linear).
+    ``to_flexmoe(..., granularity="task")``. method:
+      * ``"mean_scores"``: the embedding whose router scores are the mean scores of the task's
+        tokens, so the task starts on the experts its tokens use most, with gates in proportion
+        (exact when ``num_experts <= hidden``, else the least-squares fit);
+      * ``"mean_input"``: the mean router input of the task's tokens: the experts of the highest
+        mean router logit.
 
     batches: dicts with ``input_ids`` [batch, seq], ``task_ids`` [batch] and optionally
-    ``attention_mask`` [batch, seq] (0 = padding, left out of the mean); other keys go to the model.
+    ``attention_mask`` [batch, seq] (0 = padding, left out of the means); other keys go to the model.
     """
+    if method not in INIT_METHODS:
+        raise ValueError(f"method must be one of {INIT_METHODS}, got {method!r}")
     blocks = _moe_blocks(model)
     if not blocks:
         raise ValueError(f"model {type(model).__name__} has no MoE block")
-    sums: list[torch.Tensor | None] = [None] * len(blocks)
+    routers = [_block_router(block) for block in blocks]
+    sums: list[_TaskSums | None] = [None] * len(blocks)
     counts = torch.zeros(num_tasks, dtype=torch.float64)
     current: dict[str, torch.Tensor] = {}
 
     def record(index: int, module: nn.Module, args: tuple) -> None:
-        hidden = args[0].detach().to(torch.float64)  # [batch, seq, hidden]
-        weights = current["row_task"].to(hidden.device) * current["mask"].to(hidden.device).unsqueeze(-1)
-        total = torch.einsum("bst,bsh->th", weights, hidden)  # [num_tasks, hidden]
-        sums[index] = total if sums[index] is None else sums[index] + total
+        hidden = args[0].detach()  # [batch, seq, hidden]
+        weight, score_function = routers[index]
+        scores = routing_scores(hidden @ weight.T.to(hidden.dtype), score_function).to(torch.float64)
+        per_token = current["per_token"].to(hidden.device)  # [batch, seq, num_tasks], 0 at padding
+        block_sums = _TaskSums(
+            torch.einsum("bst,bsh->th", per_token, hidden.to(torch.float64)),
+            torch.einsum("bst,bse->te", per_token, scores),
+        )
+        if sums[index] is not None:
+            block_sums = _TaskSums(sums[index].inputs + block_sums.inputs, sums[index].scores + block_sums.scores)
+        sums[index] = block_sums
 
     handles = [block.register_forward_pre_hook(partial(record, i)) for i, block in enumerate(blocks)]
     was_training = model.training
@@ -197,9 +249,8 @@ def mean_router_inputs(
                     f"({input_ids.shape[0]} rows), got {task_ids.tolist()}"
                 )
             one_hot = torch.nn.functional.one_hot(task_ids, num_tasks).to(torch.float64)  # [batch, num_tasks]
-            current["mask"] = mask
-            current["row_task"] = one_hot[:, None, :].expand(*mask.shape, num_tasks)
-            counts += (one_hot * mask.sum(1, keepdim=True)).sum(0)
+            current["per_token"] = one_hot[:, None, :] * mask[:, :, None]
+            counts += current["per_token"].sum((0, 1))
             model(**batch)
     finally:
         for handle in handles:
@@ -208,13 +259,16 @@ def mean_router_inputs(
     missing = [t for t in range(num_tasks) if counts[t] == 0]
     if missing:
         raise ValueError(f"batches hold no token of task(s) {missing}: give every task some tokens")
-    return [(total / counts.to(total.device)[:, None]) for total in sums]
+    return [
+        _embeddings(block_sums, counts.to(block_sums.inputs.device), weight, score_function, method)
+        for block_sums, (weight, score_function) in zip(sums, routers)
+    ]
 
 
 @torch.no_grad()
 def set_task_embeddings(model: nn.Module, embeddings: Sequence[torch.Tensor]) -> None:
     """Copy ``embeddings`` (one ``[num_tasks, hidden]`` per MoE block, module order, as from
-    :func:`mean_router_inputs`) into the task embeddings of the task-routed blocks; entries of
+    :func:`initial_task_embeddings`) into the task embeddings of the task-routed blocks; entries of
     blocks routed otherwise are ignored."""
     from flexmoe.integrations.transformers import FlexMoEBlock
 

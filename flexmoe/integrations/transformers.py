@@ -414,7 +414,7 @@ def to_flexmoe(
     upper ones; :func:`~flexmoe.integrations.task_routing.layer_granularities`). Task-routed
     blocks (``granularity="task", num_tasks=N``) keep the pretrained router and start with zero
     task embeddings: set them with :mod:`flexmoe.integrations.task_routing`
-    (``mean_router_inputs`` -> ``set_task_embeddings``) and pass task ids with ``route_tasks``.
+    (``initial_task_embeddings`` -> ``set_task_embeddings``) and pass task ids with ``route_tasks``.
 
     Raises ``ValueError`` naming any MoE block type that is not supported (nothing is converted
     then), when the model has no MoE block, and for ``share_storage=True`` with a process group
