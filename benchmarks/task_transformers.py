@@ -14,7 +14,8 @@ translation), so token routing can tell the tasks apart too. Steps:
      scores of the task's tokens, or their mean router input) -> ``to_flexmoe(...,
      granularity="task")`` -> ``set_task_embeddings``: the task-routed model as converted, before
      any training (and, for reference, with zero task embeddings: uniform scores);
-  3. the task-routed model fine-tuned briefly (task ids through ``route_tasks``);
+  3. the task-routed model fine-tuned briefly (task ids through ``route_tasks``), and, for
+     comparison, the token-routed model trained for the same number of steps;
   4. ``export_task_model`` per task: dense ``MistralForCausalLM`` models, saved and reloaded with
      ``AutoModelForCausalLM.from_pretrained``.
 
@@ -234,6 +235,13 @@ def main(argv: list[str] | None = None) -> None:
     train(token_model, mix, setup.pretrain_steps, 3e-3, args.seed, task_routed=False)
     from_flexmoe(token_model)
     losses = {"token-routed (trained)": task_losses(token_model, eval_set, setup)}
+    # The same fine-tuning budget with token routing: what the extra steps alone give.
+    token_longer = build_mixtral(setup)
+    token_longer.load_state_dict(token_model.state_dict())
+    to_flexmoe(token_longer, aux_loss="gshard", aux_loss_weight=0.01)
+    train(token_longer, mix, setup.finetune_steps, 1e-3, args.seed + 1, task_routed=False)
+    losses[f"token-routed, +{setup.finetune_steps} steps"] = task_losses(token_longer, eval_set, setup)
+    del token_longer
 
     # 2. Task routing, initialised from the token router (both methods; fine-tuning starts from mean_scores).
     calibration = [dict(input_ids=ids, task_ids=t) for ids, t in (mix.batch(eval_generator) for _ in range(4))]
