@@ -110,6 +110,7 @@ def export_task_model(model: nn.Module, task_id: int) -> nn.Module:
     dense MLP layers of another width than the folded blocks, expert-parallel shards.
     """
     import transformers
+    from transformers.initialization import no_init_weights
 
     if isinstance(task_id, bool) or not isinstance(task_id, int):
         raise TypeError(f"task_id must be an int, got {task_id!r}")
@@ -141,8 +142,9 @@ def export_task_model(model: nn.Module, task_id: int) -> nn.Module:
         state[f"{name}.gate_proj.weight"] = block.w1.T
         state[f"{name}.up_proj.weight"] = block.w3.T
         state[f"{name}.down_proj.weight"] = block.w2.T
-    dense = transformers.AutoModelForCausalLM.from_config(config)
-    dense.to(device=reference.device, dtype=reference.dtype)
+    # Every parameter is loaded below (strict): no random initialisation, built in place.
+    with no_init_weights(), torch.device(reference.device):
+        dense = transformers.AutoModelForCausalLM.from_config(config, dtype=reference.dtype)
     dense.load_state_dict(state, strict=True)
     dense.generation_config = copy.deepcopy(model.generation_config)
     return dense.eval()
