@@ -22,7 +22,7 @@ from flexmoe.integrations.task_routing import (  # noqa: E402
     set_task_embeddings,
     task_routed_layers,
 )
-from flexmoe.integrations.transformers import flexmoe_layers, to_flexmoe  # noqa: E402
+from flexmoe.integrations.transformers import flexmoe_layers, from_flexmoe, to_flexmoe  # noqa: E402
 from flexmoe.task.extract import task_gates  # noqa: E402
 
 COMMON = dict(vocab_size=64, hidden_size=16, num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1)
@@ -209,6 +209,8 @@ def test_what_does_not_fold_is_named():
         export_task_model(qwen3, 0)
     with pytest.raises(ValueError, match="no FlexMoEBlock"):
         export_task_model(build("mixtral"), 0)
+    with pytest.raises(ValueError, match="task-routed, the original MixtralSparseMoeBlock routes by token"):
+        from_flexmoe(mixed)
 
 
 def test_task_embeddings_from_the_token_router():

@@ -472,6 +472,12 @@ def _check_restorable(where: str, flex: FlexMoEBlock) -> None:
             f"it cannot go back into a {kind}: save it with flexmoe.save_subnetwork instead"
         )
     original = flex.original_config
+    if layer.config.granularity != original.granularity:
+        raise ValueError(
+            f"{where}: the flexmoe layer is {layer.config.granularity}-routed, the original {kind} routes by "
+            f"{original.granularity}: from_flexmoe would drop its routing; export one task as a dense model with "
+            "flexmoe.integrations.export.export_task_model, or save the converted model with torch.save / safetensors"
+        )
     changed = {
         field: (getattr(original, field), getattr(layer.config, field))
         for field in _STRUCTURAL_FIELDS
