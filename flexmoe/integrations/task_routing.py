@@ -140,7 +140,7 @@ def route_tasks(model: nn.Module, task_ids: torch.Tensor | int | Sequence[int]) 
             "to_flexmoe(model, granularity='task', num_tasks=N)"
         )
     ids = _as_task_ids(task_ids)
-    num_tasks = layers[0].config.num_tasks
+    num_tasks = min(layer.config.num_tasks for layer in layers)
     if ids.numel() == 0 or int(ids.min()) < 0 or int(ids.max()) >= num_tasks:
         raise ValueError(f"task_ids must be in 0..num_tasks-1 = 0..{num_tasks - 1}, got {ids.tolist()}")
     hook = partial(_rows_task_ids, ids)
