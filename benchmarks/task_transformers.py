@@ -202,10 +202,12 @@ def describe_machine(threads: int) -> str:
     )
 
 
-def print_losses(rows: dict[str, list[float]], baseline: list[float]) -> None:
-    tasks = len(baseline)
+def print_losses(rows: dict[str, list[float]], reference_of: dict[str, str]) -> None:
+    """Loss table; each row's last column: its mean over the mean of row ``reference_of[name]``."""
+    tasks = len(next(iter(rows.values())))
     print(f"{'model':<36}" + "".join(f"{'task ' + str(t):>9}" for t in range(tasks)) + f"{'mean':>9}{'vs token':>10}")
     for name, losses in rows.items():
+        baseline = rows[reference_of[name]]
         known = [loss for loss in losses if not math.isnan(loss)]
         reference = [baseline[t] for t, loss in enumerate(losses) if not math.isnan(loss)]
         cells = "".join(f"{'-' if math.isnan(loss) else f'{loss:.4f}':>9}" for loss in losses)
@@ -280,8 +282,13 @@ def main(argv: list[str] | None = None) -> None:
     losses[f"exported dense ({type(exported[0]).__name__})"] = per_task
     print(f"trained, converted, fine-tuned and exported in {time.perf_counter() - started:.0f} s")
 
-    print("\nheld-out loss per task (nats/token); 'vs token': mean ratio to the token-routed model")
-    print_losses(losses, losses["token-routed (trained)"])
+    longer = f"token-routed, +{setup.finetune_steps} steps"
+    print(
+        "\nheld-out loss per task (nats/token); 'vs token': mean ratio to the token-routed model after the same "
+        f"number of training steps (converted rows: the pre-trained one; fine-tuned and exported rows: '{longer}')"
+    )
+    trained_longer = {longer, "task-routed, fine-tuned", f"exported dense ({type(exported[0]).__name__})"}
+    print_losses(losses, {name: longer if name in trained_longer else "token-routed (trained)" for name in losses})
     fine_tuned = losses["task-routed, fine-tuned"]
     worst = max(abs(e - f) / f for e, f in zip(per_task, fine_tuned))
     print(f"exported vs task-routed (fine-tuned): largest relative loss difference {worst:.2e} (target < 1e-2)")
