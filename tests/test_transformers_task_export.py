@@ -4,7 +4,6 @@ logits (float64) and greedy tokens equal the task-routed model's, loadable witho
 
 import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -263,12 +262,6 @@ def test_task_embeddings_learn_under_route_tasks():
         model(input_ids=ids, labels=ids).loss.backward()
     grads = [layer.task_embedding.weight.grad for layer in task_routed_layers(model)]
     assert all(g is not None and g[:2].abs().sum() > 0 and g[2].abs().sum() == 0 for g in grads)
-
-
-def test_docs_snippet_runs():
-    page = Path(__file__).resolve().parent.parent / "docs" / "transformers_task_routing.md"
-    (snippet,) = re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S)
-    exec(compile(snippet, str(page), "exec"), {"__name__": "docs"})
 
 
 def test_benchmark_quick_runs():
