@@ -24,9 +24,9 @@ def main(argv: list[str]) -> None:
 
     try:
         trained = load_translation_model(args.model)
-    except FileNotFoundError as error:
+        scores = evaluate_model(trained, args.split, args.tsv, args.limit, args.batch_size, args.beam, progress=True)
+    except (FileNotFoundError, ValueError) as error:  # a missing or damaged model, a bad --tsv file
         parser.error(str(error))
-    scores = evaluate_model(trained, args.split, args.tsv, args.limit, args.batch_size, args.beam, progress=True)
     print(scores.table())
     name = "eval-tsv.json" if args.tsv else f"eval-{args.split}.json"
     (Path(args.model) / name).write_text(json.dumps(scores.to_dict(), indent=2))

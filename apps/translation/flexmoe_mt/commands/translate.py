@@ -50,7 +50,7 @@ def main(argv: list[str]) -> None:
 
     try:
         trained = load_translation_model(args.model)
-    except FileNotFoundError as error:
+    except (FileNotFoundError, ValueError) as error:  # missing or damaged
         parser.error(str(error))
     error = direction_error(trained, args.target_lang, args.source_lang)
     if error:
