@@ -9,6 +9,7 @@ their experts over the ranks and the checkpoint keeps this format (:mod:`flexmoe
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -122,6 +123,14 @@ def load_trained(run_dir: str | Path) -> TrainedModel:
     return TrainedModel(model.eval(), tokenizer, tasks, run)
 
 
+def fingerprint(pairs: list[Pair]) -> str:
+    """SHA-256 of the pairs' text and languages, in order: tells a corpus edited in place."""
+    digest = hashlib.sha256()
+    for pair in pairs:
+        digest.update("\t".join((pair.source_lang, pair.target_lang, pair.source, pair.target)).encode() + b"\n")
+    return digest.hexdigest()
+
+
 def learning_rate(step: int, peak: float, warmup: int) -> float:
     """Linear warm-up to ``peak``, then inverse square root decay (needs no total step count,
     so a wall-time budget can end training anywhere)."""
@@ -195,6 +204,7 @@ class Trainer:
         self.model.to(self.device)
         max_len = self.model.config.max_len
         self.train_data = encode_pairs(corpus["train"], self.tokenizer, tasks, max_len)
+        self.data_fingerprint = fingerprint(corpus["train"])
         valid: list[Pair] = corpus.splits.get("valid") or corpus["train"]
         # A seeded random subset: the corpus lists pairs kind by kind, so a prefix would be one kind.
         picked = sorted(random.Random(0).sample(range(len(valid)), min(self.config.valid_sentences, len(valid))))
@@ -234,6 +244,7 @@ class Trainer:
             raise ValueError(
                 f"{self.run_dir} holds a checkpoint of a different [model]; use another train.run_dir or --fresh"
             )
+        self._check_same_data(state)
         if self.ranks.distributed:  # the full checkpoint, resharded to this world through flexmoe.checkpoint
             if self.ranks.is_main:
                 local, optimizer = self._single_process_copy()
@@ -254,6 +265,24 @@ class Trainer:
             torch.cuda.set_rng_state(state["cuda_rng"], self.device)
         self.step, self.elapsed_s = state["step"], state["elapsed_s"]
         self.log_window = state["log_window"]
+
+    def _check_same_data(self, state: dict[str, Any]) -> None:
+        """Refuse to resume on another corpus: the sampler state and the tokenizer belong to the
+        checkpoint's data, so a resume on other data would train a model no one asked for."""
+        saved, current = state["run_config"]["data"], self.run_config.to_dict()["data"]
+        differing = sorted(key for key in current if key != "cache_dir" and saved.get(key) != current[key])
+        if differing:
+            changes = ", ".join(f"data.{key} {saved.get(key)!r} -> {current[key]!r}" for key in differing)
+            raise ValueError(
+                f"{self.run_dir} holds a checkpoint trained on other data ({changes}); restore the run file, "
+                "or use another train.run_dir or --fresh"
+            )
+        if state.get("data_fingerprint", self.data_fingerprint) != self.data_fingerprint:
+            source = self.run_config.data.train or "the corpus"
+            raise ValueError(
+                f"the training pairs in {source} changed since {self.run_dir}'s checkpoint; restore them, "
+                "or use another train.run_dir or --fresh"
+            )
 
     def _single_process_copy(self) -> tuple[TranslationModel, torch.optim.Optimizer]:
         """A model holding every expert (and its optimizer), on the CPU: what rank 0 validates,
@@ -295,6 +324,7 @@ class Trainer:
                 "step": self.step,
                 "elapsed_s": self.elapsed_s,
                 "log_window": self.log_window,
+                "data_fingerprint": self.data_fingerprint,
             }
             partial = self.run_dir / (CHECKPOINT + ".partial")
             torch.save(state, partial)

@@ -192,3 +192,19 @@ def test_run_config_api_names_the_option():
         DataConfig(temperature="hot")
     with pytest.raises(ValueError, match=r"train\.collective_timeout_s must be a finite number > 0.0"):
         TrainConfig(max_steps=1, collective_timeout_s=0)
+
+
+def test_resume_refuses_another_corpus(tmp_path, capsys):
+    config = write_run_file(tmp_path, "run", train={"max_steps": 1})
+    assert flexmoe_mt(["train", "--config", str(config), "--quiet"]) == 0
+    longer = write_run_file(tmp_path, "run", train={"max_steps": 2})
+    text = longer.read_text()
+    longer.write_text(text.replace("[data]\n", "[data]\ntemperature = 1.0\n", 1))
+    capsys.readouterr()
+    line = error_line(["train", "--config", str(longer), "--quiet"], capsys)
+    assert "data.temperature" in line and "--fresh" in line
+    longer.write_text(text)
+    train_tsv = tmp_path / "train.tsv"
+    train_tsv.write_text(train_tsv.read_text().replace("trois", "drei"))  # the same file, edited
+    line = error_line(["train", "--config", str(longer), "--quiet"], capsys)
+    assert str(train_tsv) in line and "changed" in line
