@@ -154,9 +154,9 @@ def load_run_config(path: str | Path) -> RunConfig:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist")
-    with path.open("rb") as handle:
-        values = tomllib.load(handle)
     try:
+        with path.open("rb") as handle:
+            values = tomllib.load(handle)
         return run_config_from_dict(values)
     except ValueError as error:
         raise ValueError(f"{path}: {error}") from error

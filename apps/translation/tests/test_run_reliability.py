@@ -208,3 +208,24 @@ def test_resume_refuses_another_corpus(tmp_path, capsys):
     train_tsv.write_text(train_tsv.read_text().replace("trois", "drei"))  # the same file, edited
     line = error_line(["train", "--config", str(longer), "--quiet"], capsys)
     assert str(train_tsv) in line and "changed" in line
+
+
+def test_command_options_out_of_range_are_refused_before_loading(tmp_path, capsys):
+    """A negative --limit would drop the last sentences (a slice), a zero --beam translate to
+    nothing: both silently wrong scores; a missing input file was found after the model loaded."""
+    run_dir = str(tmp_path / "none")  # never loaded: the options are checked first
+    for command, option in (
+        (["eval", "--model", run_dir, "--limit", "-1"], "--limit"),
+        (["eval", "--model", run_dir, "--batch-size", "0"], "--batch-size"),
+        (["eval", "--model", run_dir, "--beam", "0"], "--beam"),
+        (["extract", "--model", run_dir, "--task", "fr", "--limit", "-2"], "--limit"),
+        (["translate", "--model", run_dir, "--to", "fr", "--beam", "0"], "--beam"),
+    ):
+        line = error_line(command, capsys)
+        assert option in line and "expected an integer >=" in line
+    line = error_line(["translate", "--model", run_dir, "--to", "fr", str(tmp_path / "missing.txt")], capsys)
+    assert "missing.txt" in line and "does not exist" in line
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train\nmax_steps = 1\n")
+    line = error_line(["train", "--config", str(bad)], capsys)
+    assert str(bad) in line and "line 1" in line

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from flexmoe.cli import CommandParser
+from flexmoe.cli import CommandParser, int_at_least
 from flexmoe.commands.outputs import check_output_directory
 from flexmoe_mt.data.corpus import SPLITS
 
@@ -17,7 +17,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--task", required=True, help="target language (fr) or direction (en-fr)")
     parser.add_argument("--out", help="output directory (default: RUN/extract-TASK)")
     parser.add_argument("--split", default="test", choices=SPLITS, help="split to compare scores on (default: test)")
-    parser.add_argument("--limit", type=int, default=0, help="at most this many sentences (0: all)")
+    parser.add_argument("--limit", type=int_at_least(0), default=0, help="at most this many sentences (0: all)")
     args = parser.parse_args(argv)
     from flexmoe_mt.compare import compare_extracted
     from flexmoe_mt.extraction import EXTRACTED_FILES, extract_direction, save_extracted
