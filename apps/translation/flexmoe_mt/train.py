@@ -113,7 +113,11 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def load_trained(run_dir: str | Path) -> TrainedModel:
-    """The model saved in ``run_dir`` (its ``checkpoint.pt`` and ``tokenizer.model``), in eval mode."""
+    """The model saved in ``run_dir`` (its ``checkpoint.pt`` and ``tokenizer.model``; the path of
+    the ``checkpoint.pt`` itself is accepted too), in eval mode."""
+    run_dir = Path(run_dir)
+    if run_dir.is_file():
+        run_dir = run_dir.parent
     state = read_checkpoint(run_dir)
     run = run_config_from_dict(state["run_config"])
     tasks = TaskTable.from_dict(state)
@@ -167,6 +171,7 @@ class Trainer:
         if self.config.threads:
             torch.set_num_threads(self.config.threads)
         torch.manual_seed(self.config.seed)
+        self.device = self._device()  # before the data work: a wrong device is a setup error
         corpus = corpus if corpus is not None else self.ranks.main_first(lambda: load_corpus(run.data))
         self.teacher: TranslationModel | None = None
         teacher = load_trained(self.config.distill_from) if self.config.distill_from else None
@@ -194,7 +199,6 @@ class Trainer:
         self.ranks.barrier()
         self.tokenizer = Tokenizer(self.run_dir / TOKENIZER, tasks.target_languages)
         self.tasks = tasks
-        self.device = self._device()
         self.model = build_model(run, self.tokenizer, tasks)
         self.ranks.broadcast_replicated(self.model)  # the experts are each rank's own
         if teacher is not None:
@@ -226,6 +230,11 @@ class Trainer:
         device = torch.device(self.config.device)
         if self.ranks.distributed and device.type == "cuda" and device.index is None:
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))  # torchrun's GPU for this rank
+        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+            raise ValueError(
+                f"train.device {self.config.device!r}: this machine has {torch.cuda.device_count()} CUDA "
+                "device(s) visible to torch; use 'cpu' or another index"
+            )
         return device
 
     def _optimizer(self, model: TranslationModel) -> torch.optim.Optimizer:

@@ -229,3 +229,21 @@ def test_command_options_out_of_range_are_refused_before_loading(tmp_path, capsy
     bad.write_text("[train\nmax_steps = 1\n")
     line = error_line(["train", "--config", str(bad)], capsys)
     assert str(bad) in line and "line 1" in line
+
+
+def test_damaged_tokenizer_missing_device_and_teacher_path(tmp_path, capsys):
+    from flexmoe_mt.train import load_trained
+
+    config = write_run_file(tmp_path, "run", train={"max_steps": 1})
+    assert flexmoe_mt(["train", "--config", str(config), "--quiet"]) == 0
+    run_dir = tmp_path / "run"
+    # distill_from documents "a teacher's checkpoint.pt": the file's path loads its run.
+    assert load_trained(run_dir / "checkpoint.pt").tasks == load_trained(run_dir).tasks
+    tokenizer = run_dir / "tokenizer.model"
+    tokenizer.write_bytes(tokenizer.read_bytes()[:500])
+    capsys.readouterr()
+    line = error_line(["eval", "--model", str(run_dir)], capsys)
+    assert str(tokenizer) in line and "truncated or corrupted" in line
+    gpu = write_run_file(tmp_path, "gpu", train={"max_steps": 1, "device": "cuda:99"})
+    line = error_line(["train", "--config", str(gpu), "--quiet"], capsys)
+    assert "train.device 'cuda:99'" in line
