@@ -88,6 +88,30 @@ def test_run_killed_before_its_plots_finishes_them_on_resume(tmp_path, monkeypat
     assert "already trained to its budget" in capsys.readouterr().out
 
 
+def test_run_killed_during_its_final_checkpoint_write_is_not_finished(tmp_path, monkeypatch, capsys):
+    import torch
+
+    config = write_run_file(tmp_path, "run", train={"max_steps": 3, "checkpoint_every": 3})
+    run_dir, save = tmp_path / "run", torch.save
+
+    def killed_mid_write(state, path, *args, **kwargs):
+        validated = (run_dir / "metrics.jsonl").is_file() and 3 in [s for s, _ in records(run_dir, "valid")]
+        if str(path).endswith(".partial") and validated:  # the checkpoint after the final validation
+            path.write_bytes(b"PK\x03\x04 half a checkpoint")
+            raise KeyboardInterrupt  # the kill during the final checkpoint's write
+        return save(state, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", killed_mid_write)
+    with pytest.raises(KeyboardInterrupt):
+        flexmoe_mt(["train", "--config", str(config), "--quiet"])
+    monkeypatch.undo()
+    assert not (run_dir / "loss.png").exists()
+    assert flexmoe_mt(["train", "--config", str(config), "--quiet"]) == 0
+    assert "already trained" not in capsys.readouterr().out
+    assert (run_dir / "loss.png").is_file() and (run_dir / "finished.json").is_file()
+    assert [step for step, _ in records(run_dir, "valid")] == [3]
+
+
 # --- the resumed loss curve is the uninterrupted one -----------------------------------------
 
 
