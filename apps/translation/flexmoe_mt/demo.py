@@ -91,10 +91,11 @@ def main(argv: list[str] | None = None) -> None:
     runs = {name: demo_config(name, args.minutes, args.tsv_dir) for name in ("demo_task_moe", "demo_dense")}
     if args.fresh:
         try:  # the runs' own files only (flexmoe_mt.runfiles), never a directory that is not a run's
-            stale = [path for run in runs.values() for path in files_to_clear(Path(run.train.run_dir))]
+            stale = {Path(run.train.run_dir): files_to_clear(Path(run.train.run_dir)) for run in runs.values()}
         except ValueError as error:
             parser.error(str(error))
-        clear_run(stale)
+        for run_dir, paths in stale.items():
+            clear_run(run_dir, paths)
     threads = runs["demo_task_moe"].train.threads or torch.get_num_threads()
     print(f"flexmoe demo: torch {torch.__version__}, {platform.machine()}, {os.cpu_count()} CPUs")
 

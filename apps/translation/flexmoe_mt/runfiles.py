@@ -33,6 +33,15 @@ def write_manifest(run_dir: Path) -> None:
     write_text_atomically(run_dir / MANIFEST, json.dumps(manifest, indent=2) + "\n")
 
 
+def is_run_dir(path: Path) -> bool:
+    """Whether ``path`` is a run's directory: it holds the manifest, or (a run that predates
+    manifests) the checkpoint, tokenizer and metrics a run writes together; one of these names
+    alone is common enough to be a user's own file."""
+    if (path / MANIFEST).is_file():
+        return True
+    return all((path / name).is_file() for name in (CHECKPOINT, TOKENIZER, METRICS))
+
+
 def files_to_clear(run_dir: Path) -> list[Path]:
     """What ``--fresh`` deletes in ``run_dir``: the run's own files (the manifest stays: the directory
     is still the run's, and may hold the user's files beside it). ``ValueError``
@@ -41,28 +50,35 @@ def files_to_clear(run_dir: Path) -> list[Path]:
         return []
     if not run_dir.is_dir():
         raise ValueError(f"train.run_dir {str(run_dir)!r} is a file, not a directory; choose another train.run_dir")
-    manifest = run_dir / MANIFEST
-    if not manifest.is_file():
+    if not is_run_dir(run_dir):
         if not any(run_dir.iterdir()):
             return []
         raise ValueError(
             f"train.run_dir {str(run_dir)!r} is not a training run (it holds no {MANIFEST}): --fresh deletes only "
             "a run's own files; choose another train.run_dir"
         )
-    listed = read_json_document(manifest, MANIFEST_FORMAT, "run manifest").get("files", [])
+    manifest = run_dir / MANIFEST
+    listed = (
+        read_json_document(manifest, MANIFEST_FORMAT, "run manifest").get("files", [])
+        if manifest.is_file()
+        else RUN_FILES
+    )
     # Only names this program writes, whatever the manifest lists: it is a file a user could edit.
     names = [name for name in RUN_FILES if name in listed]
     scores = sorted(run_dir.glob("eval-*.json"))  # flexmoe-mt eval's scores of the model being deleted
     return [run_dir / name for name in names if (run_dir / name).exists()] + scores
 
 
-def clear_run(paths: list[Path]) -> None:
-    """Delete :func:`files_to_clear`'s result."""
+def clear_run(run_dir: Path, paths: list[Path]) -> None:
+    """Delete :func:`files_to_clear`'s result; the directory stays marked as the run's (a run from
+    before manifests gets one), since the user's files beside the run's may remain."""
     for path in paths:
         if path.is_dir():
             shutil.rmtree(path)
         else:
             path.unlink(missing_ok=True)
+    if paths and run_dir.is_dir():
+        write_manifest(run_dir)
 
 
 def finished_step(run_dir: Path) -> int | None:

@@ -47,6 +47,7 @@ from flexmoe_mt.runfiles import (
     SHARDS,
     TOKENIZER,
     finished_step,
+    is_run_dir,
     mark_finished,
     read_metrics,
     write_manifest,
@@ -522,7 +523,7 @@ def check_run_dir(run_dir: Path) -> None:
     only into a new, empty or run directory, so that ``--fresh`` never meets a user's files."""
     if run_dir.exists() and not run_dir.is_dir():
         raise ValueError(f"train.run_dir {str(run_dir)!r} is a file, not a directory; choose another train.run_dir")
-    if run_dir.is_dir() and not (run_dir / MANIFEST).is_file() and any(run_dir.iterdir()):
+    if run_dir.is_dir() and not is_run_dir(run_dir) and any(run_dir.iterdir()):
         raise ValueError(
             f"train.run_dir {str(run_dir)!r} holds files but is not a training run (no {MANIFEST}); "
             "choose a new or empty directory"

@@ -59,10 +59,26 @@ def test_fresh_names_a_directory_that_holds_no_run(tmp_path, capsys):
     other = tmp_path / "other"
     other.mkdir()
     (other / "metrics.jsonl").write_text("someone else's\n")
+    (other / "checkpoint.pt").write_text("a model of someone else's")
     config = write_run_file(tmp_path, "run", train={"run_dir": str(other), "max_steps": 1})
     line = error_line(["train", "--config", str(config), "--quiet", "--fresh"], capsys)
     assert str(other) in line and "not a training run" in line
     assert (other / "metrics.jsonl").read_text() == "someone else's\n"
+    line = error_line(["train", "--config", str(config), "--quiet"], capsys)  # nor trains into it
+    assert str(other) in line and "choose a new or empty directory" in line
+
+
+def test_a_run_without_manifest_is_still_a_run(tmp_path, capsys):
+    """A run directory written before manifests (checkpoint, tokenizer and metrics together)
+    resumes, and --fresh clears it."""
+    config = write_run_file(tmp_path, "run", train={"max_steps": 1})
+    assert flexmoe_mt(["train", "--config", str(config), "--quiet"]) == 0
+    run_dir = tmp_path / "run"
+    (run_dir / "flexmoe_run.json").unlink()
+    (run_dir / "finished.json").unlink()
+    (run_dir / "notes.txt").write_text("mine")
+    assert flexmoe_mt(["train", "--config", str(config), "--quiet", "--fresh"]) == 0
+    assert (run_dir / "notes.txt").read_text() == "mine" and (run_dir / "flexmoe_run.json").is_file()
 
 
 # --- a killed run finishes on resume ---------------------------------------------------------

@@ -37,7 +37,7 @@ def main(argv: list[str]) -> None:
     rank = int(os.environ.get("RANK", "0"))
     try:
         if rank == 0:
-            clear_run(stale)
+            clear_run(Path(run.train.run_dir), stale)
         from flexmoe_mt.train import Trainer  # torch and the data stack load after argument errors
 
         if joined:
