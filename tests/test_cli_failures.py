@@ -109,3 +109,18 @@ def test_extract_refuses_a_directory_holding_other_files(tmp_path, capsys):
     capsys.readouterr()
     line = error_line(["extract", *MODEL, "--task", "1", "--out", str(out / "notes.txt")], capsys)
     assert "--out" in line and "not a directory" in line
+
+
+@pytest.mark.parametrize(("device", "message"), [("gpu", "--device must be a torch device"), ("cuda:99", "--device")])
+def test_unknown_device_is_named_before_the_model_is_built(tmp_path, capsys, device, message):
+    line = error_line(["extract", *MODEL, "--task", "1", "--out", str(tmp_path / "x"), "--device", device], capsys)
+    assert message in line and device in line
+
+
+def test_truncated_pt_inputs_are_named(tmp_path, capsys, never_served):
+    whole = tmp_path / "whole.pt"
+    torch.save({"inputs": torch.randn(2, 3, MODEL_DIM, dtype=torch.float64), "task_ids": torch.tensor([0, 1])}, whole)
+    inputs = tmp_path / "in.pt"
+    inputs.write_bytes(whole.read_bytes()[:200])
+    line = error_line(["infer", *MODEL, "--inputs", str(inputs), "--out", str(tmp_path / "o.pt")], capsys)
+    assert str(inputs) in line and "truncated or corrupted" in line

@@ -20,6 +20,7 @@ Rows stay in input order. Server statistics go to stderr.
 from __future__ import annotations
 
 import json
+import pickle
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -73,7 +74,12 @@ class Batch:
 def read_batch(path: Path, float_dtype: torch.dtype, device: str) -> Batch:
     """The .pt input as one :class:`Batch` (on ``device``; floating-point tensors in ``float_dtype``)."""
     _check_inputs_file(path)
-    data = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as error:
+        raise ValueError(
+            f"--inputs {str(path)!r} is truncated or corrupted ({type(error).__name__}: {error})"
+        ) from None
     if not isinstance(data, dict) or not {"inputs", "task_ids"} <= data.keys():
         raise ValueError(f"--inputs {str(path)!r} must hold a dict with 'inputs' and 'task_ids' tensors")
     task_ids = torch.as_tensor(data.pop("task_ids"))

@@ -90,8 +90,22 @@ def model_builder(args: argparse.Namespace) -> Callable[[], nn.Module]:
     return build
 
 
+def check_device(text: str) -> torch.device:
+    """``--device`` as a torch device that exists on this machine, else ``ValueError`` naming it."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise ValueError(f"--device must be a torch device such as cpu, cuda or cuda:1, got {text!r}") from None
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(
+            f"--device {text!r}: torch sees {torch.cuda.device_count()} CUDA device(s) here; use cpu or another index"
+        )
+    return device
+
+
 def load_model(args: argparse.Namespace) -> nn.Module:
     """Build the model named by the arguments, load ``--checkpoint`` into it, move it to ``--device``."""
+    check_device(args.device)  # before the model is built
     model = model_builder(args)()
     if args.checkpoint is not None:
         try:
