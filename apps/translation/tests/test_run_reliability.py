@@ -208,7 +208,8 @@ def test_empty_tsv_is_named(tmp_path, capsys, split):
         ("model", {"capacity_factor": "high"}, "capacity_factor"),
     ],
 )
-def test_run_file_values_of_the_wrong_type_are_named(tmp_path, capsys, table, options, message):
+def test_run_file_values_of_the_wrong_type_are_named(tmp_path, monkeypatch, capsys, table, options, message):
+    monkeypatch.chdir(tmp_path)  # where run_dir = "" would write if it were accepted
     config = write_run_file(tmp_path, "run", **({"train": options} if table == "train" else {}))
     if table != "train":
         text = config.read_text()
