@@ -12,7 +12,9 @@ from pathlib import Path
 
 from flexmoe.cli import CommandParser
 from flexmoe.commands.model_source import add_model_arguments, load_model
+from flexmoe.commands.outputs import check_output_directory
 from flexmoe.task import extract_task, save_subnetwork
+from flexmoe.task.io import DESCRIPTION_FILE, WEIGHTS_FILE
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,6 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="directory to write the sub-network to")
     args = parser.parse_args(argv)
     try:
+        check_output_directory("--out", args.out, (WEIGHTS_FILE, DESCRIPTION_FILE))
         sub = extract_task(load_model(args), args.task)
     except (ValueError, TypeError, FileNotFoundError) as error:
         parser.error(str(error))

@@ -20,6 +20,7 @@ Rows stay in input order. Server statistics go to stderr.
 from __future__ import annotations
 
 import json
+import pickle
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,6 +29,8 @@ import torch
 
 from flexmoe.cli import CommandParser
 from flexmoe.commands.model_source import add_model_arguments, load_model
+from flexmoe.commands.outputs import check_output_file
+from flexmoe.files import write_atomically
 from flexmoe.serving import CacheBound, Request, TaskServer
 
 FORMATS = (".pt", ".jsonl")
@@ -71,7 +74,12 @@ class Batch:
 def read_batch(path: Path, float_dtype: torch.dtype, device: str) -> Batch:
     """The .pt input as one :class:`Batch` (on ``device``; floating-point tensors in ``float_dtype``)."""
     _check_inputs_file(path)
-    data = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as error:
+        raise ValueError(
+            f"--inputs {str(path)!r} is truncated or corrupted ({type(error).__name__}: {error})"
+        ) from None
     if not isinstance(data, dict) or not {"inputs", "task_ids"} <= data.keys():
         raise ValueError(f"--inputs {str(path)!r} must hold a dict with 'inputs' and 'task_ids' tensors")
     task_ids = torch.as_tensor(data.pop("task_ids"))
@@ -89,17 +97,39 @@ def read_batch(path: Path, float_dtype: torch.dtype, device: str) -> Batch:
 def read_requests(path: Path, float_dtype: torch.dtype, device: str) -> list[Request]:
     """One :class:`Request` per line of a .jsonl input, each with batch size 1."""
     _check_inputs_file(path)
-    requests = []
+    requests, first_shapes = [], {}
     for number, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():
             continue
-        record = json.loads(line)
+        where = f"--inputs {str(path)!r} line {number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{where} is not valid JSON ({error}); fix or remove the line") from None
         if not isinstance(record, dict) or "task_id" not in record or "inputs" not in record:
-            raise ValueError(f"--inputs line {number}: expected a JSON object with 'task_id' and 'inputs'")
+            raise ValueError(f"{where}: expected a JSON object with 'task_id' and 'inputs'")
         task_id = record.pop("task_id")
-        row = {k: _tensor_from_json(v, float_dtype).to(device)[None] for k, v in record.items()}
+        try:
+            row = {k: _tensor_from_json(v, float_dtype) for k, v in record.items()}
+        except (ValueError, TypeError) as error:
+            raise ValueError(f"{where}: every value must be a number or a rectangular list ({error})") from None
+        _check_same_width(row, first_shapes, where)
+        row = {k: v.to(device)[None] for k, v in row.items()}
         requests.append(Request(task_id, row.pop("inputs"), row))
     return requests
+
+
+def _check_same_width(row: dict[str, torch.Tensor], first_shapes: dict[str, tuple[int, ...]], where: str) -> None:
+    """Lines may differ in their first dimension (a sequence length) only: a line of another
+    width would fail in the model after every line before it was computed, so it fails here.
+    ``first_shapes``: each key's shape on the first line, filled by the first call."""
+    for name, tensor in row.items():
+        first = first_shapes.setdefault(name, tuple(tensor.shape))
+        if tensor.dim() != len(first) or (tensor.dim() > 1 and tuple(tensor.shape[1:]) != first[1:]):
+            raise ValueError(
+                f"{where}: {name!r} has shape {tuple(tensor.shape)}, the first line's has {first}; "
+                "lines may differ in their first dimension only"
+            )
 
 
 def write_outputs(path: Path, task_ids: list[int], outputs: torch.Tensor | list[torch.Tensor]) -> None:
@@ -107,7 +137,7 @@ def write_outputs(path: Path, task_ids: list[int], outputs: torch.Tensor | list[
     if path.suffix == ".jsonl":
         rows = outputs.cpu() if isinstance(outputs, torch.Tensor) else [out[0].cpu() for out in outputs]
         lines = [json.dumps({"task_id": t, "outputs": row.tolist()}) for t, row in zip(task_ids, rows)]
-        path.write_text("".join(line + "\n" for line in lines))
+        write_atomically(path, lambda temporary: temporary.write_text("".join(line + "\n" for line in lines)))
         return
     if isinstance(outputs, torch.Tensor):
         outputs = outputs.cpu()
@@ -115,7 +145,9 @@ def write_outputs(path: Path, task_ids: list[int], outputs: torch.Tensor | list[
         outputs = torch.cat(outputs).cpu()
     else:
         outputs = [out.cpu() for out in outputs]
-    torch.save({"outputs": outputs, "task_ids": torch.tensor(task_ids)}, path)
+    write_atomically(
+        path, lambda temporary: torch.save({"outputs": outputs, "task_ids": torch.tensor(task_ids)}, temporary)
+    )
 
 
 def run_server(
@@ -126,9 +158,15 @@ def run_server(
     line is one request."""
     if path.suffix == ".pt":
         batch = read_batch(path, float_dtype, device)
-        return batch.task_ids.tolist(), server(batch.inputs, batch.task_ids, **batch.keyword_inputs)
-    requests = read_requests(path, float_dtype, device)
-    return [r.task_id for r in requests], server.serve(requests)
+        task_ids, serve = batch.task_ids.tolist(), lambda: server(batch.inputs, batch.task_ids, **batch.keyword_inputs)
+    else:
+        requests = read_requests(path, float_dtype, device)
+        task_ids, serve = [r.task_id for r in requests], lambda: server.serve(requests)
+    try:
+        return task_ids, serve()
+    except (ValueError, TypeError, RuntimeError) as error:
+        # The model's own complaint (a width, a dtype), said of the file that caused it.
+        raise ValueError(f"--inputs {str(path)!r} does not fit --model: {error}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -142,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         _check_format("--out", args.out)
+        check_output_file("--out", args.out, [("--inputs", args.inputs), ("--checkpoint", args.checkpoint)])
         bound = CacheBound(args.max_subnetworks, args.max_parameter_bytes)
         model = load_model(args)
         server = TaskServer(model, bound)

@@ -9,10 +9,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import pickle
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
@@ -60,9 +62,16 @@ def load_state_dict(path: Path) -> Mapping[str, torch.Tensor]:
         raise ValueError(f"--checkpoint must end in one of {CHECKPOINT_SUFFIXES}, got {str(path)!r}")
     if not path.is_file():
         raise FileNotFoundError(f"--checkpoint {str(path)!r} does not exist")
-    if path.suffix == ".safetensors":
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(str(path))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (SafetensorError, RuntimeError, OSError, EOFError, pickle.UnpicklingError) as error:
+        # torch.load reports a cut-off zip as an OSError or RuntimeError, safetensors as its own error.
+        raise ValueError(
+            f"--checkpoint {str(path)!r} is truncated or corrupted ({type(error).__name__}: {error}); "
+            "write it again or name another file"
+        ) from None
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"--checkpoint {str(path)!r} must hold a state_dict (names -> tensors)")
     return state
@@ -81,8 +90,22 @@ def model_builder(args: argparse.Namespace) -> Callable[[], nn.Module]:
     return build
 
 
+def check_device(text: str) -> torch.device:
+    """``--device`` as a torch device that exists on this machine, else ``ValueError`` naming it."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise ValueError(f"--device must be a torch device such as cpu, cuda or cuda:1, got {text!r}") from None
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(
+            f"--device {text!r}: torch sees {torch.cuda.device_count()} CUDA device(s) here; use cpu or another index"
+        )
+    return device
+
+
 def load_model(args: argparse.Namespace) -> nn.Module:
     """Build the model named by the arguments, load ``--checkpoint`` into it, move it to ``--device``."""
+    check_device(args.device)  # before the model is built
     model = model_builder(args)()
     if args.checkpoint is not None:
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal, get_args
 
@@ -17,6 +18,22 @@ def check_int(name: str, value: object, minimum: int) -> None:
     """ValueError naming ``name`` unless ``value`` is an int (not a bool) >= ``minimum``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+def check_number(name: str, value: object, minimum: float = 0.0, strict: bool = False) -> None:
+    """ValueError naming ``name`` unless ``value`` is a finite int or float (not a bool) >= ``minimum``
+    (> ``minimum`` when ``strict``)."""
+    number = not isinstance(value, bool) and isinstance(value, (int, float))
+    if not number or not math.isfinite(value) or value < minimum or (strict and value == minimum):
+        bound = f"> {minimum}" if strict else f">= {minimum}"
+        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
+
+
+def check_text(name: str, value: object, empty: bool = True) -> None:
+    """ValueError naming ``name`` unless ``value`` is a string (non-empty unless ``empty``)."""
+    if not isinstance(value, str) or (not empty and not value.strip()):
+        kind = "a string" if empty else "a non-empty path"
+        raise ValueError(f"{name} must be {kind}, got {value!r}")
 
 
 def _check_fraction(name: str, value: object) -> None:
@@ -85,6 +102,8 @@ class ModelConfig:
             if getattr(self, name) not in ROUTINGS:
                 raise ValueError(f"{name} must be one of {ROUTINGS}, got {getattr(self, name)!r}")
         _check_fraction("dropout", self.dropout)
+        check_number("capacity_factor", self.capacity_factor)
+        check_number("aux_loss_weight", self.aux_loss_weight)
         for name in ("pad_id", "bos_id", "eos_id"):
             if not 0 <= getattr(self, name) < self.vocab_size:
                 raise ValueError(f"{name} must be in 0..vocab_size-1, got {getattr(self, name)!r}")

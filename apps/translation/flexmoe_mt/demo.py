@@ -12,7 +12,6 @@ import multiprocessing
 import os
 import platform
 import random
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ from flexmoe_mt.evaluate import score, translate_pairs
 from flexmoe_mt.extraction import extract_direction, load_translation_model, save_extracted
 from flexmoe_mt.plots import read_metrics
 from flexmoe_mt.runconfig import RunConfig, load_run_config
+from flexmoe_mt.runfiles import clear_run, files_to_clear
 from flexmoe_mt.train import TrainedModel, load_corpus, load_trained, train
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -89,9 +89,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     started = time.perf_counter()
     runs = {name: demo_config(name, args.minutes, args.tsv_dir) for name in ("demo_task_moe", "demo_dense")}
-    for run in runs.values():
-        if args.fresh and Path(run.train.run_dir).exists():
-            shutil.rmtree(run.train.run_dir)
+    if args.fresh:
+        try:  # the runs' own files only (flexmoe_mt.runfiles), never a directory that is not a run's
+            stale = {Path(run.train.run_dir): files_to_clear(Path(run.train.run_dir)) for run in runs.values()}
+        except ValueError as error:
+            parser.error(str(error))
+        for run_dir, paths in stale.items():
+            clear_run(run_dir, paths)
     threads = runs["demo_task_moe"].train.threads or torch.get_num_threads()
     print(f"flexmoe demo: torch {torch.__version__}, {platform.machine()}, {os.cpu_count()} CPUs")
 

@@ -15,13 +15,23 @@ from pathlib import Path
 
 from flexmoe.task import extract_task, load_subnetwork, save_subnetwork
 from flexmoe.task.extract import count_parameters
+from flexmoe.task.io import DESCRIPTION_FILE, WEIGHTS_FILE
 from flexmoe_mt.batching import TaskTable
+from flexmoe_mt.data.corpus import SPLITS
 from flexmoe_mt.runconfig import run_config_from_dict
 from flexmoe_mt.tokenizer import Tokenizer
 from flexmoe_mt.train import CHECKPOINT, TOKENIZER, TrainedModel, build_model, load_trained
 from flexmoe_mt.translation import TranslationModel
 
 DESCRIPTION = "translation_run.json"
+# What save_extracted and flexmoe-mt eval write into an extracted directory (a rerun replaces them).
+EXTRACTED_FILES = (
+    WEIGHTS_FILE,
+    DESCRIPTION_FILE,
+    TOKENIZER,
+    DESCRIPTION,
+    *(f"eval-{split}.json" for split in (*SPLITS, "tsv")),
+)
 
 
 def stack_task_ids(

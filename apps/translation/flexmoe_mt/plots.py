@@ -13,13 +13,13 @@ import torch
 
 from flexmoe.layer import MoELayer
 from flexmoe.task import expert_usage
+from flexmoe_mt import runfiles
 from flexmoe_mt.batching import EncodedPairs, in_order_batches, model_inputs
 from flexmoe_mt.translation import TranslationModel
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    return runfiles.read_metrics(Path(run_dir) / runfiles.METRICS)
 
 
 def plot_losses(records: list[dict], path: Path) -> None:

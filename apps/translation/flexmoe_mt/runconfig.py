@@ -4,7 +4,6 @@ read into typed dataclasses. Unknown tables or keys are errors that name them.""
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,7 +11,7 @@ from typing import Any, Literal
 
 import tomllib
 
-from flexmoe_mt.config import ModelConfig, check_int
+from flexmoe_mt.config import ModelConfig, check_int, check_number, check_text
 
 DataSource = Literal["cldr_demo", "tsv"]
 DATA_SOURCES = ("cldr_demo", "tsv")
@@ -37,10 +36,13 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.source not in DATA_SOURCES:
             raise ValueError(f"data.source must be one of {DATA_SOURCES}, got {self.source!r}")
+        for name in ("train", "valid", "test"):
+            check_text(f"data.{name}", getattr(self, name))
+        check_text("data.cache_dir", self.cache_dir, empty=False)
         if self.source == "tsv" and not self.train:
             raise ValueError("data.train (a TSV file) is required when data.source = 'tsv'")
-        if not self.temperature > 0:
-            raise ValueError(f"data.temperature must be > 0, got {self.temperature!r}")
+        check_int("data.vocab_size", self.vocab_size, 8)
+        check_number("data.temperature", self.temperature, strict=True)
 
 
 BUDGET_CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
@@ -58,7 +60,10 @@ class TrainConfig:
     distill_from: a teacher's ``checkpoint.pt``: train this (dense) model on the teacher's soft
     targets (weight ``distill_weight``, rest on the references), initialised from the teacher's
     non-expert weights (Kudugunta et al.'s distillation baseline).
-    device: where the model trains (``"cpu"``, ``"cuda"``, ``"cuda:N"``); checkpoints are device-free."""
+    device: where the model trains (``"cpu"``, ``"cuda"``, ``"cuda:N"``); checkpoints are device-free.
+    collective_timeout_s: under torchrun, how long a rank waits in a collective for the others
+    before the run stops with an error naming the likely cause (a rank that crashed, hung or
+    skipped a step); raise it when one step (a validation included) legitimately takes longer."""
 
     run_dir: str = "runs/default"
     seed: int = 0
@@ -80,16 +85,18 @@ class TrainConfig:
     distill_from: str = ""
     distill_weight: float = 0.5
     device: str = "cpu"
+    collective_timeout_s: float = 300.0
 
     def __post_init__(self) -> None:
+        check_text("train.run_dir", self.run_dir, empty=False)
+        check_text("train.distill_from", self.distill_from)
+        check_number("train.collective_timeout_s", self.collective_timeout_s, strict=True)
         for name in ("batch_size", "log_every", "eval_every", "checkpoint_every", "valid_sentences", "max_new_tokens"):
             check_int(f"train.{name}", getattr(self, name), 1)
         for name in ("max_steps", "warmup_steps", "threads", "seed"):
             check_int(f"train.{name}", getattr(self, name), 0)
         for name in ("lr", "max_minutes", "weight_decay", "label_smoothing", "clip_norm", "distill_weight"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise ValueError(f"train.{name} must be a finite number >= 0, got {value!r}")
+            check_number(f"train.{name}", getattr(self, name))
         if not isinstance(self.device, str) or self.device.split(":")[0] not in ("cpu", "cuda"):
             raise ValueError(f"train.device must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
         if self.budget_clock not in BUDGET_CLOCKS:
@@ -147,9 +154,9 @@ def load_run_config(path: str | Path) -> RunConfig:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist")
-    with path.open("rb") as handle:
-        values = tomllib.load(handle)
     try:
+        with path.open("rb") as handle:
+            values = tomllib.load(handle)
         return run_config_from_dict(values)
     except ValueError as error:
         raise ValueError(f"{path}: {error}") from error

@@ -38,7 +38,14 @@ class Tokenizer:
 
     def __init__(self, model_file: str | Path, target_languages: Sequence[str]) -> None:
         self.model_file = Path(model_file)
-        self.processor = spm.SentencePieceProcessor(model_file=str(self.model_file))
+        if not self.model_file.is_file():
+            raise FileNotFoundError(f"{self.model_file} does not exist: the model directory is incomplete")
+        try:
+            self.processor = spm.SentencePieceProcessor(model_file=str(self.model_file))
+        except (RuntimeError, OSError) as error:
+            raise ValueError(
+                f"{self.model_file} is truncated or corrupted ({error}); restore it from a copy of the run"
+            ) from None
         self.target_languages = list(target_languages)
         self.tag_ids = {lang: self.processor.piece_to_id(language_tag(lang)) for lang in self.target_languages}
 

@@ -1,16 +1,19 @@
 """Training: ``flexmoe-mt train --config apps/translation/configs/<name>.toml``.
 
-A run directory holds ``config.toml``-equivalent ``checkpoint.pt`` (model, optimizer, sampler
-and RNG state, step, elapsed time: a killed run resumes on the same loss curve),
-``tokenizer.model``, ``metrics.jsonl`` and PNG plots. Under ``torchrun`` the MoE layers shard
+A run directory holds ``checkpoint.pt`` (the run config, model, optimizer, sampler and RNG
+state, step, elapsed time and the open logging window: a killed run resumes on the same loss
+curve), ``tokenizer.model``, ``metrics.jsonl``, PNG plots, and the markers of
+:mod:`flexmoe_mt.runfiles` (which files are the run's; whether it finished). Under ``torchrun`` the MoE layers shard
 their experts over the ranks and the checkpoint keeps this format (:mod:`flexmoe_mt.distributed`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import pickle
 import random
 import shutil
 import time
@@ -36,13 +39,24 @@ from flexmoe_mt.data.sampler import TemperatureSampler
 from flexmoe_mt.distributed import RunGroup
 from flexmoe_mt.evaluate import generate_ids, score
 from flexmoe_mt.runconfig import BUDGET_CLOCKS, DataConfig, RunConfig, run_config_from_dict
+from flexmoe_mt.runfiles import (
+    CHECKPOINT,
+    FINISHED,
+    MANIFEST,
+    METRICS,
+    SHARDS,
+    TOKENIZER,
+    finished_step,
+    is_run_dir,
+    mark_finished,
+    read_metrics,
+    write_manifest,
+    write_metrics,
+)
 from flexmoe_mt.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer, train_tokenizer
 from flexmoe_mt.translation import TranslationModel
 
-CHECKPOINT = "checkpoint.pt"
-SHARDS = "shards"  # under torchrun: each rank's part of the latest checkpoint (flexmoe.checkpoint)
-METRICS = "metrics.jsonl"
-TOKENIZER = "tokenizer.model"
+__all__ = ["CHECKPOINT", "TOKENIZER", "TrainedModel", "Trainer", "load_trained", "read_checkpoint", "train"]
 
 
 def load_corpus(data: DataConfig) -> Corpus:
@@ -86,11 +100,25 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         path = path / CHECKPOINT
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: train a model first (flexmoe-mt train --config ...)")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as error:
+        # Written atomically, so damaged afterwards (a copy cut short, a full disk elsewhere).
+        raise ValueError(
+            f"{path} is truncated or corrupted ({type(error).__name__}: {error}); restore it from a copy, "
+            "or start the run over with flexmoe-mt train --fresh"
+        ) from None
+    if not isinstance(state, dict) or not {"run_config", "model", "step"} <= state.keys():
+        raise ValueError(f"{path} is not a checkpoint written by flexmoe-mt train (no run_config, model, step)")
+    return state
 
 
 def load_trained(run_dir: str | Path) -> TrainedModel:
-    """The model saved in ``run_dir`` (its ``checkpoint.pt`` and ``tokenizer.model``), in eval mode."""
+    """The model saved in ``run_dir`` (its ``checkpoint.pt`` and ``tokenizer.model``; the path of
+    the ``checkpoint.pt`` itself is accepted too), in eval mode."""
+    run_dir = Path(run_dir)
+    if run_dir.is_file():
+        run_dir = run_dir.parent
     state = read_checkpoint(run_dir)
     run = run_config_from_dict(state["run_config"])
     tasks = TaskTable.from_dict(state)
@@ -98,6 +126,14 @@ def load_trained(run_dir: str | Path) -> TrainedModel:
     model = build_model(run, tokenizer, tasks, SINGLE_PROCESS)  # every expert, even under torchrun
     model.load_state_dict(state["model"])
     return TrainedModel(model.eval(), tokenizer, tasks, run)
+
+
+def fingerprint(pairs: list[Pair]) -> str:
+    """SHA-256 of the pairs' text and languages, in order: tells a corpus edited in place."""
+    digest = hashlib.sha256()
+    for pair in pairs:
+        digest.update("\t".join((pair.source_lang, pair.target_lang, pair.source, pair.target)).encode() + b"\n")
+    return digest.hexdigest()
 
 
 def learning_rate(step: int, peak: float, warmup: int) -> float:
@@ -131,15 +167,20 @@ class Trainer:
         self.ranks = RunGroup.current()  # under torchrun: expert parallelism, see flexmoe_mt.distributed
         self.progress = progress and self.ranks.is_main
         self.run_dir = Path(self.config.run_dir)
+        check_run_dir(self.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.config.threads:
             torch.set_num_threads(self.config.threads)
         torch.manual_seed(self.config.seed)
+        self.device = self._device()  # before the data work: a wrong device is a setup error
         corpus = corpus if corpus is not None else self.ranks.main_first(lambda: load_corpus(run.data))
         self.teacher: TranslationModel | None = None
         teacher = load_trained(self.config.distill_from) if self.config.distill_from else None
         resume = (self.run_dir / CHECKPOINT).is_file()
+        read_metrics(self.run_dir / METRICS)  # a damaged record is an error now, not after the setup
         self.ranks.barrier()  # no rank writes the run directory before every rank has looked
+        if self.ranks.is_main and not (self.run_dir / MANIFEST).is_file():
+            write_manifest(self.run_dir)  # first, so that --fresh knows the files that follow as the run's
         if resume:
             state = read_checkpoint(self.run_dir)
             tasks = TaskTable.from_dict(state)
@@ -159,7 +200,6 @@ class Trainer:
         self.ranks.barrier()
         self.tokenizer = Tokenizer(self.run_dir / TOKENIZER, tasks.target_languages)
         self.tasks = tasks
-        self.device = self._device()
         # Under torchrun the MoE layers shard their experts over the world group.
         expert_group = torch.distributed.group.WORLD if self.ranks.distributed else None
         self.model = build_model(run, self.tokenizer, tasks, expert_group)
@@ -171,6 +211,7 @@ class Trainer:
         self.model.to(self.device)
         max_len = self.model.config.max_len
         self.train_data = encode_pairs(corpus["train"], self.tokenizer, tasks, max_len)
+        self.data_fingerprint = fingerprint(corpus["train"])
         valid: list[Pair] = corpus.splits.get("valid") or corpus["train"]
         # A seeded random subset: the corpus lists pairs kind by kind, so a prefix would be one kind.
         picked = sorted(random.Random(0).sample(range(len(valid)), min(self.config.valid_sentences, len(valid))))
@@ -182,6 +223,9 @@ class Trainer:
         )
         self.optimizer = self._optimizer(self.model)
         self.step, self.elapsed_s = 0, 0.0
+        # Train losses since the last logged record: saved with a checkpoint, so the first record
+        # after a resume averages the same steps as without the interruption.
+        self.log_window: dict[str, list[float]] = {"loss": [], "aux_loss": []}
         if resume:
             self._restore(state)
 
@@ -189,6 +233,11 @@ class Trainer:
         device = torch.device(self.config.device)
         if self.ranks.distributed and device.type == "cuda" and device.index is None:
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))  # torchrun's GPU for this rank
+        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+            raise ValueError(
+                f"train.device {self.config.device!r}: this machine has {torch.cuda.device_count()} CUDA "
+                "device(s) visible to torch; use 'cpu' or another index"
+            )
         return device
 
     def _optimizer(self, model: TranslationModel) -> torch.optim.Optimizer:
@@ -207,6 +256,7 @@ class Trainer:
             raise ValueError(
                 f"{self.run_dir} holds a checkpoint of a different [model]; use another train.run_dir or --fresh"
             )
+        self._check_same_data(state)
         if self.ranks.distributed:  # the full checkpoint, resharded to this world through flexmoe.checkpoint
             if self.ranks.is_main:
                 local, optimizer = self._single_process_copy()
@@ -226,8 +276,25 @@ class Trainer:
         if self.device.type == "cuda" and state.get("cuda_rng") is not None:
             torch.cuda.set_rng_state(state["cuda_rng"], self.device)
         self.step, self.elapsed_s = state["step"], state["elapsed_s"]
-        if self.ranks.is_main:
-            self._truncate_metrics(self.step)
+        self.log_window = state["log_window"]
+
+    def _check_same_data(self, state: dict[str, Any]) -> None:
+        """Refuse to resume on another corpus: the sampler state and the tokenizer belong to the
+        checkpoint's data, so a resume on other data would train a model no one asked for."""
+        saved, current = state["run_config"]["data"], self.run_config.to_dict()["data"]
+        differing = sorted(key for key in current if key != "cache_dir" and saved.get(key) != current[key])
+        if differing:
+            changes = ", ".join(f"data.{key} {saved.get(key)!r} -> {current[key]!r}" for key in differing)
+            raise ValueError(
+                f"{self.run_dir} holds a checkpoint trained on other data ({changes}); restore the run file, "
+                "or use another train.run_dir or --fresh"
+            )
+        if state.get("data_fingerprint", self.data_fingerprint) != self.data_fingerprint:
+            source = self.run_config.data.train or "the corpus"
+            raise ValueError(
+                f"the training pairs in {source} changed since {self.run_dir}'s checkpoint; restore them, "
+                "or use another train.run_dir or --fresh"
+            )
 
     def _single_process_copy(self) -> tuple[TranslationModel, torch.optim.Optimizer]:
         """A model holding every expert (and its optimizer), on the CPU: what rank 0 validates,
@@ -268,6 +335,8 @@ class Trainer:
                 "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
                 "step": self.step,
                 "elapsed_s": self.elapsed_s,
+                "log_window": self.log_window,
+                "data_fingerprint": self.data_fingerprint,
             }
             partial = self.run_dir / (CHECKPOINT + ".partial")
             torch.save(state, partial)
@@ -275,12 +344,18 @@ class Trainer:
         self.ranks.barrier()  # rank 0 has read the shards before any rank writes new ones
         return self.run_dir / CHECKPOINT
 
-    def _truncate_metrics(self, step: int) -> None:
-        """Drop records logged after the checkpoint, which the resumed run logs again."""
+    def _truncate_metrics(self, step: int, keep_final_validation: bool = True) -> None:
+        """Drop records logged after the checkpoint at ``step`` (the resumed run logs them again),
+        and a torn last line; ``keep_final_validation=False`` drops ``step``'s validation too."""
         path = self.run_dir / METRICS
         if path.is_file():
-            records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-            path.write_text("".join(json.dumps(r) + "\n" for r in records if r["step"] <= step))
+            records = read_metrics(path)
+            kept = [
+                r
+                for r in records
+                if r["step"] < step or (r["step"] == step and (keep_final_validation or r["split"] != "valid"))
+            ]
+            write_metrics(path, kept)
 
     def log(self, record: dict[str, Any]) -> None:
         with (self.run_dir / METRICS).open("a") as handle:
@@ -370,24 +445,41 @@ class Trainer:
         return record, gathered
 
     def run(self) -> Path:
-        """Train until ``max_steps`` or ``max_minutes``; returns the run directory."""
+        """Train until ``max_steps`` or ``max_minutes``, then validate, checkpoint, plot and mark the
+        run finished (in that order: a run killed before the mark finishes them when resumed);
+        returns the run directory."""
         config = self.config
         first_step = self.step
         finished = self.done()
+        complete = finished and finished_step(self.run_dir) == self.step
         if first_step and self.ranks.is_main:
             # Said even without a progress bar: a rerun must not silently pass for a new run.
-            state = "already trained to its budget: reusing it" if finished else "resuming it"
+            state = (
+                "already trained to its budget: reusing it"
+                if complete
+                else "trained to its budget, finishing its validation and plots"
+                if finished
+                else "resuming it"
+            )
             print(f"{self.run_dir}: checkpoint at step {first_step}, {state} (--fresh starts over)", flush=True)
+        if complete:
+            return self.run_dir
+        if self.ranks.is_main:
+            # Records after the checkpoint (from step 0: of an attempt killed before its first one)
+            # are logged again; so is the final validation of a run killed before its mark.
+            self._truncate_metrics(self.step, keep_final_validation=not finished)
+            (self.run_dir / FINISHED).unlink(missing_ok=True)  # training on: not finished any more
+        self.ranks.barrier()
         bar = tqdm(total=config.max_steps or None, initial=self.step, disable=not self.progress, unit="step")
-        window_loss, window_aux, window_tokens, window_start = [], [], 0, time.perf_counter()
+        window_tokens, window_start = 0, time.perf_counter()
         clock = BUDGET_CLOCKS[config.budget_clock]
         while not finished:
             started = clock()
             loss, aux, tokens = self.train_step()
             self.elapsed_s += clock() - started
             finished = self.done()  # every rank stops at the same step
-            window_loss.append(loss)
-            window_aux.append(aux)
+            self.log_window["loss"].append(loss)
+            self.log_window["aux_loss"].append(aux)
             window_tokens += tokens
             bar.update(1)
             if self.step % config.log_every == 0:
@@ -395,8 +487,7 @@ class Trainer:
                 record = {
                     "step": self.step,
                     "split": "train",
-                    "loss": sum(window_loss) / len(window_loss),
-                    "aux_loss": sum(window_aux) / len(window_aux),
+                    **{name: sum(values) / len(values) for name, values in self.log_window.items()},
                     "tokens_per_s": window_tokens / max(seconds, 1e-9),
                     "lr": self.optimizer.param_groups[0]["lr"],
                     "elapsed_s": self.elapsed_s,
@@ -404,28 +495,41 @@ class Trainer:
                 if self.ranks.is_main:
                     self.log(record)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
-                window_loss, window_aux, window_tokens, window_start = [], [], 0, time.perf_counter()
+                self.log_window = {name: [] for name in self.log_window}
+                window_tokens, window_start = 0, time.perf_counter()
             validated = self.step % config.eval_every == 0 and not finished
             if validated:
                 _, gathered = self._validate_everywhere()
                 window_start = time.perf_counter()  # tokens/s measures training only
             if self.step % config.checkpoint_every == 0 and validated:
                 self._write_checkpoint(gathered)
-            elif self.step % config.checkpoint_every == 0:
+            elif self.step % config.checkpoint_every == 0 and not finished:
                 self.save_checkpoint()
         bar.close()
-        if self.step == first_step and first_step > 0:
-            return self.run_dir  # resumed a finished run: nothing new to validate or plot
         record, gathered = self._validate_everywhere()
-        self._write_checkpoint(gathered)
+        if self.step != first_step:
+            self._write_checkpoint(gathered)
         if self.ranks.is_main:
             if self.progress:
                 print(f"step {self.step}: valid loss {record['loss']:.3f}, chrF {record['chrf']:.1f}")
             from flexmoe_mt.plots import plot_run  # matplotlib only once there is something to draw
 
             plot_run(self.run_dir, gathered[0], self.valid_data, list(self.tasks.target_languages))
+            mark_finished(self.run_dir, self.step)
         self.ranks.barrier()
         return self.run_dir
+
+
+def check_run_dir(run_dir: Path) -> None:
+    """``ValueError`` naming ``train.run_dir`` when it holds files but is not a run's: a run writes
+    only into a new, empty or run directory, so that ``--fresh`` never meets a user's files."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"train.run_dir {str(run_dir)!r} is a file, not a directory; choose another train.run_dir")
+    if run_dir.is_dir() and not is_run_dir(run_dir) and any(run_dir.iterdir()):
+        raise ValueError(
+            f"train.run_dir {str(run_dir)!r} holds files but is not a training run (no {MANIFEST}); "
+            "choose a new or empty directory"
+        )
 
 
 def train(run: RunConfig, corpus: Corpus | None = None, progress: bool = True) -> Path:

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from flexmoe.cli import CommandParser
+from flexmoe.cli import CommandParser, int_at_least
+from flexmoe.commands.outputs import check_output_directory
 from flexmoe_mt.data.corpus import SPLITS
 
 
@@ -16,21 +17,23 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--task", required=True, help="target language (fr) or direction (en-fr)")
     parser.add_argument("--out", help="output directory (default: RUN/extract-TASK)")
     parser.add_argument("--split", default="test", choices=SPLITS, help="split to compare scores on (default: test)")
-    parser.add_argument("--limit", type=int, default=0, help="at most this many sentences (0: all)")
+    parser.add_argument("--limit", type=int_at_least(0), default=0, help="at most this many sentences (0: all)")
     args = parser.parse_args(argv)
     from flexmoe_mt.compare import compare_extracted
-    from flexmoe_mt.extraction import extract_direction, save_extracted
+    from flexmoe_mt.extraction import EXTRACTED_FILES, extract_direction, save_extracted
     from flexmoe_mt.train import load_trained
 
     source_lang, _, target_lang = args.task.rpartition("-")
+    out = Path(args.out) if args.out else Path(args.model) / f"extract-{args.task}"
     try:
+        check_output_directory("--out", out, EXTRACTED_FILES)
         trained = load_trained(args.model)
-    except FileNotFoundError as error:
+    except (FileNotFoundError, ValueError) as error:  # a missing or damaged run, a directory of other files
         parser.error(str(error))
     try:
         extracted = extract_direction(trained.model, trained.tasks, target_lang, source_lang or None)
     except ValueError as error:
         parser.error(f"--task {args.task}: {error}")
-    out = save_extracted(extracted, trained, args.out or Path(args.model) / f"extract-{args.task}", args.task)
+    out = save_extracted(extracted, trained, out, args.task)
     print(f"saved {out}")
     print(compare_extracted(trained, out, args.split, args.limit, progress=True))

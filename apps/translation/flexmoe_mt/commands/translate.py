@@ -10,8 +10,9 @@ not free text."""
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
-from flexmoe.cli import CommandParser
+from flexmoe.cli import CommandParser, int_at_least
 
 
 def direction_error(trained, target_lang: str, source_lang: str) -> str | None:
@@ -41,16 +42,18 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--model", required=True, help="a run directory or an extracted sub-network directory")
     parser.add_argument("--to", dest="target_lang", required=True, help="target language code, e.g. fr")
     parser.add_argument("--from", dest="source_lang", default="en", help="source language code (default en)")
-    parser.add_argument("--beam", type=int, default=1, help="beam size (default 1: greedy)")
+    parser.add_argument("--beam", type=int_at_least(1), default=1, help="beam size (default 1: greedy)")
     parser.add_argument("file", nargs="?", help="input text, one sentence a line (default: stdin)")
     args = parser.parse_args(argv)
+    if args.file and not Path(args.file).is_file():
+        parser.error(f"input file {args.file!r} does not exist")  # before the model loads
     from flexmoe_mt.data.corpus import Pair
     from flexmoe_mt.evaluate import translate_pairs
     from flexmoe_mt.extraction import load_translation_model
 
     try:
         trained = load_translation_model(args.model)
-    except FileNotFoundError as error:
+    except (FileNotFoundError, ValueError) as error:  # missing or damaged
         parser.error(str(error))
     error = direction_error(trained, args.target_lang, args.source_lang)
     if error:

@@ -82,6 +82,8 @@ def read_tsv(path: str | Path, kind: str = "user") -> list[Pair]:
                 )
             source_lang, target_lang, source, target = (cell.strip() for cell in row)
             pairs.append(Pair(source, target, source_lang, target_lang, kind, f"{path.name}:{line_number}"))
+    if not pairs:
+        raise ValueError(f"{path} holds no pairs: expected lines of tab-separated columns {TSV_COLUMNS}")
     return pairs
 
 
