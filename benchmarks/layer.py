@@ -2,21 +2,37 @@
 
 One run measures, per config: the floor (the fastest of bmm on the padded [E, C, M] buffer,
 one addmm per expert on exact counts, and grouped_mm on exact counts: the expert FFN alone on
-exactly the rows the layer routed, no router, no dispatch), MoELayer, a per-expert Python loop
-(HuggingFace-Mixtral style, no capacity), the router's GEMM alone (part of every MoE row, not of
-the floor), the token movement alone (gathering each routed row for its expert and
-scatter-adding the gate-weighted outputs back, fwd+bwd: also part of every MoE row, not of the
-floor), a bound no MoE layer can beat (the floor plus those two rows: routing itself, the softmax
-and top-k, is left out, so the true bound is higher), the one-hot/einsum reference, and DeepSpeed-MoE when
-``deepspeed`` is importable (``make bench-venv``; same weights, CPU accelerator, a world-1 gloo group). Candidates are
-interleaved per repeat and the median is reported. Upstream gradients are dense random
-tensors (``out.sum().backward()`` would hand back a stride-0 gradient that sends CPU bmm
-backward onto a slow path). Gradients are set to None before each timed call, as a training
+exactly the rows the layer routed, no router, no dispatch), MoELayer, the per-expert loop as
+transformers' Mixtral sparse block writes it (``HFStyleMoE``: one-hot expert mask,
+``torch.where`` and an index gather per expert, ``nn.Linear`` per expert, ``index_add_`` back, no
+capacity), the router's GEMM alone (part of every MoE row, not of the floor), the token movement
+alone (gathering each routed row for its expert and scatter-adding the gate-weighted outputs
+back, fwd+bwd: also part of every MoE row, not of the floor), a bound no MoE layer can beat (the
+floor plus those two rows: routing itself, the softmax and top-k, is left out, so the true bound
+is higher), the one-hot/einsum reference, and DeepSpeed-MoE when ``deepspeed`` is importable
+(``make bench-venv``; same weights, CPU accelerator, a world-1 gloo group). Upstream gradients are
+dense random tensors (``out.sum().backward()`` would hand back a stride-0 gradient that sends CPU
+bmm backward onto a slow path). Gradients are set to None before each timed call, as a training
 step's ``optimizer.zero_grad()`` does, so no row pays (or skips) accumulating into old ones. The
 per-expert floor holds one weight tensor per expert (HF's ``nn.Linear`` per expert), so its
-gradients are never stacked into ``[E, ...]``. ``--memory`` adds the peak RSS of each row, one subprocess per row.
+gradients are never stacked into ``[E, ...]``.
 
-    python benchmarks/layer.py [--threads 1] [--repeats 5] [--quick] [--memory] [--only 'E64 k1']
+Two modes:
+
+* in-process (default): every row built in one process, one warm-up call each, then the rows
+  interleaved per repeat, median of ``--repeats``;
+* ``--fresh``: each row of each config in its own new Python process, ``--warmup`` (6) untimed
+  steps, then ``--repeats`` (5) timed ones, median: what a training loop sees. In one process the
+  rows warm each other's memory: freed pages stay mapped for the next row, so no row pays page
+  faults; alone, a row that allocates large tensors every step gets fresh pages from the kernel
+  each step (glibc trims its heap), a fault per 4 KB (see docs/benchmarks.md).
+
+Each row is reported in wall time and in CPU time of the process (``time.process_time``: user +
+system, all threads; the fairer figure while other jobs share the cores), with its minor page
+faults per step. ``--memory`` adds the peak RSS of each row, one subprocess per row.
+
+    python benchmarks/layer.py [--fresh] [--threads 1] [--repeats 5] [--quick] [--memory] [--only 'E64 k1']
+                               [--rows floor:addmm MoELayer loop 'of which']
 """
 
 from __future__ import annotations
