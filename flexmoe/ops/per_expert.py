@@ -47,12 +47,15 @@ def _activate(activation: Callable, pre: torch.Tensor, out: torch.Tensor | None)
     return activation(pre) if into is None or out is None else into(pre, out)
 
 
-def _activation_backward(activation: Callable, pre: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+def _activation_backward(
+    activation: Callable, pre: torch.Tensor, grad: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """The gradient of ``activation(pre)``'s input given its output's gradient ``grad``; built-in
-    activations write it over ``grad`` (which the caller no longer needs)."""
+    activations write it into ``out``, or over ``grad`` (which the caller no longer needs) when
+    ``out`` is None."""
     derivative = _DERIVATIVES_INTO.get(activation)
     if derivative is not None:
-        return derivative(grad, pre, grad)
+        return derivative(grad, pre, grad if out is None else out)
     with torch.enable_grad():  # any other callable: autograd on a recomputed piece
         leaf = pre.detach().requires_grad_()
         return torch.autograd.grad(activation(leaf), leaf, grad)[0]
@@ -202,7 +205,9 @@ class PerExpertFFN(torch.autograd.Function):
                 if gate_in is not None:
                     grad_gate = torch.mul(grad_hidden, activated, out=rows_out("grad_gate", count, pre))
                     grad_hidden.mul_(gate_in)
-                grad_pre = _activation_backward(ctx.activation, pre, grad_hidden)
+                # Into the [rows, H] temporary (free again here), not over its input: written in place,
+                # gelu_backward took ~35% more CPU time (one E8 step: 30 ms against 22 ms).
+                grad_pre = _activation_backward(ctx.activation, pre, grad_hidden, rows_out("h", count, pre))
                 del grad_hidden
                 if gw1 is not None:
                     torch.mm(piece.t(), grad_pre, out=gw1[e])
