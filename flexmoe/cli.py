@@ -8,7 +8,7 @@ import sys
 # command -> (module with main(argv), one-line help). Modules load only when their command runs.
 COMMANDS: dict[str, tuple[str, str]] = {
     "helloworld": ("flexmoe.examples.helloworld", "train one MoE layer on synthetic data"),
-    "checkpoint": ("flexmoe.checkpoint_cli", "convert a checkpoint to another world size"),
+    "checkpoint": ("flexmoe.checkpoint_cli", "export a checkpoint's model as one safetensors file"),
     "extract": ("flexmoe.commands.extract", "save one task's sub-network (task-routed layers made dense)"),
     "infer": ("flexmoe.commands.infer", "run mixed-task inputs through per-task sub-networks"),
     "mt": ("flexmoe.models.commands", "translation model: mt train|eval|translate|extract|throughput"),

@@ -43,8 +43,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from flexmoe.checkpoint import expert_tensor_specs
 from flexmoe.config import MoEConfig
+from flexmoe.distributed.placements import expert_hidden_axes
 from flexmoe.layer import MoELayer
 from flexmoe.parallel import HIDDEN_AXIS, SINGLE_PROCESS, ParallelConfig, ParallelGroups
 from flexmoe.parallel.config import check_parallel_config
@@ -342,11 +342,11 @@ def _build_sharded_layer(
     """
     layer = MoELayer(conversion.config, group=groups, parallel=parallel).to(device=like.device, dtype=like.dtype)
     layout = layer.layout
-    specs = expert_tensor_specs(layer, layout.rank, layout.world_size)
+    axes = {f"experts.{name}": axis for name, axis in expert_hidden_axes(layer.experts).items()}
     # Expert tensors: a contiguous copy of this rank's part (nothing keeps the global tensor).
     state = {
-        key: layout.shard(value, specs[key].hidden_axis).clone(memory_format=torch.contiguous_format)
-        if key in specs
+        key: layout.shard(value, axes[key]).clone(memory_format=torch.contiguous_format)
+        if key in axes
         else value.contiguous()
         for key, value in conversion.state.items()
     }
