@@ -11,6 +11,7 @@ import torch.distributed as dist
 from torch import nn
 
 from flexmoe.config import MoEConfig, check_capacity_factor, check_top_k
+from flexmoe.distributed.ddp import refuse_experts_under_ddp
 from flexmoe.experts import GROUPED_DTYPES, PER_EXPERT_MIN_ROWS, FFNExperts
 from flexmoe.ops import combine, dispatch
 from flexmoe.parallel.checks import agree_across_ranks, dtype_code
@@ -146,6 +147,8 @@ class MoELayer(nn.Module):
             self.check_choice(self.parallel.default_choice)
             # Replicated parameters start equal on every rank (as DDP would make them).
             self.groups.broadcast_from_first_rank([p for _, p in non_expert_parameters(self)])
+            # DDP must not manage the expert shards: it would overwrite and average them.
+            self.register_forward_pre_hook(refuse_experts_under_ddp)
         self.aux_loss: torch.Tensor = torch.zeros(())
         self.stats: RoutingStats | None = None
         # Set by flexmoe.task.usage while it records routing; None otherwise.

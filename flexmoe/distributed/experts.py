@@ -18,7 +18,6 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
-from flexmoe.distributed.ddp import refuse_experts_under_ddp
 from flexmoe.distributed.placements import expert_hidden_axes, expert_mesh, expert_placement, mesh_for_group
 
 _MESH_ATTRIBUTE = "_flexmoe_expert_mesh"
@@ -96,7 +95,6 @@ def _distribute_layer(layer: nn.Module, mesh: DeviceMesh) -> None:
     # the local shards (registered after FSDP2's pre-forward hook runs, which prepends its own).
     layer.register_forward_pre_hook(_use_local_shards)
     layer.register_forward_hook(_drop_local_shards, always_call=True)
-    layer.register_forward_pre_hook(refuse_experts_under_ddp)
 
 
 def _dtensor_parameters(experts: nn.Module) -> list[tuple[nn.Module, str, DTensor]]:
