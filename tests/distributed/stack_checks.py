@@ -162,7 +162,8 @@ def check_dcp_resharding(rank: int, world_size: int, directory: str) -> None:
     what was saved. Two layers: 4 experts (whole at every size) and 2 (split over 2 ranks at 4)."""
     assert world_size == 4
     experts = (4, 2)
-    pair = dist.new_group([0, 1])
+    # Every rank joins one pair: flexmoe's sub-groups are named by the count of groups a rank is in.
+    pair = [dist.new_group([0, 1]), dist.new_group([2, 3])][rank // 2]
     net, optimizer = _trained(None, experts, world_size, rank, 4)
     saved = {4: _global_state(net, optimizer)}
     save_checkpoint(f"{directory}/w4", net, optimizer, extra={"step": 4})
@@ -176,15 +177,14 @@ def check_dcp_resharding(rank: int, world_size: int, directory: str) -> None:
         save_checkpoint(f"{directory}/w1", net1, optimizer1)
     dist.barrier()
     for source in (4, 2, 1):
-        expected = saved.get(source) or _broadcast_state(saved.get(source), source)
+        expected = _from_rank_0(saved.get(source))
         fresh, fresh_optimizer = _fresh(None, experts, seed=5 + rank)
         extra = load_checkpoint(f"{directory}/w{source}", fresh, fresh_optimizer)
         _assert_same_state(_global_state(fresh, fresh_optimizer), expected, f"saved at {source}, loaded at 4")
         assert extra == ({"step": 4} if source == 4 else None)
-        if rank < 2:
-            fresh, fresh_optimizer = _fresh(pair, experts, seed=7 + rank)
-            load_checkpoint(f"{directory}/w{source}", fresh, fresh_optimizer, process_group=pair)
-            _assert_same_state(_global_state(fresh, fresh_optimizer), expected, f"saved at {source}, loaded at 2")
+        fresh, fresh_optimizer = _fresh(pair, experts, seed=7 + rank)  # each pair loads at world 2
+        load_checkpoint(f"{directory}/w{source}", fresh, fresh_optimizer, process_group=pair)
+        _assert_same_state(_global_state(fresh, fresh_optimizer), expected, f"saved at {source}, loaded at 2")
         if rank == 0:
             fresh, fresh_optimizer = _fresh(SINGLE_PROCESS, experts, seed=9)
             load_checkpoint(f"{directory}/w{source}", fresh, fresh_optimizer)
@@ -195,8 +195,8 @@ def check_dcp_resharding(rank: int, world_size: int, directory: str) -> None:
         save_checkpoint(f"{directory}/plain", Net(None, experts))
 
 
-def _broadcast_state(state: dict | None, source: int) -> dict:
-    """Rank 0's copy of the state saved at ``source`` ranks, on every rank."""
+def _from_rank_0(state: dict | None) -> dict:
+    """Rank 0's copy of a saved state, on every rank."""
     box = [state]
     dist.broadcast_object_list(box, src=0)
     return box[0]
