@@ -1,11 +1,12 @@
 """Run-time tuner: pick the fastest equivalent way to run an MoE layer call, per workload.
 
-The layer offers candidates (:class:`Choice`, an alias of
+A layer's executor offers candidates (:class:`Choice`, an alias of
 :class:`flexmoe.parallel.ParallelChoice`: parallel degree ``r``, overlap degree ``d``,
-all-to-all algorithm) that it guarantees give the same result, and a :class:`TuningKey` that
-describes the workload (world size, capacity bucket, shapes, dtype, device). For each key the
-:class:`Tuner` hands out every candidate ``trials_per_candidate`` times in turn, collects the
-measured seconds, then fixes the candidate with the smallest median time and keeps using it.
+all-to-all algorithm, exact counts or padded blocks) that it guarantees give the same result,
+and a :class:`TuningKey` that describes the workload (world size, capacity bucket, shapes,
+dtype, device). For each key the :class:`Tuner` hands out every candidate
+``trials_per_candidate`` times in turn, collects the measured seconds, then fixes the
+candidate with the smallest median time and keeps using it.
 Decisions persist to a JSON cache so a rerun starts tuned.
 
 Every rank must run the same candidate or the collectives inside the layer hang, so under
@@ -13,7 +14,7 @@ Every rank must run the same candidate or the collectives inside the layer hang,
 slowest rank sets the step time): one small all_reduce per key, at decision time only.
 
 The tuner only ever sees keys, choices and seconds, never tensor values, so tuning cannot
-change results. This module does not import :mod:`flexmoe.layer` (the layer imports it).
+change results. This module imports neither :mod:`flexmoe.layer` nor :mod:`flexmoe.executors` (they import it).
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ from flexmoe.parallel.config import ParallelChoice, check_int
 
 CACHE_FORMAT = "flexmoe-tuner-cache"
 # 2: keys gained shards_per_expert (layouts with different candidates no longer share a key).
-CACHE_VERSION = 2
+# 3: choices gained exact (decisions taken among padded candidates only are tuned again).
+CACHE_VERSION = 3
 
 
 # One choice type for the layer and the tuner: the parallel package's (the lower layer).

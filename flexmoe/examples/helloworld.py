@@ -110,6 +110,7 @@ def main(argv: list[str] | None = None) -> float:
         gated=args.gated,
         parallel=ParallelConfig(args.parallel_degree, args.overlap_degree, args.a2a, args.local_world_size),
         tuner=tuner,
+        group=dist.group.WORLD if distributed else None,  # expert parallel over every rank
     ).to(args.device)
     optimizer = torch.optim.Adam(layer.parameters(), lr=args.lr)
     if rank == 0:

@@ -165,7 +165,7 @@ def main_expert_parallel(args: argparse.Namespace) -> dict[str, float]:
     torch.manual_seed(args.seed)  # the same model and corpus on every rank
     model = build_model(args).float().to(device)
     corpus = torch.randint(0, model.config.vocab_size, (8, 4, 24), device=device)
-    difference = convert(model, corpus[0], **AUX_LOSS)  # every rank: the world group
+    difference = convert(model, corpus[0], group=dist.group.WORLD, **AUX_LOSS)  # every rank: the world group
     layout = flexmoe_layers(model)[0].layout
     say(
         f"converted {len(flexmoe_layers(model))} MoE blocks over {world_size} ranks ({layout.local_experts} of "

@@ -1,8 +1,8 @@
 """Training the translation model under ``torchrun``: who does what, and the checkpoint bridge.
 
 Under ``torchrun`` (``torch.distributed`` initialised with more than one rank) every MoE layer
-of the model shards its experts over the world group (expert parallelism, as
-:class:`flexmoe.MoELayer` does by default), and each rank trains on its share of every batch:
+of the model shards its experts over the world group (expert parallelism: the trainer passes
+the world group to :class:`flexmoe.MoELayer`), and each rank trains on its share of every batch:
 
 * every rank draws the same global batch of ``train.batch_size`` pairs (one sampler, one seed)
   and takes every ``world_size``-th pair from its rank on, so the run sees the same data as a

@@ -160,7 +160,9 @@ class Trainer:
         self.tokenizer = Tokenizer(self.run_dir / TOKENIZER, tasks.target_languages)
         self.tasks = tasks
         self.device = self._device()
-        self.model = build_model(run, self.tokenizer, tasks)
+        # Under torchrun the MoE layers shard their experts over the world group.
+        expert_group = torch.distributed.group.WORLD if self.ranks.distributed else None
+        self.model = build_model(run, self.tokenizer, tasks, expert_group)
         self.ranks.broadcast_replicated(self.model)  # the experts are each rank's own
         if teacher is not None:
             self.teacher = teacher.model.to(self.device)

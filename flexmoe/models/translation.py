@@ -64,7 +64,7 @@ class Attention(nn.Module):
 
 def make_ffn(config: ModelConfig, index: int, routing: Routing, group: Any = None) -> nn.Module:
     """The FFN of layer ``index`` of a stack routed by ``routing``: MoE or dense. ``group``: the
-    MoE layers' process group (``MoELayer``'s rule: None = the world group under torchrun)."""
+    MoE layers' process group (``MoELayer``'s rule: None = local, every expert in this process)."""
     if not config.is_moe_layer(index):
         return FeedForward(config.model_dim, config.ffn_dim)
     num_tasks = {"target": config.num_target_langs, "langpair": config.num_lang_pairs}.get(routing)
@@ -158,8 +158,8 @@ class TranslationModel(nn.Module):
     Token ids: source ``[B, S]`` (``<2xx>`` tag first, ``eos`` last, ``pad_id`` after), target
     input ``[B, T]`` (``bos`` first). ``target_lang``/``lang_pair``: ``[B]`` task ids.
     After a forward, :meth:`aux_loss` is the sum of the MoE layers' balance losses.
-    ``group``: the MoE layers' process group (``MoELayer``'s rule: None shards the experts over
-    the world group under torchrun; ``flexmoe.parallel.SINGLE_PROCESS`` keeps them all).
+    ``group``: the MoE layers' process group (``MoELayer``'s rule: a process group shards the
+    experts over it; None keeps them all in this process).
     """
 
     def __init__(self, config: ModelConfig, group: Any = None) -> None:

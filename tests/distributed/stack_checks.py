@@ -100,7 +100,7 @@ def check_dtensor_experts(rank: int, world_size: int) -> None:
     """State dicts carry global shapes and placements; outputs and gradients are unchanged."""
     reference = reference_net()
     x = global_batch(world_size)
-    net = twin(reference, None)
+    net = twin(reference, dist.group.WORLD)
     plain_out = net(mine(x, rank))
     distribute_experts(net)
     for layer in net.moe:
@@ -164,7 +164,7 @@ def check_dcp_resharding(rank: int, world_size: int, directory: str) -> None:
     experts = (4, 2)
     # Every rank joins one pair: flexmoe's sub-groups are named by the count of groups a rank is in.
     pair = [dist.new_group([0, 1]), dist.new_group([2, 3])][rank // 2]
-    net, optimizer = _trained(None, experts, world_size, rank, 4)
+    net, optimizer = _trained(dist.group.WORLD, experts, world_size, rank, 4)
     saved = {4: _global_state(net, optimizer)}
     save_checkpoint(f"{directory}/w4", net, optimizer, extra={"step": 4})
     if rank < 2:
@@ -178,7 +178,7 @@ def check_dcp_resharding(rank: int, world_size: int, directory: str) -> None:
     dist.barrier()
     for source in (4, 2, 1):
         expected = _from_rank_0(saved.get(source))
-        fresh, fresh_optimizer = _fresh(None, experts, seed=5 + rank)
+        fresh, fresh_optimizer = _fresh(dist.group.WORLD, experts, seed=5 + rank)
         extra = load_checkpoint(f"{directory}/w{source}", fresh, fresh_optimizer)
         _assert_same_state(_global_state(fresh, fresh_optimizer), expected, f"saved at {source}, loaded at 4")
         assert extra == ({"step": 4} if source == 4 else None)
@@ -192,7 +192,7 @@ def check_dcp_resharding(rank: int, world_size: int, directory: str) -> None:
         dist.barrier()
     # Plain local expert shards would be saved as copies of one tensor: refused.
     with pytest.raises(ValueError, match="distribute_experts"):
-        save_checkpoint(f"{directory}/plain", Net(None, experts))
+        save_checkpoint(f"{directory}/plain", Net(dist.group.WORLD, experts))
 
 
 def _from_rank_0(state: dict | None) -> dict:
@@ -212,7 +212,7 @@ def check_fsdp_2d(rank: int, world_size: int) -> None:
     reference = reference_net()
     x = global_batch(world_size)
     loss_of(reference(x)).backward()
-    net = twin(reference, mesh["ep"].get_group())
+    net = twin(reference, mesh)  # the layers take the mesh: its "ep" dimension
     distribute_experts(net, mesh["ep"])
     apply_fsdp(net, mesh)
     loss = loss_of(net(mine(x, rank)))
@@ -247,13 +247,13 @@ def check_ddp(rank: int, world_size: int) -> None:
     x = global_batch(world_size)
     loss_of(reference(x)).backward()
 
-    plain = twin(reference, None)
+    plain = twin(reference, dist.group.WORLD)
     wrapped = nn.parallel.DistributedDataParallel(plain)
     with pytest.raises(ValueError, match="exclude_experts_from_ddp"):
         wrapped(mine(x, rank))
 
     for distribute in (False, True):
-        net = twin(reference, None)
+        net = twin(reference, dist.group.WORLD)
         if distribute:
             distribute_experts(net)
         ddp = nn.parallel.DistributedDataParallel(exclude_experts_from_ddp(net))
