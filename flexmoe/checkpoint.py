@@ -24,6 +24,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import save_file
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.tensor import DTensor
@@ -141,7 +142,7 @@ def load_checkpoint(
     state = _state(model, optimizer)
     try:
         dcp.load(state, checkpoint_id=directory, process_group=process_group, no_dist=not collective)
-    except (RuntimeError, ValueError) as error:  # DCP wraps per-rank failures (shape mismatches...)
+    except CheckpointException as error:  # DCP's wrapper of every rank's failure (shape mismatches...)
         raise ValueError(f"checkpoint {directory} does not fit the model: {error}") from None
     set_state_dict(
         model,
