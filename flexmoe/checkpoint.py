@@ -3,8 +3,9 @@
 A checkpoint is a DCP directory (``.metadata`` and one ``__<rank>_0.distcp`` file per writing
 rank) holding ``{"model": ..., "optimizer": ...}`` as ``get_state_dict`` returns them, plus
 ``extra.json`` (what the caller passed as ``extra``). Expert parameters of expert-parallel
-layers are DTensors (:func:`flexmoe.distributed.distribute_experts`), so the checkpoint stores
-global tensors and loads at any world size, FSDP2 or not: DCP reads each rank's part of every
+layers are stored as the global DTensors they are (as parameters after
+:func:`flexmoe.distributed.distribute_experts`, else viewed as such while saving and loading),
+so a checkpoint loads at any world size, FSDP2 or not: DCP reads each rank's part of every
 tensor, and of Adam's state. Saving is atomic: the ranks write into a staging directory beside
 ``directory`` that the first rank renames into place once every rank has written.
 
@@ -28,8 +29,9 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.tensor import DTensor
+from torch.nn.parallel import DistributedDataParallel
 
-from flexmoe.distributed.experts import expert_parallel_layers, has_plain_expert_shards
+from flexmoe.distributed.experts import plain_shard_placements
 from flexmoe.files import write_text_atomically
 
 METADATA_FILE = ".metadata"  # written by DCP; its presence marks a checkpoint directory
@@ -43,26 +45,43 @@ def _collective(model: nn.Module, no_dist: bool | None) -> bool:
         return not no_dist
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return False
-    return any(isinstance(p, DTensor) for p in model.parameters())
+    return any(isinstance(p, DTensor) for p in model.parameters()) or bool(plain_shard_placements(model))
 
 
-def _check_model(model: nn.Module) -> None:
-    for name, layer in expert_parallel_layers(model):
-        if has_plain_expert_shards(layer):
-            raise ValueError(
-                f"MoE layer {name or '<root>'} holds its experts as plain local shards, which a checkpoint would "
-                "take for copies of one tensor: call flexmoe.distributed.distribute_experts(model) after building "
-                "the model and before building its optimizer"
-            )
-
-
-def _state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+def _state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> tuple[dict[str, Any], list[tuple]]:
+    """``{"model": ..., "optimizer": ...}`` as ``get_state_dict`` gives them, with expert shards
+    held as plain tensors viewed as the DTensors they are (see :func:`_as_dtensors`)."""
     options = StateDictOptions(strict=True)
     model_state, optimizer_state = get_state_dict(model, [] if optimizer is None else optimizer, options=options)
     state = {MODEL_KEY: model_state}
     if optimizer is not None:
         state[OPTIMIZER_KEY] = optimizer_state
-    return state
+    return state, _as_dtensors(model, state)
+
+
+def _as_dtensors(model: nn.Module, state: dict[str, Any]) -> list[tuple[dict, str]]:
+    """Replace, in ``state``, each expert shard that an expert-parallel layer holds as a plain
+    tensor (and its optimizer state of the same shape, e.g. Adam's ``exp_avg``) by a DTensor
+    view of it: DCP would otherwise take the ranks' different shards for copies of one tensor.
+    Returns (dict, key) of every replaced entry, for :func:`_as_local`."""
+    placements = plain_shard_placements(model.module if isinstance(model, DistributedDataParallel) else model)
+    replaced = []
+    local_shapes = {key: state[MODEL_KEY][key].shape for key in placements}
+    entries = [(state[MODEL_KEY], key, key) for key in placements]
+    for key, values in state.get(OPTIMIZER_KEY, {}).get("state", {}).items():
+        entries += [(values, name, key) for name in values if key in placements]
+    for holder, name, key in entries:
+        placement, shape = placements[key]
+        value = holder[name]
+        if isinstance(value, torch.Tensor) and value.shape == local_shapes[key]:
+            holder[name] = placement.to_dtensor(value, shape)
+            replaced.append((holder, name))
+    return replaced
+
+
+def _as_local(replaced: list[tuple[dict, str]]) -> None:
+    for holder, name in replaced:
+        holder[name] = holder[name].to_local()
 
 
 def save_checkpoint(
@@ -78,12 +97,11 @@ def save_checkpoint(
     holds a checkpoint). Returns the directory.
 
     Under ``torch.distributed`` every rank of ``process_group`` (None: the default group) calls
-    it when the model holds DTensors (expert-parallel layers, FSDP2); a model without them is
-    this process's own and is written by this process alone. ``no_dist`` forces either
+    it when the model holds DTensors or expert-parallel layers (FSDP2, a group); a model without
+    them is this process's own and is written by this process alone. ``no_dist`` forces either
     (True: this process alone). ``extra``: JSON-serialisable data (step, epoch...) that
     :func:`load_checkpoint` returns. An interrupted save leaves the previous checkpoint.
     """
-    _check_model(model)
     try:
         extra_text = json.dumps(extra)
     except TypeError as error:
@@ -98,7 +116,7 @@ def save_checkpoint(
         shutil.rmtree(staging)  # our own leftover from an interrupted save
     if collective:
         dist.barrier(process_group)
-    state = _state(model, optimizer)
+    state, _ = _state(model, optimizer)
     dcp.save(state, checkpoint_id=staging, process_group=process_group, no_dist=not collective)
     if first:
         write_text_atomically(staging / EXTRA_FILE, extra_text)
@@ -133,17 +151,17 @@ def load_checkpoint(
     this rank's layout. Who calls it: as :func:`save_checkpoint`. Raises ``ValueError`` when the
     architecture does not match. Returns the ``extra`` given to :func:`save_checkpoint`.
     """
-    _check_model(model)
     directory = Path(directory)
     if not (directory / METADATA_FILE).is_file():
         raise FileNotFoundError(f"{directory} holds no checkpoint (no {METADATA_FILE})")
     _check_keys(directory, model, optimizer)
     collective = _collective(model, no_dist)
-    state = _state(model, optimizer)
+    state, replaced = _state(model, optimizer)
     try:
         dcp.load(state, checkpoint_id=directory, process_group=process_group, no_dist=not collective)
     except CheckpointException as error:  # DCP's wrapper of every rank's failure (shape mismatches...)
         raise ValueError(f"checkpoint {directory} does not fit the model: {error}") from None
+    _as_local(replaced)
     set_state_dict(
         model,
         [] if optimizer is None else optimizer,

@@ -124,7 +124,7 @@ def test_export_safetensors_and_cli(tmp_path, capsys):
 
 
 def test_load_errors(tmp_path):
-    model, optimizer = trained()
+    model, _ = trained()
     save_checkpoint(tmp_path / "ckpt", model)
     with pytest.raises(FileNotFoundError, match="holds no checkpoint"):
         load_checkpoint(tmp_path / "missing", model)

@@ -18,7 +18,14 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
-from flexmoe.distributed.placements import expert_hidden_axes, expert_mesh, expert_placement, mesh_for_group
+from flexmoe.distributed.placements import (
+    ExpertPlacement,
+    expert_hidden_axes,
+    expert_mesh,
+    expert_placement,
+    global_expert_shape,
+    mesh_for_group,
+)
 
 _MESH_ATTRIBUTE = "_flexmoe_expert_mesh"
 
@@ -41,6 +48,32 @@ def has_plain_expert_shards(layer: nn.Module) -> bool:
     return layer.layout.world_size > 1 and any(not isinstance(p, DTensor) for p in layer.experts.parameters())
 
 
+def expert_mesh_of(layer: nn.Module, device_type: str) -> DeviceMesh:
+    """The expert mesh of a layer over its own process group, made once per layer (collective
+    over the group the first time when experts are fewer than ranks)."""
+    mesh = layer.__dict__.get(_MESH_ATTRIBUTE)
+    if mesh is None:
+        mesh = expert_mesh(mesh_for_group(layer.groups.group, device_type), layer.config.num_experts)
+        layer.__dict__[_MESH_ATTRIBUTE] = mesh
+    return mesh
+
+
+def plain_shard_placements(model: nn.Module) -> dict[str, tuple[ExpertPlacement, torch.Size]]:
+    """state_dict key -> (placement, global shape) of every expert parameter held as a plain
+    local shard by an expert-parallel layer of ``model``: how to view it as a DTensor."""
+    placements = {}
+    for name, layer in expert_parallel_layers(model):
+        if not has_plain_expert_shards(layer):
+            continue
+        axes = expert_hidden_axes(layer.experts)
+        prefix = f"{name}.experts." if name else "experts."
+        for param_name, param in layer.experts.named_parameters():
+            mesh = expert_mesh_of(layer, param.device.type)
+            shape = global_expert_shape(param.shape, layer.layout, axes[param_name])
+            placements[prefix + param_name] = (expert_placement(mesh, axes[param_name]), shape)
+    return placements
+
+
 def distribute_experts(model: nn.Module, ep_mesh: DeviceMesh | None = None) -> nn.Module:
     """Make the expert parameters of every expert-parallel MoE layer of ``model`` DTensors (in place).
 
@@ -54,13 +87,14 @@ def distribute_experts(model: nn.Module, ep_mesh: DeviceMesh | None = None) -> n
     for name, layer in expert_parallel_layers(model):
         if not has_plain_expert_shards(layer):
             continue
-        params = dict(layer.experts.named_parameters())
-        device_type = next(iter(params.values())).device.type
-        mesh = ep_mesh if ep_mesh is not None else mesh_for_group(layer.groups.group, device_type)
-        _check_mesh_ranks(name, layer, mesh)
-        key = (id(mesh), layer.config.num_experts)
+        device_type = next(layer.experts.parameters()).device.type
+        if ep_mesh is None:
+            _distribute_layer(layer, expert_mesh_of(layer, device_type))
+            continue
+        _check_mesh_ranks(name, layer, ep_mesh)
+        key = (id(ep_mesh), layer.config.num_experts)
         if key not in meshes:
-            meshes[key] = expert_mesh(mesh, layer.config.num_experts)
+            meshes[key] = expert_mesh(ep_mesh, layer.config.num_experts)
         _distribute_layer(layer, meshes[key])
     return model
 
@@ -82,15 +116,10 @@ def _distribute_layer(layer: nn.Module, mesh: DeviceMesh) -> None:
     for param_name, param in list(layer.experts.named_parameters()):
         owner_name, _, attribute = param_name.rpartition(".")
         owner = layer.experts.get_submodule(owner_name)
-        hidden_axis = axes[param_name]
-        global_shape = list(param.shape)
-        global_shape[0] = layout.num_experts
-        if hidden_axis is not None:
-            global_shape[hidden_axis] *= layout.shards_per_expert
-        placement = expert_placement(mesh, hidden_axis)
-        dtensor = placement.to_dtensor(param.detach(), torch.Size(global_shape))
+        placement = expert_placement(mesh, axes[param_name])
+        dtensor = placement.to_dtensor(param.detach(), global_expert_shape(param.shape, layout, axes[param_name]))
         setattr(owner, attribute, nn.Parameter(dtensor, requires_grad=param.requires_grad))
-    setattr(layer, _MESH_ATTRIBUTE, mesh)
+    layer.__dict__[_MESH_ATTRIBUTE] = mesh
     # Today's kernels read the experts' attributes (w1, ...): during the layer's forward they see
     # the local shards (registered after FSDP2's pre-forward hook runs, which prepends its own).
     layer.register_forward_pre_hook(_use_local_shards)

@@ -12,7 +12,6 @@ from __future__ import annotations
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import fully_shard
-from torch.distributed.tensor import DTensor
 
 from flexmoe.distributed.experts import expert_parallel_layers, has_plain_expert_shards
 

@@ -57,6 +57,15 @@ def expert_placement(mesh: DeviceMesh, hidden_axis: int | None) -> ExpertPlaceme
     return ExpertPlacement(mesh, (Shard(0), Replicate() if hidden_axis is None else Shard(hidden_axis)))
 
 
+def global_expert_shape(local_shape: torch.Size, layout: ExpertLayout, hidden_axis: int | None) -> torch.Size:
+    """The global shape ``[num_experts, ...]`` of an expert parameter whose shard has ``local_shape``."""
+    shape = list(local_shape)
+    shape[0] = layout.num_experts
+    if hidden_axis is not None:
+        shape[hidden_axis] *= layout.shards_per_expert
+    return torch.Size(shape)
+
+
 def expert_hidden_axes(experts: nn.Module) -> dict[str, int | None]:
     """Parameter name -> hidden axis (None: not cut) of an experts module: its ``hidden_axis`` dict
     attribute, else the built-in experts' :data:`~flexmoe.parallel.HIDDEN_AXIS`."""

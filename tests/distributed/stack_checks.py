@@ -13,7 +13,8 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
 from flexmoe import MoELayer, load_checkpoint, save_checkpoint
-from flexmoe.distributed import apply_fsdp, distribute_experts, exclude_experts_from_ddp
+from flexmoe.distributed import apply_fsdp, distribute_experts, exclude_experts_from_ddp, local_tensor
+from flexmoe.distributed.experts import plain_shard_placements
 from flexmoe.parallel import HIDDEN_AXIS, SINGLE_PROCESS, allreduce_non_expert_grads
 
 MODEL_DIM = 4
@@ -103,10 +104,9 @@ def check_dtensor_experts(rank: int, world_size: int) -> None:
     net = twin(reference, dist.group.WORLD)
     plain_out = net(mine(x, rank))
     distribute_experts(net)
-    for layer in net.moe:
-        for name, param in layer.experts.named_parameters():
-            assert isinstance(param, DTensor), name
-            assert param.shape == getattr(reference.get_submodule(f"moe.{list(net.moe).index(layer)}.experts"), name).shape
+    for name, param in net.named_parameters():
+        assert isinstance(param, DTensor) == (".experts." in name), name
+        assert param.shape == reference.get_parameter(name).shape, name
     state = net.state_dict()
     assert state["moe.1.experts.w1"].shape == (2, MODEL_DIM, 8)
     out = net(mine(x, rank))
@@ -120,11 +120,13 @@ def check_dtensor_experts(rank: int, world_size: int) -> None:
 # --- DCP -----------------------------------------------------------------------------------------
 
 
-def _trained(group, num_experts, world_size: int, rank: int, ranks: int):
-    """A model on ``group`` (``ranks`` ranks; SINGLE_PROCESS for 1) after one Adam step on its batch."""
+def _trained(group, num_experts, rank: int, ranks: int, distribute: bool = True):
+    """A model on ``group`` (``ranks`` ranks; SINGLE_PROCESS for 1) after one Adam step on its
+    batch; its experts DTensors or (``distribute=False``) plain local shards."""
     reference = reference_net(num_experts)
     net = twin(reference, group, num_experts)
-    distribute_experts(net)
+    if distribute:
+        distribute_experts(net)
     optimizer = torch.optim.Adam(net.parameters(), lr=0.01)
     loss_of(net(mine(global_batch(ranks), rank))).backward()
     if ranks > 1:
@@ -136,17 +138,25 @@ def _trained(group, num_experts, world_size: int, rank: int, ranks: int):
 def _fresh(group, num_experts, seed: int):
     torch.manual_seed(seed)
     net = Net(group, num_experts).double()
-    distribute_experts(net)
+    distribute_experts(net)  # or not: the plain shards load as well (tested below)
     return net, torch.optim.Adam(net.parameters(), lr=0.5)
 
 
 def _global_state(net: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
     """Every parameter and Adam state tensor as a global tensor, by name (collective)."""
+    plain_shards = plain_shard_placements(net)
+
+    def global_value(name: str, value: torch.Tensor) -> torch.Tensor:
+        if name in plain_shards and value.dim():
+            placement, shape = plain_shards[name]
+            value = placement.to_dtensor(value, shape)
+        return full(value).clone()
+
     names = {id(p): name for name, p in net.named_parameters()}
-    state = {name: full(p.detach()).clone() for name, p in net.named_parameters()}
+    state = {name: global_value(name, p.detach()) for name, p in net.named_parameters()}
     for param, entries in optimizer.state.items():
         for key, value in entries.items():
-            state[f"{names[id(param)]}/{key}"] = full(value).clone()
+            state[f"{names[id(param)]}/{key}"] = global_value(names[id(param)], value)
     state["lr"] = torch.tensor(optimizer.param_groups[0]["lr"])
     return state
 
@@ -164,15 +174,15 @@ def check_dcp_resharding(rank: int, world_size: int, directory: str) -> None:
     experts = (4, 2)
     # Every rank joins one pair: flexmoe's sub-groups are named by the count of groups a rank is in.
     pair = [dist.new_group([0, 1]), dist.new_group([2, 3])][rank // 2]
-    net, optimizer = _trained(dist.group.WORLD, experts, world_size, rank, 4)
+    net, optimizer = _trained(dist.group.WORLD, experts, rank, 4, distribute=False)
     saved = {4: _global_state(net, optimizer)}
     save_checkpoint(f"{directory}/w4", net, optimizer, extra={"step": 4})
     if rank < 2:
-        net2, optimizer2 = _trained(pair, experts, 2, rank, 2)
+        net2, optimizer2 = _trained(pair, experts, rank, 2)
         saved[2] = _global_state(net2, optimizer2)
         save_checkpoint(f"{directory}/w2", net2, optimizer2, process_group=pair)
     if rank == 0:
-        net1, optimizer1 = _trained(SINGLE_PROCESS, experts, 1, 0, 1)
+        net1, optimizer1 = _trained(SINGLE_PROCESS, experts, 0, 1)
         saved[1] = _global_state(net1, optimizer1)
         save_checkpoint(f"{directory}/w1", net1, optimizer1)
     dist.barrier()
@@ -190,9 +200,18 @@ def check_dcp_resharding(rank: int, world_size: int, directory: str) -> None:
             load_checkpoint(f"{directory}/w{source}", fresh, fresh_optimizer)
             _assert_same_state(_global_state(fresh, fresh_optimizer), expected, f"saved at {source}, loaded at 1")
         dist.barrier()
-    # Plain local expert shards would be saved as copies of one tensor: refused.
-    with pytest.raises(ValueError, match="distribute_experts"):
-        save_checkpoint(f"{directory}/plain", Net(dist.group.WORLD, experts))
+    # Plain local expert shards load as well (viewed as the DTensors they are): the same local
+    # tensors as a model with DTensor experts gets.
+    plain = Net(dist.group.WORLD, experts).double()
+    plain_optimizer = torch.optim.Adam(plain.parameters(), lr=0.5)
+    load_checkpoint(f"{directory}/w1", plain, plain_optimizer)
+    fresh, fresh_optimizer = _fresh(dist.group.WORLD, experts, seed=11)
+    load_checkpoint(f"{directory}/w1", fresh, fresh_optimizer)
+    for (name, param), other in zip(plain.named_parameters(), fresh.parameters()):
+        assert not isinstance(param, DTensor)
+        torch.testing.assert_close(param, local_tensor(other), rtol=0, atol=0, msg=name)
+        for key, value in plain_optimizer.state[param].items():
+            torch.testing.assert_close(value, local_tensor(fresh_optimizer.state[other][key]), rtol=0, atol=0)
 
 
 def _from_rank_0(state: dict | None) -> dict:
