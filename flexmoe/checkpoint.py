@@ -68,8 +68,11 @@ def _as_dtensors(model: nn.Module, state: dict[str, Any]) -> list[tuple[dict, st
     replaced = []
     local_shapes = {key: state[MODEL_KEY][key].shape for key in placements}
     entries = [(state[MODEL_KEY], key, key) for key in placements]
-    for key, values in state.get(OPTIMIZER_KEY, {}).get("state", {}).items():
-        entries += [(values, name, key) for name in values if key in placements]
+    optimizer_state = state.get(OPTIMIZER_KEY, {}).get("state", {})
+    for key in placements.keys() & optimizer_state.keys():
+        # A copy: get_state_dict may hand out the optimizer's own per-parameter dicts.
+        values = optimizer_state[key] = dict(optimizer_state[key])
+        entries += [(values, name, key) for name in values]
     for holder, name, key in entries:
         placement, shape = placements[key]
         value = holder[name]

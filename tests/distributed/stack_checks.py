@@ -177,6 +177,8 @@ def check_dcp_resharding(rank: int, world_size: int, directory: str) -> None:
     net, optimizer = _trained(dist.group.WORLD, experts, rank, 4, distribute=False)
     saved = {4: _global_state(net, optimizer)}
     save_checkpoint(f"{directory}/w4", net, optimizer, extra={"step": 4})
+    # Saving viewed the plain shards' Adam state as DTensors, without touching the optimizer's own.
+    assert not any(isinstance(value, DTensor) for entries in optimizer.state.values() for value in entries.values())
     if rank < 2:
         net2, optimizer2 = _trained(pair, experts, rank, 2)
         saved[2] = _global_state(net2, optimizer2)
