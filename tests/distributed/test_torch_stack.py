@@ -8,8 +8,11 @@ checkpoints saved at 4, 2 and 1 rank(s) load at each, Adam state included.
 
 from __future__ import annotations
 
+import pytest
+
 from tests.distributed.launcher import run_distributed
 from tests.distributed.stack_checks import check_dcp_resharding, check_ddp, check_dtensor_experts, check_fsdp_2d
+from tests.distributed.trainer_checks import check_trainer
 
 
 def _world_2(rank: int, world_size: int) -> None:
@@ -28,3 +31,8 @@ def test_world_2_dtensor_experts_and_ddp():
 
 def test_world_4_fsdp2_and_dcp_resharding(tmp_path):
     run_distributed(_world_4, 4, str(tmp_path))
+
+
+def test_world_2_transformers_trainer(tmp_path):
+    pytest.importorskip("accelerate", reason="transformers' Trainer needs accelerate")
+    run_distributed(check_trainer, 2, str(tmp_path))
