@@ -70,3 +70,16 @@ def check_trainer(rank: int, world_size: int, directory: str) -> None:
     assert load_checkpoint(f"{directory}/flexmoe", restored, restored_optimizer) == {"step": 2}
     for (name, param), other in zip(model.named_parameters(), restored.parameters()):
         torch.testing.assert_close(other, param, rtol=0, atol=0, msg=name)
+    restored_by_name = dict(restored.named_parameters())
+    for name, param in model.named_parameters():
+        saved_state, loaded_state = trainer.optimizer.state[param], restored_optimizer.state[restored_by_name[name]]
+        for key in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(loaded_state[key], saved_state[key], rtol=0, atol=0, msg=f"{name} {key}")
+    # Resuming: the Trainer goes on with the restored optimizer.
+    resumed = transformers.Trainer(
+        model=restored,
+        args=_arguments(directory, 1e-2),
+        train_dataset=dataset,
+        optimizers=(restored_optimizer, None),
+    )
+    assert torch.isfinite(torch.tensor(resumed.train().training_loss))
