@@ -9,10 +9,11 @@ from __future__ import annotations
 import argparse
 
 from flexmoe.checkpoint import export_safetensors
+from flexmoe.cli import CommandParser
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="flexmoe checkpoint", description=__doc__)
+    parser = CommandParser("flexmoe checkpoint", description=__doc__)
     actions = parser.add_subparsers(dest="action", required=True)
     export = actions.add_parser("export", help="write the model's global tensors into one safetensors file")
     export.add_argument("src", help="checkpoint directory written by flexmoe.save_checkpoint")

@@ -36,8 +36,9 @@ from flexmoe.routing import RoutingPlan
 class CountTable:
     """Host-side counts of one call, agreed by the exchange (group positions, not global ranks).
 
-    sent[j][l]: rows this rank routes to local expert l of rank j (its kept count of that expert).
-    received[j][l]: rows rank j routes to this rank's local expert l.
+    sent: ``sent[j][e]`` rows this rank routes to local expert e of rank j (its kept count of
+        that expert).
+    received: ``received[j][e]`` rows rank j routes to this rank's local expert e.
     capacity: the largest slots per expert any rank's plan needs.
     """
 

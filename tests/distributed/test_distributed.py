@@ -62,6 +62,8 @@ def test_world_2_choices_match_single_process_and_mismatches_raise(tmp_path):
         (dict(BASE, num_experts=4), [0, 0], {}, 8),  # two local experts: the regrouping path, empty
         # a skewed router: 90% of the first choices go to expert 0 (dropless)
         (dict(BASE, num_experts=4, top_k=1, skew=0.9), [10, 10], {}, 8),
+        # float32 (grouped_mm on exact counts): every row to expert 0, rank 1's expert gets none
+        (dict(BASE, num_experts=2, top_k=1, model_dim=8, hidden_dim=16, dtype=torch.float32, skew=1.0), [5, 3], {}, 8),
     ]
     run_distributed(_world_2, 2, cases, str(tmp_path))
 
