@@ -46,6 +46,7 @@ from torch import nn
 from flexmoe.config import MoEConfig
 from flexmoe.distributed.ddp import exclude_experts_from_ddp
 from flexmoe.distributed.placements import expert_hidden_axes
+from flexmoe.integrations.task_routing import layer_granularities, task_embedding_state
 from flexmoe.layer import MoELayer
 from flexmoe.parallel import HIDDEN_AXIS, SINGLE_PROCESS, ParallelConfig, ParallelGroups
 from flexmoe.parallel.config import check_parallel_config
@@ -409,6 +410,12 @@ def to_flexmoe(
     family's own settings, e.g. ``aux_loss="gshard", aux_loss_weight=0.01`` or
     ``capacity_factor=1.25`` (by default the layers reproduce the original exactly: dropless,
     no aux loss; add :func:`flexmoe_aux_loss` to the loss when you enable one).
+    ``granularity`` may differ per MoE block: a sequence of one per block or a callable
+    ``block index -> granularity`` (e.g. token routing in the lower blocks, task routing in the
+    upper ones; :func:`~flexmoe.integrations.task_routing.layer_granularities`). Task-routed
+    blocks (``granularity="task", num_tasks=N``) keep the pretrained router and start with zero
+    task embeddings: set them with :mod:`flexmoe.integrations.task_routing`
+    (``initial_task_embeddings`` -> ``set_task_embeddings``) and pass task ids with ``route_tasks``.
 
     Raises ``ValueError`` naming any MoE block type that is not supported (nothing is converted
     then), when the model has no MoE block, and for ``share_storage=True`` with a process group
@@ -436,10 +443,12 @@ def to_flexmoe(
             f"(here of {groups.world_size} ranks) keeps a copy of its shard of the experts; views would keep every "
             "expert alive on every rank"
         )
-    for parent, name, block in blocks:
+    granularities = layer_granularities(options.pop("granularity", "token"), len(blocks))
+    for (parent, name, block), granularity in zip(blocks, granularities):
         conversion = _describe(block)
         original_config = conversion.config
-        conversion.config = dataclasses.replace(original_config, **options)
+        conversion.config = dataclasses.replace(original_config, granularity=granularity, **options)
+        conversion.state.update(task_embedding_state(conversion.config, conversion.state["router.weight"]))
         if not share_storage and groups is None:  # a sharded layer copies its part only
             conversion.state = _contiguous_copy(conversion.state)
         layer = _build_layer(conversion, groups, parallel)
@@ -466,6 +475,12 @@ def _check_restorable(where: str, flex: FlexMoEBlock) -> None:
             f"it cannot go back into a {kind}: save it with flexmoe.save_subnetwork instead"
         )
     original = flex.original_config
+    if layer.config.granularity != original.granularity:
+        raise ValueError(
+            f"{where}: the flexmoe layer is {layer.config.granularity}-routed, the original {kind} routes by "
+            f"{original.granularity}: from_flexmoe would drop its routing; export one task as a dense model with "
+            "flexmoe.integrations.export.export_task_model, or save the converted model with torch.save / safetensors"
+        )
     changed = {
         field: (getattr(original, field), getattr(layer.config, field))
         for field in _STRUCTURAL_FIELDS
