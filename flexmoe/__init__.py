@@ -1,6 +1,6 @@
 """flexmoe: adaptive Mixture-of-Experts for PyTorch."""
 
-from flexmoe.checkpoint import convert_checkpoint, load_checkpoint, save_checkpoint
+from flexmoe.checkpoint import export_safetensors, load_checkpoint, save_checkpoint
 from flexmoe.config import ExpertsConfig, MoEConfig, RoutingConfig, SharedExpertsConfig
 from flexmoe.experts import FFNExperts
 from flexmoe.layer import MoELayer
@@ -44,8 +44,8 @@ __all__ = [
     "TaskServer",
     "Tuner",
     "__version__",
-    "convert_checkpoint",
     "expert_usage",
+    "export_safetensors",
     "extract_task",
     "load_checkpoint",
     "load_subnetwork",

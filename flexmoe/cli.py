@@ -13,7 +13,7 @@ from flexmoe import __version__
 # command -> (module with main(argv), one-line help). Modules load only when their command runs.
 COMMANDS: dict[str, tuple[str, str]] = {
     "helloworld": ("flexmoe.examples.helloworld", "train one MoE layer on synthetic data"),
-    "checkpoint": ("flexmoe.checkpoint_cli", "convert a checkpoint to another world size"),
+    "checkpoint": ("flexmoe.checkpoint_cli", "export a checkpoint's model as one safetensors file"),
     "extract": ("flexmoe.commands.extract", "save one task's sub-network (task-routed layers made dense)"),
     "infer": ("flexmoe.commands.infer", "run mixed-task inputs through per-task sub-networks"),
     "plan": ("flexmoe.planner.cli", "predict the layer's step time and best (r, d, all-to-all) on a cluster"),

@@ -17,6 +17,7 @@ from flexmoe.config import (
     check_top_k,
     config_from_sections,
 )
+from flexmoe.distributed.ddp import refuse_experts_under_ddp
 from flexmoe.executors import ExpertParallelExecutor, LocalExecutor
 from flexmoe.executors.expert_parallel import layer_settings
 from flexmoe.experts import FFNExperts
@@ -130,6 +131,8 @@ class MoELayer(nn.Module):
             self.check_choice(self.executor.default_choice(self.parallel))
             # Replicated parameters start equal on every rank (as DDP would make them).
             self.groups.broadcast_from_first_rank([p for _, p in non_expert_parameters(self)])
+            # DDP must not manage the expert shards: it would overwrite and average them.
+            self.register_forward_pre_hook(refuse_experts_under_ddp)
         self.tuner = tuner
         self.aux_loss: torch.Tensor = torch.zeros(())
         self.stats: RoutingStats | None = None

@@ -43,8 +43,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from flexmoe.checkpoint import expert_tensor_specs
 from flexmoe.config import MoEConfig
+from flexmoe.distributed.ddp import exclude_experts_from_ddp
+from flexmoe.distributed.placements import expert_hidden_axes
 from flexmoe.integrations.task_routing import layer_granularities, task_embedding_state
 from flexmoe.layer import MoELayer
 from flexmoe.parallel import HIDDEN_AXIS, SINGLE_PROCESS, ParallelConfig, ParallelGroups
@@ -343,11 +344,11 @@ def _build_sharded_layer(
     """
     layer = MoELayer(conversion.config, group=groups, parallel=parallel).to(device=like.device, dtype=like.dtype)
     layout = layer.layout
-    specs = expert_tensor_specs(layer, layout.rank, layout.world_size)
+    axes = {f"experts.{name}": axis for name, axis in expert_hidden_axes(layer.experts).items()}
     # Expert tensors: a contiguous copy of this rank's part (nothing keeps the global tensor).
     state = {
-        key: layout.shard(value, specs[key].hidden_axis).clone(memory_format=torch.contiguous_format)
-        if key in specs
+        key: layout.shard(value, axes[key]).clone(memory_format=torch.contiguous_format)
+        if key in axes
         else value.contiguous()
         for key, value in conversion.state.items()
     }
@@ -391,10 +392,10 @@ def to_flexmoe(
     W > 1 ranks the conversion is collective: every rank converts the same model (same weights;
     the layers' replicated tensors are broadcast from the group's first rank) and keeps its
     ``layout`` shard of each layer's experts (a copy, the global tensors are freed, so every
-    rank stores 1 / W of the expert weights). Train with
-    :func:`~flexmoe.parallel.allreduce_non_expert_grads` or DDP on
-    :func:`~flexmoe.parallel.ignore_expert_parameters` for the replicated parameters (the
-    gradient convention is in :mod:`flexmoe.parallel.expert_parallel`). Every rank must call the
+    rank stores 1 / W of the expert weights). ``model`` is marked for DistributedDataParallel
+    (:func:`~flexmoe.distributed.exclude_experts_from_ddp`), so ``DistributedDataParallel(model)``
+    and transformers' Trainer average the replicated parameters only (the gradient convention
+    is in :mod:`flexmoe.parallel.expert_parallel`). Every rank must call the
     model the same number of times (Switch blocks: with the same number of sequences).
     parallel: the layers' :class:`~flexmoe.parallel.ParallelConfig` (defaults when None).
 
@@ -455,6 +456,8 @@ def to_flexmoe(
         flex.train(block.training)
         block.to("meta")  # the flexmoe layer holds the weights now; keep only the structure
         setattr(parent, name, flex)
+    if groups is not None:
+        exclude_experts_from_ddp(model)  # DDP (and the Trainer's) reads this from the root it wraps
     return model
 
 

@@ -17,5 +17,5 @@ def check_single_process(model: nn.Module, action: str) -> None:
                 f"{action} needs every expert in one process, but MoE layer {name or '<root>'!r} holds only "
                 f"rank {layout.rank}'s shard of {layout.num_experts} experts (world_size={layout.world_size}); "
                 "load a single-process copy first: build the model with group=flexmoe.parallel.SINGLE_PROCESS and "
-                "load the saved checkpoint with flexmoe.load_checkpoint(directory, model, rank=0, world_size=1)"
+                "load the saved checkpoint into it with flexmoe.load_checkpoint(directory, model)"
             )

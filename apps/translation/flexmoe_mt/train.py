@@ -262,7 +262,7 @@ class Trainer:
                 local, optimizer = self._single_process_copy()
                 local.load_state_dict(state["model"])
                 optimizer.load_state_dict(state["optimizer"])
-                save_checkpoint(self.run_dir / SHARDS, local, optimizer, rank=0, world_size=1)
+                save_checkpoint(self.run_dir / SHARDS, local, optimizer)  # a local model: this rank alone
             self.ranks.barrier()
             load_checkpoint(self.run_dir / SHARDS, self.model, self.optimizer)
             self.ranks.barrier()  # every rank has read the shards before a checkpoint overwrites them

@@ -1,0 +1,38 @@
+"""flexmoe with DeviceMesh, DTensor experts, DCP, FSDP2 and DDP on gloo ranks (two launches).
+
+World 2: DTensor experts match the plain layer and the single-process model; DDP without the
+experts excluded raises naming the fix, with them excluded it matches the single-process model.
+World 4: FSDP2 on a 2 dp x 2 ep mesh matches the single-process loss and every gradient; DCP
+checkpoints saved at 4, 2 and 1 rank(s) load at each, Adam state included.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.distributed.launcher import run_distributed
+from tests.distributed.stack_checks import check_dcp_resharding, check_ddp, check_dtensor_experts, check_fsdp_2d
+from tests.distributed.trainer_checks import check_trainer
+
+
+def _world_2(rank: int, world_size: int) -> None:
+    check_dtensor_experts(rank, world_size)
+    check_ddp(rank, world_size)
+
+
+def _world_4(rank: int, world_size: int, directory: str) -> None:
+    check_fsdp_2d(rank, world_size)
+    check_dcp_resharding(rank, world_size, directory)
+
+
+def test_world_2_dtensor_experts_and_ddp():
+    run_distributed(_world_2, 2)
+
+
+def test_world_4_fsdp2_and_dcp_resharding(tmp_path):
+    run_distributed(_world_4, 4, str(tmp_path))
+
+
+def test_world_2_transformers_trainer(tmp_path):
+    pytest.importorskip("accelerate", reason="transformers' Trainer needs accelerate")
+    run_distributed(check_trainer, 2, str(tmp_path))

@@ -1,0 +1,85 @@
+"""transformers' Trainer under torch.distributed with a model converted with expert parallelism:
+DDP inside the Trainer leaves every rank's experts alone, training runs, and a flexmoe
+checkpoint saved from the Trainer's run restores every rank's experts and Adam state."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+import transformers
+
+from flexmoe import load_checkpoint, save_checkpoint
+from flexmoe.integrations.transformers import to_flexmoe
+from flexmoe.parallel import expert_parameters
+from tests.test_transformers_integration import COMMON
+
+
+def _model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = transformers.MixtralConfig(**COMMON, intermediate_size=24, num_local_experts=4, num_experts_per_tok=2)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    return to_flexmoe(model, group=dist.group.WORLD)
+
+
+def _arguments(directory: str, learning_rate: float) -> transformers.TrainingArguments:
+    return transformers.TrainingArguments(
+        directory,
+        max_steps=2,
+        learning_rate=learning_rate,
+        per_device_train_batch_size=2,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        ddp_backend="gloo",
+        ddp_find_unused_parameters=False,
+        disable_tqdm=True,
+        # The Trainer's clipping would take each rank's norm over its own experts, so ranks would
+        # scale their replicated gradients differently: no clipping (or flexmoe.parallel.clip_grad_norm_).
+        max_grad_norm=0.0,
+    )
+
+
+def check_trainer(rank: int, world_size: int, directory: str) -> None:
+    # What torchrun sets; the Trainer reads it to run distributed (on the group already made).
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
+    generator = torch.Generator().manual_seed(rank)
+    dataset = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, 64, (8, 10), generator=generator)]
+
+    # Learning rate 0: every rank's experts must come out of the Trainer as they went in (a DDP
+    # that managed them would have overwritten them with rank 0's).
+    model = _model()
+    before = {name: param.detach().clone() for name, param in expert_parameters(model)}
+    others = [None] * world_size
+    dist.all_gather_object(others, before)
+    neighbour = others[(rank + 1) % world_size]
+    assert any(not torch.equal(before[name], neighbour[name]) for name in before), "ranks hold the same experts"
+    transformers.Trainer(model=model, args=_arguments(directory, 0.0), train_dataset=dataset).train()
+    for name, param in expert_parameters(model):
+        torch.testing.assert_close(param.detach(), before[name], rtol=0, atol=0, msg=name)
+
+    # Training, then a flexmoe checkpoint of the model and the Trainer's optimizer, restored.
+    model = _model()
+    trainer = transformers.Trainer(model=model, args=_arguments(directory, 1e-2), train_dataset=dataset)
+    result = trainer.train()
+    assert torch.isfinite(torch.tensor(result.training_loss))
+    save_checkpoint(f"{directory}/flexmoe", model, trainer.optimizer, extra={"step": trainer.state.global_step})
+    restored = _model()
+    restored_optimizer = torch.optim.AdamW(restored.parameters())
+    assert load_checkpoint(f"{directory}/flexmoe", restored, restored_optimizer) == {"step": 2}
+    for (name, param), other in zip(model.named_parameters(), restored.parameters()):
+        torch.testing.assert_close(other, param, rtol=0, atol=0, msg=name)
+    restored_by_name = dict(restored.named_parameters())
+    for name, param in model.named_parameters():
+        saved_state, loaded_state = trainer.optimizer.state[param], restored_optimizer.state[restored_by_name[name]]
+        for key in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(loaded_state[key], saved_state[key], rtol=0, atol=0, msg=f"{name} {key}")
+    # Resuming: the Trainer goes on with the restored optimizer.
+    resumed = transformers.Trainer(
+        model=restored,
+        args=_arguments(directory, 1e-2),
+        train_dataset=dataset,
+        optimizers=(restored_optimizer, None),
+    )
+    assert torch.isfinite(torch.tensor(resumed.train().training_loss))
