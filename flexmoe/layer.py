@@ -12,7 +12,7 @@ from torch import nn
 
 from flexmoe.config import MoEConfig, check_capacity_factor, check_top_k
 from flexmoe.experts import GROUPED_DTYPES, PER_EXPERT_MIN_ROWS, FFNExperts
-from flexmoe.ops import combine, dispatch
+from flexmoe.ops import attach_aux_loss, combine, dispatch
 from flexmoe.parallel.checks import agree_across_ranks, dtype_code
 from flexmoe.parallel.choices import check_choice, valid_choices
 from flexmoe.parallel.config import (
@@ -51,8 +51,8 @@ class MoELayer(nn.Module):
     ``experts``: an optional custom module mapping ``[num_experts, capacity, model_dim]`` to
     the same shape; it replaces the built-in FFN experts.
 
-    After each forward: ``layer.aux_loss`` (scalar to add to the training loss) and
-    ``layer.stats`` (:class:`RoutingStats`).
+    After each forward: ``layer.aux_loss`` (scalar; its gradient already flows through the
+    output, see ``MoEConfig.aux_loss_in_backward``) and ``layer.stats`` (:class:`RoutingStats`).
 
     Distributed: ``group`` is a process group, a shared :class:`~flexmoe.parallel.ParallelGroups`,
     or None (the world group when ``torch.distributed`` is initialised with more than one rank,
@@ -340,7 +340,10 @@ class MoELayer(nn.Module):
         # Plain attributes, set in __dict__: nn.Module.__setattr__'s checks cost µs at decode sizes.
         state = self.__dict__
         if torch.is_grad_enabled():
-            self.aux_loss = self.compute_aux_loss(logits, noisy_logits, scores, top_k)
+            aux_loss = self.compute_aux_loss(logits, noisy_logits, scores, top_k)
+            if config.aux_loss_in_backward:  # its gradient flows through the output; logged detached
+                out, aux_loss = attach_aux_loss(out, aux_loss), aux_loss.detach()
+            self.aux_loss = aux_loss
         else:
             # Nothing can differentiate it: compute it only if read (inference seldom does).
             state["_pending_aux_loss"] = (logits, noisy_logits, scores, top_k)
