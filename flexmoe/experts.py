@@ -77,6 +77,7 @@ class FFNExperts(nn.Module):
         # the next (see flexmoe.ops.buffers; ``self.buffer_cache.clear()`` frees them).
         self.buffer_cache = BufferCache()
         self.reset_parameters(generator)
+        self.register_state_dict_post_hook(_standalone_weights)
 
     def train(self, mode: bool = True) -> FFNExperts:
         """``nn.Module.train``; switching to eval also frees the training buffers (``buffer_cache``)."""
@@ -85,6 +86,8 @@ class FFNExperts(nn.Module):
         return super().train(mode)
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Weights uniform in ``+-1 / sqrt(fan_in)`` per expert, biases zero (also after building
+        on the meta device and ``to_empty``)."""
         # Same scale as nn.Linear's default for each expert (uniform in +-1/sqrt(fan_in)).
         fan_ins = ((self.w1, self.model_dim), (self.w2, self.init_hidden_dim), (self.w3, self.model_dim))
         for weight, fan_in in fan_ins:
@@ -192,3 +195,21 @@ class FFNExperts(nn.Module):
             pre = pre + b1
         hidden = self.activation(pre)
         return hidden if gate_in is None else hidden * gate_in
+
+
+def _standalone_weights(module: FFNExperts, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    """State-dict post-hook: weights that are views (w1 and w3 as the two halves of one fused tensor,
+    see :meth:`FFNExperts.fused_gate_up`, or transposed views of a converted model's tensors) are
+    given as contiguous copies of their own, so that savers that refuse shared or strided storage
+    (safetensors, ``save_pretrained``, Trainer checkpoints) take them. Loading copies back into the
+    views. Plain parameters are left as they are."""
+    storages: dict[int, int] = {}
+    for param in module.expert_parameters().values():
+        pointer = param.untyped_storage().data_ptr()
+        storages[pointer] = storages.get(pointer, 0) + 1
+    for name, param in module.expert_parameters().items():
+        key = prefix + name
+        if key not in state_dict or param.is_meta:
+            continue
+        if not param.is_contiguous() or storages[param.untyped_storage().data_ptr()] > 1:
+            state_dict[key] = state_dict[key].detach().clone(memory_format=torch.contiguous_format)
