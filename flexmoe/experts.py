@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flexmoe.ops.buffers import BufferCache
+from flexmoe.ops.exact_count import exact_count_ffn, grouped_ffn
 from flexmoe.ops.per_expert import per_expert_ffn
 
 _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -139,25 +140,14 @@ class FFNExperts(nn.Module):
     def forward_grouped(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         """Grouped layout. x: [rows, model_dim] sorted by expert, ``tokens_per_expert[e]``
         rows for expert e (sums to rows) -> [rows, model_dim]. Exact counts, no padding."""
-        offsets = torch.cumsum(tokens_per_expert, 0, dtype=torch.int32)
-        rows = x.shape[0]
+        weights = self._weights_in(x.dtype)
+        if torch.compiler.is_compiling():  # a registered op: grouped_mm's fake rule wants bfloat16
+            return exact_count_ffn("grouped", x, tokens_per_expert, self.activation, *weights)
+        return grouped_ffn(x, tokens_per_expert, self.activation, *weights, gate_up=self.fused_gate_up(x.dtype))
 
-        def per_row(bias: torch.Tensor | None) -> torch.Tensor | None:
-            if bias is None:
-                return None
-            return bias.to(x.dtype).repeat_interleave(tokens_per_expert, dim=0, output_size=rows)
-
-        gate_up = self.fused_gate_up(x.dtype)
-        if gate_up is not None:  # one GEMM for both halves of a gated expert
-            both = F.grouped_mm(x, gate_up, offs=offsets)
-            pre, gate_in = both[:, : self.hidden_dim], both[:, self.hidden_dim :]
-        else:
-            pre = F.grouped_mm(x, self.w1.to(x.dtype), offs=offsets)
-            gate_in = None if self.w3 is None else F.grouped_mm(x, self.w3.to(x.dtype), offs=offsets)
-        hidden = self._hidden(pre, gate_in, per_row(self.b1))
-        out = F.grouped_mm(hidden, self.w2.to(x.dtype), offs=offsets)
-        b2 = per_row(self.b2)
-        return out if b2 is None else out + b2
+    def _weights_in(self, dtype: torch.dtype) -> list[torch.Tensor | None]:
+        """[w1, b1, w3, w2, b2] in ``dtype`` (None for absent ones)."""
+        return [None if w is None else w.to(dtype) for w in (self.w1, self.b1, self.w3, self.w2, self.b2)]
 
     def forward_per_expert(
         self,
@@ -175,20 +165,12 @@ class FFNExperts(nn.Module):
         Reads the counts on the host (one sync on CUDA: meant for CPU, where plain per-expert
         GEMMs beat ``grouped_mm`` once experts get many rows). Hand-written backward
         (:mod:`flexmoe.ops.per_expert`): differentiable once."""
-        weights = {name: w.to(x.dtype) for name, w in self.expert_parameters().items()}
-        return per_expert_ffn(
-            x,
-            tokens_per_expert.tolist(),
-            self.activation,
-            weights["w1"],
-            weights.get("b1"),
-            weights.get("w3"),
-            weights["w2"],
-            weights.get("b2"),
-            self.buffer_cache,
-            token_index=token_index,
-            gates=gates,
-        )
+        weights = self._weights_in(x.dtype)
+        if torch.compiler.is_compiling():  # a registered op: dynamo cannot follow the loop over counts
+            routing = {"token_index": token_index, "gates": gates}
+            return exact_count_ffn("per_expert", x, tokens_per_expert, self.activation, *weights, **routing)
+        counts = tokens_per_expert.tolist()
+        return per_expert_ffn(x, counts, self.activation, *weights, self.buffer_cache, token_index=token_index, gates=gates)
 
     def _hidden(self, pre: torch.Tensor, gate_in: torch.Tensor | None, b1: torch.Tensor | None) -> torch.Tensor:
         if b1 is not None:
