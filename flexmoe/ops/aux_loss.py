@@ -22,6 +22,10 @@ class AttachAuxLoss(Function):
 
     @staticmethod
     def forward(output: torch.Tensor, aux_loss: torch.Tensor, scale: float) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            # A compiled graph replays an output that aliases a graph input (``output`` coming from
+            # before a graph break) as a plain view, which would drop this backward: a copy instead.
+            return output.clone()
         return output.view_as(output)
 
     @staticmethod

@@ -5,8 +5,8 @@ shapes do not depend on the counts, but their insides do (``grouped_mm`` offsets
 over the counts), and ``grouped_mm``'s fake-tensor rule accepts only bfloat16 on every device.
 So under ``torch.compile`` they run as one registered custom op, ``flexmoe::exact_count_ffn``:
 dynamo and AOTAutograd see its output shape (``[x.shape[0], model_dim]``) and nothing inside.
-Its backward is a second op that recomputes the forward under autograd: compiled training pays
-one more expert forward for not tracing the kernels. Eager calls run the kernels directly.
+Its backward is a second op that recomputes the forward with the per-expert kernel and takes its
+hand-written backward: compiled training pays one more expert forward for not tracing the kernels. Eager calls run the kernels directly.
 """
 
 from __future__ import annotations
@@ -118,7 +118,9 @@ def _exact_count_ffn_backward(
     with torch.enable_grad():
         leaves = [None if t is None else t.detach().requires_grad_() for t in differentiable]
         x_, gates_, *weights = leaves
-        out = _run_kernel(kernel, x_, counts, token_index, gates_, weights, activation)
+        # The per-expert kernel for both: its autograd.Function records a graph inside this op,
+        # where the aten ops of grouped_mm's path would not (the op runs below autograd).
+        out = _run_kernel("per_expert", x_, counts, token_index, gates_, weights, activation)
         present = [leaf for leaf in leaves if leaf is not None]
         grads = iter(torch.autograd.grad(out, present, grad_out, allow_unused=True))
     result = []
