@@ -68,7 +68,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         args.tokens, args.model_dim, args.experts, args.repeats = 64, 32, 4, 2
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
-    print(f"tokens {args.tokens}, model_dim {args.model_dim}, hidden {2 * args.model_dim}, experts {args.experts}, top-2")
+    print(
+        f"tokens {args.tokens}, model_dim {args.model_dim}, hidden {2 * args.model_dim}, experts {args.experts}, top-2"
+    )
     print("| kernel | capacity | step | eager ms | compiled / eager |")
     print("|---|---|---|---:|---:|")
     for kernel in KERNELS:

@@ -170,7 +170,9 @@ class FFNExperts(nn.Module):
             routing = {"token_index": token_index, "gates": gates}
             return exact_count_ffn("per_expert", x, tokens_per_expert, self.activation, *weights, **routing)
         counts = tokens_per_expert.tolist()
-        return per_expert_ffn(x, counts, self.activation, *weights, self.buffer_cache, token_index=token_index, gates=gates)
+        return per_expert_ffn(
+            x, counts, self.activation, *weights, self.buffer_cache, token_index=token_index, gates=gates
+        )
 
     def _hidden(self, pre: torch.Tensor, gate_in: torch.Tensor | None, b1: torch.Tensor | None) -> torch.Tensor:
         if b1 is not None:

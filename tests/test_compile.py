@@ -55,7 +55,7 @@ def test_fixed_capacity_route_dispatch_experts_combine_fullgraph():
     layer = MoELayer(model_dim=16, num_experts=4, hidden_dim=32, expert_layout="padded")
 
     def step(x):
-        logits, _, scores = layer.route_scores(x)
+        _, _, scores = layer.route_scores(x)
         plan = plan_routes(scores, 2, 0.0, capacity=8)
         rows = plan.padded_rows()
         buffer = dispatch(x, plan.token_index, rows, plan.num_experts * plan.capacity)

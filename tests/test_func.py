@@ -8,7 +8,9 @@ from torch.func import functional_call, grad
 from flexmoe import MoELayer
 
 
-@pytest.mark.parametrize("kernel,dtype", [("padded", torch.float64), ("per_expert", torch.float64), ("grouped", torch.float32)])
+@pytest.mark.parametrize(
+    "kernel,dtype", [("padded", torch.float64), ("per_expert", torch.float64), ("grouped", torch.float32)]
+)
 def test_func_grad_matches_autograd(kernel, dtype):
     torch.manual_seed(0)
     layer = MoELayer(

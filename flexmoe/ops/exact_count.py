@@ -6,7 +6,8 @@ over the counts), and ``grouped_mm``'s fake-tensor rule accepts only bfloat16 on
 So under ``torch.compile`` they run as one registered custom op, ``flexmoe::exact_count_ffn``:
 dynamo and AOTAutograd see its output shape (``[x.shape[0], model_dim]``) and nothing inside.
 Its backward is a second op that recomputes the forward with the per-expert kernel and takes its
-hand-written backward: compiled training pays one more expert forward for not tracing the kernels. Eager calls run the kernels directly.
+hand-written backward: compiled training pays one more expert forward for not tracing the kernels.
+Eager calls run the kernels directly.
 """
 
 from __future__ import annotations
