@@ -16,8 +16,9 @@ from flexmoe.parallel import SINGLE_PROCESS, allreduce_non_expert_grads
 MODEL_DIM = 6
 TIGHT = dict(rtol=1e-9, atol=1e-12)
 # Dropless: a token's output does not depend on the other tokens, so any split of a batch over
-# ranks gives the outputs and (mean-loss) gradients of the whole batch in one process.
-MOE = dict(model_dim=MODEL_DIM, hidden_dim=8, capacity_factor=0.0)
+# ranks gives the outputs and (mean-loss) gradients of the whole batch in one process. No balance
+# loss: its gradient flows with the output, and a batch share's loss is not a share of the batch's.
+MOE = dict(model_dim=MODEL_DIM, hidden_dim=8, capacity_factor=0.0, aux_loss=None)
 
 
 class TwoMoE(nn.Module):
