@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
                     num_experts=args.experts,
                     hidden_dim=2 * args.model_dim,
                     gated=True,
-                    expert_layout=kernel,
+                    expert_kernel=kernel,
                     capacity_factor=capacity_factor,
                 ).train(train)
                 x = torch.randn(args.tokens, args.model_dim, requires_grad=train)

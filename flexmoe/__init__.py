@@ -1,7 +1,7 @@
 """flexmoe: adaptive Mixture-of-Experts for PyTorch."""
 
 from flexmoe.checkpoint import convert_checkpoint, load_checkpoint, save_checkpoint
-from flexmoe.config import MoEConfig
+from flexmoe.config import ExpertsConfig, MoEConfig, RoutingConfig, SharedExpertsConfig
 from flexmoe.experts import FFNExperts
 from flexmoe.layer import MoELayer
 from flexmoe.parallel import ParallelConfig
@@ -27,6 +27,7 @@ __all__ = [
     "CacheBound",
     "DenseFFN",
     "ExpertUsage",
+    "ExpertsConfig",
     "ExtractionReport",
     "FFNExperts",
     "LoadBalanceBias",
@@ -34,10 +35,12 @@ __all__ = [
     "MoELayer",
     "ParallelConfig",
     "Request",
+    "RoutingConfig",
     "RoutingPlan",
     "RoutingStats",
     "ServerStats",
     "SharedExperts",
+    "SharedExpertsConfig",
     "TaskServer",
     "Tuner",
     "__version__",

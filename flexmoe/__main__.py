@@ -1,4 +1,4 @@
-"""``python -m flexmoe ...``: the ``flexmoe`` command (``torchrun ... -m flexmoe train ...`` too)."""
+"""python -m flexmoe ...: the flexmoe command."""
 
 from flexmoe.cli import main
 

@@ -1,14 +1,15 @@
-"""``flexmoe checkpoint convert SRC DST --to-world-size N``: reshard a checkpoint offline."""
+"""flexmoe checkpoint convert SRC DST --to-world-size N: reshard a checkpoint offline."""
 
 from __future__ import annotations
 
 import argparse
 
 from flexmoe.checkpoint import CheckpointReader, convert_checkpoint
+from flexmoe.cli import CommandParser
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="flexmoe checkpoint", description=__doc__)
+    parser = CommandParser("flexmoe checkpoint", description=__doc__)
     actions = parser.add_subparsers(dest="action", required=True)
     convert = actions.add_parser("convert", help="rewrite a checkpoint for another world size (no model needed)")
     convert.add_argument("src", help="checkpoint directory written by save_checkpoint")

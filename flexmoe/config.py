@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import InitVar, dataclass, fields
 from typing import Literal
 
 import torch
@@ -12,12 +13,12 @@ import torch
 Activation = Literal["gelu", "relu", "silu"] | Callable[[torch.Tensor], torch.Tensor]
 RouterKind = Literal["linear", "cosine"]
 AuxLossKind = Literal["gshard", "load_importance"]
-ExpertLayout = Literal["auto", "padded", "grouped", "per_expert"]
+ExpertKernel = Literal["auto", "padded", "grouped", "per_expert"]
 
 ACTIVATIONS = ("gelu", "relu", "silu")
 ROUTERS = ("linear", "cosine")
 AUX_LOSSES = ("gshard", "load_importance", None)
-EXPERT_LAYOUTS = ("auto", "padded", "grouped", "per_expert")
+EXPERT_KERNELS = ("auto", "padded", "grouped", "per_expert")
 GRANULARITIES = ("token", "sentence", "task")
 Granularity = Literal["token", "sentence", "task"]
 ScoreFunction = Literal["softmax", "sigmoid"]
@@ -124,13 +125,16 @@ class MoEConfig:
     Experts:
         activation: ``"gelu"``, ``"relu"``, ``"silu"`` or a callable.
         bias: biases in the expert FFNs. gated: SwiGLU-style experts (``w3``).
-        expert_layout: ``"grouped"`` runs the built-in experts on exact token counts
+        expert_kernel: ``"grouped"`` runs the built-in experts on exact token counts
             (tokens sorted by expert, ``grouped_mm``; no padded slots); ``"per_expert"`` on
             exact counts too, one plain GEMM pair per expert (any dtype); ``"padded"`` on the
             ``[experts, capacity, model_dim]`` buffer (``bmm``). ``"auto"``: on CPU,
             per_expert when the experts that got rows average at least ``PER_EXPERT_MIN_ROWS`` (where
             plain GEMMs beat CPU ``grouped_mm``), else grouped; on other devices grouped;
-            padded where grouped cannot run (float64, custom experts).
+            padded where grouped cannot run (float64, custom experts). Under expert parallelism
+            the exact-count path runs grouped or per_expert by the same rule (per_expert where
+            grouped cannot run), and ``"padded"`` makes the padded blocks the default there.
+            (``expert_layout``, its former name, is still accepted with a DeprecationWarning.)
 
     Checks:
         check_finite: raise on NaN/inf in the input (off by default: costs a sync).
@@ -152,7 +156,7 @@ class MoEConfig:
     activation: Activation = "gelu"
     bias: bool = True
     gated: bool = False
-    expert_layout: ExpertLayout = "auto"
+    expert_kernel: ExpertKernel = "auto"
     cosine_proj_dim: int = 256
     granularity: Granularity = "token"
     num_tasks: int | None = None
@@ -183,7 +187,32 @@ class MoEConfig:
             return self.task_embedding_dim or self.model_dim
         return self.model_dim
 
-    def __post_init__(self) -> None:
+    @property
+    def routing_config(self) -> RoutingConfig:
+        """The routing options as a :class:`RoutingConfig`."""
+        return _section_of(self, RoutingConfig)
+
+    @property
+    def experts_config(self) -> ExpertsConfig:
+        """The routed experts' options as an :class:`ExpertsConfig`."""
+        return _section_of(self, ExpertsConfig)
+
+    @property
+    def shared_experts_config(self) -> SharedExpertsConfig:
+        """The shared experts' options as a :class:`SharedExpertsConfig`."""
+        return _section_of(self, SharedExpertsConfig)
+
+    # The former name of ``expert_kernel``: accepted at construction, with a DeprecationWarning.
+    expert_layout: InitVar[ExpertKernel | None] = None
+
+    def __post_init__(self, expert_layout: ExpertKernel | None) -> None:
+        if expert_layout is not None:
+            warnings.warn(
+                "MoEConfig(expert_layout=...) is deprecated: pass expert_kernel=... (same values)",
+                DeprecationWarning,
+                stacklevel=3,
+            )
+            object.__setattr__(self, "expert_kernel", expert_layout)
         _check_positive_int("model_dim", self.model_dim)
         _check_positive_int("num_experts", self.num_experts)
         if self.hidden_dim is not None:
@@ -199,8 +228,8 @@ class MoEConfig:
             raise ValueError(f"aux_loss must be one of {AUX_LOSSES}, got {self.aux_loss!r}")
         if not callable(self.activation) and self.activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS} or a callable, got {self.activation!r}")
-        if self.expert_layout not in EXPERT_LAYOUTS:
-            raise ValueError(f"expert_layout must be one of {EXPERT_LAYOUTS}, got {self.expert_layout!r}")
+        if self.expert_kernel not in EXPERT_KERNELS:
+            raise ValueError(f"expert_kernel must be one of {EXPERT_KERNELS}, got {self.expert_kernel!r}")
         _check_positive_int("cosine_proj_dim", self.cosine_proj_dim)
         if self.granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
@@ -250,3 +279,93 @@ class MoEConfig:
             raise ValueError("num_shared_experts > 0 needs shared_hidden_dim (or hidden_dim)")
         if self.shared_expert_gate is True and not self.num_shared_experts:
             raise ValueError("shared_expert_gate=True needs num_shared_experts > 0")
+
+
+# --- the same configuration in sections --------------------------------------------------------
+# MoEConfig is flat (one keyword per option, as MoELayer takes them); these sections group the
+# same options by the part of the layer they configure. Field names and defaults are
+# MoEConfig's (tests/test_config_sections.py checks they stay equal); values are validated when
+# the sections are combined into a MoEConfig.
+
+
+@dataclass(frozen=True)
+class RoutingConfig:
+    """The router's options (see :class:`MoEConfig` for each)."""
+
+    top_k: int = 2
+    capacity_factor: float = 0.0
+    router: RouterKind = "linear"
+    gate_noise: float = 0.0
+    normalize_gate: bool = True
+    batch_prioritized_routing: bool = False
+    aux_loss: AuxLossKind | None = "gshard"
+    aux_loss_weight: float = 0.01
+    z_loss: float = 0.0
+    aux_loss_in_backward: bool = True
+    cosine_proj_dim: int = 256
+    granularity: Granularity = "token"
+    num_tasks: int | None = None
+    task_embedding_dim: int | None = None
+    expert_capacity: int | None = None
+    score_function: ScoreFunction = "softmax"
+    route_scale: float = 1.0
+    num_groups: int = 1
+    top_groups: int | None = None
+    loss_free_balance: bool = False
+    balance_update_rate: float = 1e-3
+
+
+@dataclass(frozen=True)
+class ExpertsConfig:
+    """The routed experts' options (see :class:`MoEConfig` for each)."""
+
+    hidden_dim: int | None = None
+    activation: Activation = "gelu"
+    bias: bool = True
+    gated: bool = False
+    expert_kernel: ExpertKernel = "auto"
+
+
+@dataclass(frozen=True)
+class SharedExpertsConfig:
+    """The shared experts' options (see :class:`MoEConfig` for each)."""
+
+    num_shared_experts: int = 0
+    shared_hidden_dim: int | None = None
+    shared_expert_gate: bool = False
+
+
+SECTIONS: dict[str, type] = {"routing": RoutingConfig, "experts": ExpertsConfig, "shared_experts": SharedExpertsConfig}
+
+
+def _section_fields(section: type) -> tuple[str, ...]:
+    return tuple(f.name for f in fields(section))
+
+
+def config_from_sections(
+    model_dim: int,
+    num_experts: int,
+    *,
+    routing: RoutingConfig | None = None,
+    experts: ExpertsConfig | None = None,
+    shared_experts: SharedExpertsConfig | None = None,
+    **flat: object,
+) -> MoEConfig:
+    """A :class:`MoEConfig` from sections, plus any flat options the sections do not set
+    (``check_finite``, or options of a section not given). An option given twice is a ValueError."""
+    options: dict[str, object] = {}
+    for name, value in (("routing", routing), ("experts", experts), ("shared_experts", shared_experts)):
+        if value is None:
+            continue
+        if not isinstance(value, SECTIONS[name]):
+            raise TypeError(f"{name} must be a {SECTIONS[name].__name__}, got {type(value).__name__}")
+        section = {field: getattr(value, field) for field in _section_fields(SECTIONS[name])}
+        twice = sorted(set(section) & set(flat))
+        if twice:
+            raise ValueError(f"{twice} given both flat and in {name}={SECTIONS[name].__name__}(...): give each once")
+        options.update(section)
+    return MoEConfig(model_dim=model_dim, num_experts=num_experts, **options, **flat)
+
+
+def _section_of(config: MoEConfig, section: type):
+    return section(**{name: getattr(config, name) for name in _section_fields(section)})

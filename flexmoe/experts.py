@@ -28,7 +28,7 @@ _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 # grouped_mm refuses float64; those dtypes take the padded path.
 GROUPED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
-# expert_layout="auto" on CPU: from this many rows per busy expert on average, one plain GEMM pair per
+# expert_kernel="auto" on CPU: from this many rows per busy expert on average, one plain GEMM pair per
 # expert beats CPU grouped_mm (benchmarks/layer.py measures both); below it, the per-expert loop's
 # overhead dominates. Measured fwd+bwd on Mixtral-style bias-free gated experts (model 128-512):
 # per_expert 1-11% slower than grouped at 32-64 rows, even at 128, ahead from 256 up.
@@ -173,6 +173,22 @@ class FFNExperts(nn.Module):
         return per_expert_ffn(
             x, counts, self.activation, *weights, self.buffer_cache, token_index=token_index, gates=gates
         )
+
+    def forward_exact_with(
+        self, x: torch.Tensor, tokens_per_expert: list[int], weights: dict[str, torch.Tensor], kernel: str
+    ) -> torch.Tensor:
+        """Grouped layout with given weights (e.g. gathered from other ranks, named as
+        :meth:`expert_parameters`, ``n`` experts): x [rows, model_dim] sorted by expert,
+        ``tokens_per_expert[e]`` rows (host ints, ``n`` of them) -> [rows, model_dim].
+        ``kernel``: ``"grouped"`` (``grouped_mm``) or ``"per_expert"`` (any dtype)."""
+        weights = {name: w.to(x.dtype) for name, w in weights.items()}
+        w1, w3, b1, w2, b2 = (weights.get(name) for name in ("w1", "w3", "b1", "w2", "b2"))
+        if kernel == "per_expert":
+            # No buffer cache: several calls of one step (pipelined parts) keep their activations.
+            return per_expert_ffn(x, tokens_per_expert, self.activation, w1, b1, w3, w2, b2)
+        # Host ints to the device without synchronising its stream (they are known on the host).
+        counts = torch.tensor(tokens_per_expert).to(x.device, non_blocking=True)
+        return grouped_ffn(x, counts, self.activation, w1, b1, w3, w2, b2)
 
     def _hidden(self, pre: torch.Tensor, gate_in: torch.Tensor | None, b1: torch.Tensor | None) -> torch.Tensor:
         if b1 is not None:

@@ -63,6 +63,7 @@ class ServerStats:
 
     hits / misses: task groups served from the cache / that needed an extraction.
     evictions: sub-networks dropped to respect the bound.
+    invalidations: times the cache was emptied because the model's weights changed.
     resident_subnetworks, resident_parameters, resident_parameter_bytes: what is loaded now
         (sub-networks only; the full model the server extracts from is not counted).
     requests: rows of :meth:`TaskServer.__call__` plus requests of :meth:`TaskServer.serve`.
@@ -72,6 +73,7 @@ class ServerStats:
     hits: int = 0
     misses: int = 0
     evictions: int = 0
+    invalidations: int = 0
     resident_subnetworks: int = 0
     resident_parameters: int = 0
     resident_parameter_bytes: int = 0
@@ -102,6 +104,14 @@ def _parameter_bytes(module: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
+def _version(tensor: torch.Tensor) -> int:
+    """The tensor's in-place version counter (-1 for inference tensors, which have none)."""
+    try:
+        return tensor._version
+    except RuntimeError:
+        return -1
+
+
 def _batch_size(request: Request, index: int) -> int:
     tensors = [*request.positional(), *request.keyword_inputs.values()]
     if not tensors or not all(isinstance(t, torch.Tensor) and t.dim() >= 1 for t in tensors):
@@ -123,6 +133,13 @@ class TaskServer:
     bound: the :class:`CacheBound` on resident sub-networks.
     extract: how to build a task's sub-network (default :func:`extract_task`); e.g. a loader
         of sub-networks saved with :func:`flexmoe.save_subnetwork`.
+
+    The sub-networks are copies: when the model's weights change (``load_state_dict``, an
+    optimizer step, a parameter replaced), every cached one is dropped before the next request
+    and re-extracted on demand. The check reads each parameter's and buffer's storage address
+    and in-place version counter, so it catches every in-place update made through PyTorch;
+    :meth:`clear` empties the cache explicitly (e.g. after writing to ``.data`` by hand, which
+    PyTorch does not count).
 
     Every routing option of the layers is served as the full model routes it (score function,
     loss-free selection bias, group limit, route scale; shared experts, gated or not, are part
@@ -148,6 +165,7 @@ class TaskServer:
         self.extract = extract
         self.stats = ServerStats()
         self._cache: OrderedDict[int, nn.Module] = OrderedDict()  # least recently used first
+        self._weights_seen = self._weights_fingerprint()
         self.reducible_layers = reducible_layers(model)
         task_layers = [m for m in model.modules() if isinstance(m, MoELayer) and m.config.granularity == "task"]
         # Ids every task layer accepts; None: the model has no task layer to say (it checks itself).
@@ -175,12 +193,31 @@ class TaskServer:
             raise ValueError(f"{argument} must be {accepted} (the model's task ids), got {task_id}")
         return task_id
 
+    def clear(self) -> None:
+        """Drop every cached sub-network (they are extracted again on demand)."""
+        self._cache.clear()
+        self._update_resident()
+        self._weights_seen = self._weights_fingerprint()
+
+    def _weights_fingerprint(self) -> tuple[tuple[str, int, int], ...]:
+        """(name, storage address, in-place version) of every parameter and buffer."""
+        tensors = [*self.model.named_parameters(), *self.model.named_buffers()]
+        return tuple((name, t.data_ptr(), _version(t)) for name, t in tensors)
+
+    def _drop_stale(self) -> None:
+        """Empty the cache if the model's weights changed since the sub-networks were extracted."""
+        if self._weights_fingerprint() != self._weights_seen:
+            if self._cache:
+                self.stats.invalidations += 1
+            self.clear()
+
     def subnetwork(self, task_id: int) -> nn.Module:
         """The module that serves ``task_id``: its cached sub-network (extracted now if absent,
         evicting the least recently used ones past the bound), or the whole model."""
         task_id = self.check_task_id(task_id)
         if self.serves_whole_model:
             return self.model
+        self._drop_stale()
         if task_id in self._cache:
             self._cache.move_to_end(task_id)
             self.stats.hits += 1
@@ -259,6 +296,7 @@ class TaskServer:
         ids = task_ids.tolist()
         for task in dict.fromkeys(ids):
             self.check_task_id(task, "task_ids")
+        self._drop_stale()  # before scheduling by residency
         output: torch.Tensor | None = None
         for task in self._schedule(ids):
             rows = torch.nonzero(task_ids == task).squeeze(1).to(inputs.device)
@@ -279,6 +317,7 @@ class TaskServer:
         sizes = [_batch_size(r, i) for i, r in enumerate(requests)]
         for i, request in enumerate(requests):
             self.check_task_id(request.task_id, f"requests[{i}].task_id")
+        self._drop_stale()  # before scheduling by residency
         outputs: list[torch.Tensor | None] = [None] * len(requests)
         for task in self._schedule([r.task_id for r in requests]):
             by_shape: dict[tuple, list[int]] = {}

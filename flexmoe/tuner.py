@@ -1,11 +1,12 @@
 """Run-time tuner: pick the fastest equivalent way to run an MoE layer call, per workload.
 
-The layer offers candidates (:class:`Choice`, an alias of
+A layer's executor offers candidates (:class:`Choice`, an alias of
 :class:`flexmoe.parallel.ParallelChoice`: parallel degree ``r``, overlap degree ``d``,
-all-to-all algorithm) that it guarantees give the same result, and a :class:`TuningKey` that
-describes the workload (world size, capacity bucket, shapes, dtype, device). For each key the
-:class:`Tuner` hands out every candidate ``trials_per_candidate`` times in turn, collects the
-measured seconds, then fixes the candidate with the smallest median time and keeps using it.
+all-to-all algorithm, exact counts or padded blocks) that it guarantees give the same result,
+and a :class:`TuningKey` that describes the workload (world size, capacity bucket, shapes,
+dtype, device). For each key the :class:`Tuner` hands out every candidate
+``trials_per_candidate`` times in turn, collects the measured seconds, then fixes the
+candidate with the smallest median time and keeps using it.
 Decisions persist to a JSON cache so a rerun starts tuned.
 
 Every rank must run the same candidate or the collectives inside the layer hang, so under
@@ -13,7 +14,7 @@ Every rank must run the same candidate or the collectives inside the layer hang,
 slowest rank sets the step time): one small all_reduce per key, at decision time only.
 
 The tuner only ever sees keys, choices and seconds, never tensor values, so tuning cannot
-change results. This module does not import :mod:`flexmoe.layer` (the layer imports it).
+change results. This module imports neither :mod:`flexmoe.layer` nor :mod:`flexmoe.executors` (they import it).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import math
 import statistics
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,10 +35,12 @@ import torch.distributed as dist
 
 from flexmoe.files import read_json_document, write_text_atomically
 from flexmoe.parallel.config import ParallelChoice, check_int
+from flexmoe.planner.pruning import candidates_to_measure, timings_record
 
 CACHE_FORMAT = "flexmoe-tuner-cache"
 # 2: keys gained shards_per_expert (layouts with different candidates no longer share a key).
-CACHE_VERSION = 2
+# 3: choices gained exact (decisions taken among padded candidates only are tuned again).
+CACHE_VERSION = 3
 
 
 # One choice type for the layer and the tuner: the parallel package's (the lower layer).
@@ -135,18 +138,31 @@ class Tuner:
     group: process group whose ranks must agree; default the world group when
         ``torch.distributed`` is initialised (checked at decision time), else single-process.
         With a cache, rank 0 reads it and broadcasts its decisions, so every rank starts identical.
+    predictor: ``predictor(key, candidates) -> {candidate: predicted seconds}`` (e.g.
+        :func:`flexmoe.planner.tuner_predictor`); from 64 ranks on only its 3 fastest candidates
+        per key are measured. The cache keeps each key's predicted and measured seconds side by side.
     """
 
-    def __init__(self, trials_per_candidate: int = 2, cache_path: str | Path | None = None, group: Any = None) -> None:
+    def __init__(
+        self,
+        trials_per_candidate: int = 2,
+        cache_path: str | Path | None = None,
+        group: Any = None,
+        predictor: Callable[[TuningKey, tuple[Choice, ...]], Mapping[Choice, float | None]] | None = None,
+    ) -> None:
         check_int("trials_per_candidate", trials_per_candidate, 1)
         self.trials_per_candidate = trials_per_candidate
         self.cache_path = None if cache_path is None else Path(cache_path)
         self.group = group
+        self.predictor = predictor
         self._decisions: dict[TuningKey, Choice] = {}
         self._candidates: dict[TuningKey, tuple[Choice, ...]] = {}
         self._timings: dict[TuningKey, dict[Choice, list[float]]] = {}
+        self._predicted: dict[TuningKey, dict[Choice, float | None]] = {}
+        # Per decided key: every candidate's predicted and measured seconds (cache "timings").
+        self.timings_records: dict[TuningKey, list[dict[str, Any]]] = {}
         if self.cache_path is not None:
-            self._decisions = self._load_cache(self.cache_path)
+            self._decisions, self.timings_records = self._load_cache(self.cache_path)
 
     # --- public protocol ---------------------------------------------------------------------
 
@@ -161,15 +177,17 @@ class Tuner:
             warnings.warn(f"tuned choice {decided} for {key} is not among the candidates; tuning again", stacklevel=2)
             del self._decisions[key]
         if key not in self._candidates:
-            if len(ordered) == 1:
-                self._decide_as(key, ordered[0])
-                return ordered[0]
+            measured = self._to_measure(key, ordered)
+            if len(measured) == 1:
+                self._candidates[key] = ordered
+                self._decide_as(key, measured[0])
+                return measured[0]
             self._candidates[key] = ordered
-            self._timings[key] = {choice: [] for choice in ordered}
+            self._timings[key] = {choice: [] for choice in measured}
         elif self._candidates[key] != ordered:
             raise ValueError(f"candidates for {key} changed during tuning: {self._candidates[key]} -> {ordered}")
         timings = self._timings[key]
-        return min(ordered, key=lambda choice: len(timings[choice]))
+        return min(timings, key=lambda choice: len(timings[choice]))
 
     def record(self, key: TuningKey, choice: Choice, seconds: float) -> None:
         """Add one measured call (forward, plus backward when it ran) of ``choice``, in seconds."""
@@ -207,9 +225,16 @@ class Tuner:
 
     # --- deciding ----------------------------------------------------------------------------
 
+    def _to_measure(self, key: TuningKey, ordered: tuple[Choice, ...]) -> list[Choice]:
+        if self.predictor is None:
+            return list(ordered)
+        predicted = self.predictor(key, ordered)
+        self._predicted[key] = {choice: predicted.get(choice) for choice in ordered}
+        return candidates_to_measure(self._predicted[key], key.world_size)
+
     def _decide(self, key: TuningKey) -> None:
-        ordered = self._candidates[key]
         timings = self._timings[key]
+        ordered = tuple(timings)
         # [candidates, trials]: the step time of a trial is the slowest rank's time.
         step_times = torch.tensor(
             [timings[choice][: self.trials_per_candidate] for choice in ordered], dtype=torch.float64
@@ -219,14 +244,16 @@ class Tuner:
             step_times = _all_reduce_max(step_times, group)
         medians = [statistics.median(row) for row in step_times.tolist()]
         best = min(range(len(ordered)), key=lambda i: (medians[i], i))
-        self._decide_as(key, ordered[best])
+        self._decide_as(key, ordered[best], dict(zip(ordered, medians)))
 
-    def _decide_as(self, key: TuningKey, choice: Choice) -> None:
+    def _decide_as(self, key: TuningKey, choice: Choice, measured: dict[Choice, float] | None = None) -> None:
+        candidates = self._candidates.get(key, (choice,))
+        self.timings_records[key] = timings_record(candidates, self._predicted.pop(key, None), measured or {})
         self._decisions[key] = choice
         self._candidates.pop(key, None)
         self._timings.pop(key, None)
         if self.cache_path is not None and self._is_writer():
-            _write_cache(self.cache_path, self._decisions)
+            _write_cache(self.cache_path, self._decisions, self.timings_records)
 
     def _group(self) -> Any:
         if self.group is not None:
@@ -239,7 +266,7 @@ class Tuner:
         group = self._group()
         return group is None or dist.get_rank(group) == 0
 
-    def _load_cache(self, path: Path) -> dict[TuningKey, Choice]:
+    def _load_cache(self, path: Path) -> tuple[dict[TuningKey, Choice], dict[TuningKey, list[dict[str, Any]]]]:
         group = self._group()
         if group is None or dist.get_world_size(group) == 1:
             return _read_cache(path)
@@ -286,9 +313,10 @@ def _all_reduce_max(values: torch.Tensor, group: Any) -> torch.Tensor:
 # --- the JSON cache ------------------------------------------------------------------------------
 
 
-def _read_cache(path: Path) -> dict[TuningKey, Choice]:
+def _read_cache(path: Path) -> tuple[dict[TuningKey, Choice], dict[TuningKey, list[dict[str, Any]]]]:
+    """The decisions, and the predicted and measured seconds kept beside them."""
     if not path.exists():
-        return {}
+        return {}, {}
     data = read_json_document(path, CACHE_FORMAT, "flexmoe tuner cache")
     if data.get("version") != CACHE_VERSION:
         warnings.warn(
@@ -296,15 +324,22 @@ def _read_cache(path: Path) -> dict[TuningKey, Choice]:
             "ignoring it (it is rewritten after the next decision)",
             stacklevel=4,
         )
-        return {}
+        return {}, {}
     try:
-        return {TuningKey.from_json(entry["key"]): Choice.from_json(entry["choice"]) for entry in data["entries"]}
+        decisions = {TuningKey.from_json(entry["key"]): Choice.from_json(entry["choice"]) for entry in data["entries"]}
+        timings = {TuningKey.from_json(e["key"]): e["timings"] for e in data["entries"] if "timings" in e}
+        return decisions, timings
     except (KeyError, TypeError, ValueError) as error:
         raise ValueError(f"tuner cache {path} has a malformed entry ({error}); delete it to tune again") from None
 
 
-def _write_cache(path: Path, decisions: dict[TuningKey, Choice]) -> None:
-    entries = [{"key": key.to_json(), "choice": choice.to_json()} for key, choice in decisions.items()]
+def _write_cache(
+    path: Path, decisions: dict[TuningKey, Choice], timings: dict[TuningKey, list[dict[str, Any]]]
+) -> None:
+    entries = [
+        {"key": key.to_json(), "choice": choice.to_json(), **({"timings": timings[key]} if key in timings else {})}
+        for key, choice in decisions.items()
+    ]
     cache = {"format": CACHE_FORMAT, "version": CACHE_VERSION, "entries": entries}
     write_text_atomically(path, json.dumps(cache, indent=1))
 

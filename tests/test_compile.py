@@ -28,7 +28,7 @@ def test_compiled_layer_matches_eager(kernel, dtype, capacity_factor):
     torch._dynamo.reset()
     torch.manual_seed(0)
     layer = MoELayer(
-        model_dim=32, num_experts=4, hidden_dim=32, gated=True, expert_layout=kernel, capacity_factor=capacity_factor
+        model_dim=32, num_experts=4, hidden_dim=32, gated=True, expert_kernel=kernel, capacity_factor=capacity_factor
     ).to(dtype)
     x = torch.randn(48, 32, dtype=dtype)
     eager_out, eager_grads = _run(layer, x)
@@ -42,7 +42,7 @@ def test_compiled_layer_matches_eager(kernel, dtype, capacity_factor):
 @pytest.mark.parametrize("kernel", ["per_expert", "grouped"])
 def test_dropless_exact_count_kernels_compile_without_graph_breaks(kernel):
     torch._dynamo.reset()
-    layer = MoELayer(model_dim=16, num_experts=4, hidden_dim=32, expert_layout=kernel, capacity_factor=0.0)
+    layer = MoELayer(model_dim=16, num_experts=4, hidden_dim=32, expert_kernel=kernel, capacity_factor=0.0)
     explanation = torch._dynamo.explain(layer)(torch.randn(24, 16, requires_grad=True))
     assert explanation.graph_break_count == 0, [r.reason for r in explanation.break_reasons]
 
@@ -52,7 +52,7 @@ def test_fixed_capacity_route_dispatch_experts_combine_fullgraph():
     kept entries' count is data dependent: dynamo needs capture_dynamic_output_shape_ops)."""
     torch._dynamo.reset()
     torch.manual_seed(0)
-    layer = MoELayer(model_dim=16, num_experts=4, hidden_dim=32, expert_layout="padded")
+    layer = MoELayer(model_dim=16, num_experts=4, hidden_dim=32, expert_kernel="padded")
 
     def step(x):
         _, _, scores = layer.route_scores(x)

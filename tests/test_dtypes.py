@@ -18,7 +18,7 @@ def test_half_precision_grouped_and_padded_agree_with_float32(dtype):
     x = torch.randn(64, 8)
     expected = layer32(x.to(dtype).float())
     for layout in ("grouped", "padded"):
-        layer.config = dataclasses.replace(layer.config, expert_layout=layout)
+        layer.config = dataclasses.replace(layer.config, expert_kernel=layout)
         x_ = x.to(dtype).requires_grad_()
         out = layer(x_)
         assert out.dtype == dtype
@@ -64,7 +64,7 @@ def test_no_tokens_by_experts_by_capacity_tensor(layout):
     """Dispatch is O(tokens * k * dim): no op produces anything near [tokens, experts, capacity]."""
     tokens, experts, dim = 2048, 64, 4
     layer = make_layer(
-        torch.float32, model_dim=dim, hidden_dim=4, num_experts=experts, capacity_factor=2.0, expert_layout=layout
+        torch.float32, model_dim=dim, hidden_dim=4, num_experts=experts, capacity_factor=2.0, expert_kernel=layout
     )
     x = torch.randn(tokens, dim, requires_grad=True)
     with _LargestTensor() as probe:

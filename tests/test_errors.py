@@ -23,7 +23,7 @@ from .conftest import make_layer
         (dict(model_dim=0), "model_dim"),
         (dict(num_experts=-1), "num_experts"),
         (dict(gate_noise=-0.1), "gate_noise"),
-        (dict(expert_layout="dense"), "expert_layout"),
+        (dict(expert_kernel="dense"), "expert_kernel"),
         (dict(z_loss=math.nan), "z_loss"),
     ],
 )
@@ -72,10 +72,10 @@ def test_custom_experts_with_wrong_shape():
     with pytest.raises(ValueError, match="same shape"):
         layer(torch.randn(5, 8))
     with pytest.raises(ValueError, match="forward_grouped"):
-        MoELayer(model_dim=8, num_experts=4, experts=Bad(), expert_layout="grouped")
+        MoELayer(model_dim=8, num_experts=4, experts=Bad(), expert_kernel="grouped")
 
 
 def test_grouped_layout_refuses_float64():
-    layer = make_layer(expert_layout="grouped")
-    with pytest.raises(ValueError, match="expert_layout"):
+    layer = make_layer(expert_kernel="grouped")
+    with pytest.raises(ValueError, match="expert_kernel"):
         layer(torch.randn(4, 8, dtype=torch.float64))

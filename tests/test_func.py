@@ -14,7 +14,7 @@ from flexmoe import MoELayer
 def test_func_grad_matches_autograd(kernel, dtype):
     torch.manual_seed(0)
     layer = MoELayer(
-        model_dim=16, num_experts=4, hidden_dim=32, gated=True, expert_layout=kernel, capacity_factor=1.0, z_loss=0.1
+        model_dim=16, num_experts=4, hidden_dim=32, gated=True, expert_kernel=kernel, capacity_factor=1.0, z_loss=0.1
     ).to(dtype)
     layer.train()
     x = torch.randn(24, 16, dtype=dtype)

@@ -84,7 +84,7 @@ def test_grouped_float32_matches_padded_and_reference(top_k, capacity_factor):
     x = torch.randn(53, 8)
     outs = []
     for layout in ("grouped", "padded"):
-        layer.config = dataclasses.replace(layer.config, expert_layout=layout)
+        layer.config = dataclasses.replace(layer.config, expert_kernel=layout)
         x_ = x.clone().requires_grad_()
         layer.zero_grad(set_to_none=True)
         out = layer(x_)
@@ -173,7 +173,7 @@ def test_gate_noise_only_in_training():
 @pytest.mark.parametrize("top_k,capacity_factor,gated", [(1, 1.0, False), (2, 0.5, True), (2, 0.0, False)])
 def test_per_expert_float64_matches_reference(top_k, capacity_factor, gated):
     """The per-expert kernel runs float64 on exact counts: tight against the reference."""
-    layer = make_layer(top_k=top_k, capacity_factor=capacity_factor, gated=gated, expert_layout="per_expert")
+    layer = make_layer(top_k=top_k, capacity_factor=capacity_factor, gated=gated, expert_kernel="per_expert")
     x = torch.randn(41, 8, dtype=torch.float64)
     (out, aux, cap, g), (ref_out, ref_aux, ref_cap, ref_g) = _run_both(layer, x)
     assert cap == ref_cap

@@ -140,3 +140,40 @@ def test_bad_input():
     with pytest.raises(ValueError, match="batch size n"):
         server.serve([Request(0, x, {"padding_mask": torch.zeros(1, 3, dtype=torch.bool)})])
     assert server.stats.misses == 0  # rejected before any extraction
+
+
+def _perturbed_state(model):
+    generator = torch.Generator().manual_seed(7)
+    return {
+        k: v + torch.randn(v.shape, generator=generator, dtype=v.dtype) if v.is_floating_point() else v
+        for k, v in model.state_dict().items()
+    }
+
+
+def test_weight_change_invalidates_the_cached_subnetworks():
+    model = tiny_task_model()
+    x = torch.randn(4, 3, MODEL_DIM, dtype=torch.float64)
+    task_ids = torch.tensor([0, 1, 0, 1])
+    server = TaskServer(model)
+    server(x, task_ids)
+    model.load_state_dict(_perturbed_state(model))  # in-place copies into the same parameters
+    torch.testing.assert_close(server(x, task_ids), model(x, task_ids), **EXACT)
+    assert server.stats.misses == 4 and server.stats.invalidations == 1
+    with torch.no_grad():  # an optimizer step is an in-place update too
+        next(model.parameters()).add_(1.0)
+    torch.testing.assert_close(server(x, task_ids), model(x, task_ids), **EXACT)
+    assert server.stats.invalidations == 2
+
+
+def test_replaced_parameter_invalidates_and_clear_empties_the_cache():
+    model = tiny_task_model()
+    x = torch.randn(2, 3, MODEL_DIM, dtype=torch.float64)
+    server = TaskServer(model)
+    server(x, [2, 2])
+    layer = next(m for m in model.modules() if hasattr(m, "task_embedding") and m.task_embedding is not None)
+    layer.task_embedding.weight = torch.nn.Parameter(layer.task_embedding.weight.detach() * 3)
+    torch.testing.assert_close(server(x, [2, 2]), model(x, torch.tensor([2, 2])), **EXACT)
+    server.clear()
+    assert server.resident_tasks == [] and server.stats.resident_subnetworks == 0
+    server(x, [2, 2])
+    assert server.resident_tasks == [2]

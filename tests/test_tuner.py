@@ -349,8 +349,9 @@ def test_single_process_layer_with_tuner_equals_the_plain_layer(tmp_path):
 
 
 def test_layer_tuning_key_reads_the_agreed_capacity_and_layout():
+    from flexmoe.executors.expert_parallel import tuning_key
     from tests.conftest import make_layer
 
     layer = make_layer(top_k=2)
-    key = layer.tuning_key(9, 2, torch.zeros(6, 9, 8, dtype=torch.float64))
+    key = tuning_key(layer.config, layer.layout, 9, 2, torch.zeros(6, 8, dtype=torch.float64))
     assert key == TuningKey(1, 16, 8, 12, 6, 2, "float64", "cpu", shards_per_expert=1)

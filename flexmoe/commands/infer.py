@@ -1,25 +1,24 @@
-"""``flexmoe infer``: run mixed-task inputs through per-task sub-networks (:class:`flexmoe.TaskServer`).
+"""flexmoe infer: run mixed-task inputs through per-task sub-networks (flexmoe.TaskServer).
 
     flexmoe infer --model pkg.mod:factory [--checkpoint W.pt] --inputs IN --out OUT [--max-subnetworks 4]
 
 Input formats, by suffix:
-  .pt     ``torch.save`` of a dict: ``inputs`` [batch, ...], ``task_ids`` [batch] and optionally
-          more tensors [batch, ...] passed to the model by keyword (``padding_mask``, ...).
-  .jsonl  one request per line: ``{"task_id": 3, "inputs": [...], "padding_mask": [...]}``, each
+  .pt     torch.save of a dict: inputs [batch, ...], task_ids [batch] and optionally
+          more tensors [batch, ...] passed to the model by keyword (padding_mask, ...).
+  .jsonl  one request per line: {"task_id": 3, "inputs": [...], "padding_mask": [...]}, each
           value one example without the batch dimension; integer and bool lists become int64 /
           bool tensors (token ids, masks).
 Floating-point inputs take the model's dtype. A .pt batch goes to the server whole
-(:meth:`TaskServer.__call__`: each task's rows run as one batch, no per-row split). Each JSON
+(TaskServer.__call__: each task's rows run as one batch, no per-row split). Each JSON
 line is one request: lines of one task with the same shapes run as one batch, so lines may have
 different lengths.
-Output formats, by suffix: .pt (``{"outputs": [batch, ...], "task_ids": [batch]}``; a list of
-``[1, ...]`` tensors if their shapes differ) or .jsonl (``{"task_id": t, "outputs": [...]}`` per line).
+Output formats, by suffix: .pt ({"outputs": [batch, ...], "task_ids": [batch]}; a list of
+[1, ...] tensors if their shapes differ) or .jsonl ({"task_id": t, "outputs": [...]} per line).
 Rows stay in input order. Server statistics go to stderr.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from dataclasses import asdict, dataclass
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from flexmoe.cli import CommandParser
 from flexmoe.commands.model_source import add_model_arguments, load_model
 from flexmoe.serving import CacheBound, Request, TaskServer
 
@@ -132,9 +132,7 @@ def run_server(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="flexmoe infer", description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = CommandParser("flexmoe infer", description=__doc__.split("\n")[0])
     parser.epilog = __doc__.split("\n\n", 2)[2]
     add_model_arguments(parser)
     parser.add_argument("--inputs", type=Path, required=True, help="requests: .pt or .jsonl (formats below)")

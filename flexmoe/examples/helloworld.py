@@ -1,6 +1,6 @@
 """Train one MoE layer on synthetic data: the smallest end-to-end use of flexmoe.
 
-The data has ``--clusters`` token clusters, each with its own random linear map as the
+The data has --clusters token clusters, each with its own random linear map as the
 target, so experts have something to specialise on. Prints loss, step time and routing
 telemetry; every layer option is a flag.
 
@@ -11,8 +11,8 @@ CUDA, else gloo), spreads the experts over the ranks and trains on a different b
 
     torchrun --nproc-per-node 2 -m flexmoe.examples.helloworld --parallel-degree 1 --overlap-degree 2
 
-``--tune`` lets a run-time tuner pick the parallel degree, overlap degree and all-to-all per
-capacity bucket instead (``--tune-cache tuned.json`` keeps its decisions for the next run):
+--tune lets a run-time tuner pick the parallel degree, overlap degree and all-to-all per
+capacity bucket instead (--tune-cache tuned.json keeps its decisions for the next run):
 
     torchrun --nproc-per-node 2 -m flexmoe.examples.helloworld --tune --tune-cache tuned.json
 """
@@ -26,7 +26,6 @@ import time
 
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
 from flexmoe import MoELayer, Tuner
 from flexmoe.parallel import A2A_ALGORITHMS, ParallelConfig, allreduce_non_expert_grads
@@ -110,13 +109,14 @@ def main(argv: list[str] | None = None) -> float:
         gated=args.gated,
         parallel=ParallelConfig(args.parallel_degree, args.overlap_degree, args.a2a, args.local_world_size),
         tuner=tuner,
+        group=dist.group.WORLD if distributed else None,  # expert parallel over every rank
     ).to(args.device)
     optimizer = torch.optim.Adam(layer.parameters(), lr=args.lr)
     if rank == 0:
         print(layer, f"layout: {layer.layout}", sep="\n")
-    progress = tqdm(range(args.steps), desc="train", unit="step", disable=rank != 0)
     loss_value = float("nan")
-    for _ in progress:
+    report_every = max(1, args.steps // 10)  # about ten progress lines, whatever the step count
+    for step in range(1, args.steps + 1):
         x, target = sample_batch(centres, maps, args.batch_tokens, generator)
         x, target = x.to(args.device), target.to(args.device)
         start = time.perf_counter()
@@ -129,12 +129,12 @@ def main(argv: list[str] | None = None) -> float:
         step_ms = (time.perf_counter() - start) * 1e3
         loss_value = loss.item()
         stats = layer.stats
-        progress.set_postfix(
-            loss=f"{loss_value:.4f}",
-            step_ms=f"{step_ms:.1f}",
-            dropped=f"{stats.dropped_fraction:.1%}",
-            entropy=f"{float(stats.router_entropy):.2f}",
-        )
+        if rank == 0 and (step % report_every == 0 or step == args.steps):
+            print(
+                f"step {step}/{args.steps}: loss {loss_value:.4f}, {step_ms:.1f} ms, "
+                f"dropped {stats.dropped_fraction:.1%}, router entropy {float(stats.router_entropy):.2f}",
+                flush=True,
+            )
     stats = layer.stats
     if rank == 0:
         print(

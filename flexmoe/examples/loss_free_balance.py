@@ -3,16 +3,16 @@
 Trains one MoE layer on skewed synthetic data (token clusters drawn with Zipf frequencies,
 each cluster with its own target map) three times from the same initialisation:
 
-* ``none``: no balancing (``aux_loss=None``);
-* ``aux loss``: the GShard balance loss (``--aux-weight``);
-* ``loss-free``: ``loss_free_balance=True`` and ``aux_loss=None``; the training loop calls
-  ``layer.update_load_balance_bias()`` after each ``optimizer.step()``.
+* none: no balancing (aux_loss=None);
+* aux loss: the GShard balance loss (--aux-weight);
+* loss-free: loss_free_balance=True and aux_loss=None; the training loop calls
+  layer.update_load_balance_bias() after each optimizer.step().
 
-Records the expert load imbalance ``max_e load_e / mean_e load_e`` (1.0 = perfectly flat) at
-every step, writes a plot (``--plot``, matplotlib with the Agg backend) and prints the final
+Records the expert load imbalance max_e load_e / mean_e load_e (1.0 = perfectly flat) at
+every step, writes a plot (--plot, matplotlib with the Agg backend) and prints the final
 imbalance (mean of the last 20 steps) and loss of each run.
 
-    python -m flexmoe.examples.loss_free_balance --plot docs/loss_free_balance.png
+    python -m flexmoe.examples.loss_free_balance --plot docs/images/loss_free_balance.png
 """
 
 from __future__ import annotations

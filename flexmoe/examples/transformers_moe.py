@@ -3,19 +3,19 @@
     python -m flexmoe.examples.transformers_moe [--steps 20] [--keep 2] [--save DIR]
     torchrun --nproc_per_node 2 -m flexmoe.examples.transformers_moe --expert-parallel
 
-1. builds a small random Mixtral (``--family qwen3_moe`` etc. for the others, or
-   ``--pretrained DIR`` for a local checkpoint) and checks the converted model's logits;
-2. ``to_flexmoe(model, aux_loss="gshard")``: trains a few steps on a toy corpus
-   (repeated random token sequences), adding ``flexmoe_aux_loss(model)`` to the loss;
-3. counts expert usage on the corpus and prunes every layer to its ``--keep`` most used
-   experts (``flexmoe.prune_experts``), printing the loss before/after;
-4. ``from_flexmoe``: back to transformers' own blocks, ``save_pretrained`` and reload, with
+1. builds a small random Mixtral (--family qwen3_moe etc. for the others, or
+   --pretrained DIR for a local checkpoint) and checks the converted model's logits;
+2. to_flexmoe(model, aux_loss="gshard"): trains a few steps on a toy corpus
+   (repeated random token sequences), adding flexmoe_aux_loss(model) to the loss;
+3. counts expert usage on the corpus and prunes every layer to its --keep most used
+   experts (flexmoe.prune_experts), printing the loss before/after;
+4. from_flexmoe: back to transformers' own blocks, save_pretrained and reload, with
    the same logits.
 
-``--expert-parallel`` (under torchrun; gloo on CPU, NCCL on CUDA): every rank builds the same
-model and converts it with the world group, so each rank holds ``1 / world`` of every layer's
+--expert-parallel (under torchrun; gloo on CPU, NCCL on CUDA): every rank builds the same
+model and converts it with the world group, so each rank holds 1 / world of every layer's
 experts; each rank trains on its own batches, averaging the replicated parameters' gradients
-with ``allreduce_non_expert_grads``; ``from_flexmoe`` gathers the experts back on every rank,
+with allreduce_non_expert_grads; from_flexmoe gathers the experts back on every rank,
 then rank 0 saves and reloads, converts again single-process and prunes (steps 4, then 3).
 Losses are printed by rank 0 (the training loss: the mean over ranks).
 """
@@ -165,7 +165,7 @@ def main_expert_parallel(args: argparse.Namespace) -> dict[str, float]:
     torch.manual_seed(args.seed)  # the same model and corpus on every rank
     model = build_model(args).float().to(device)
     corpus = torch.randint(0, model.config.vocab_size, (8, 4, 24), device=device)
-    difference = convert(model, corpus[0], **AUX_LOSS)  # every rank: the world group
+    difference = convert(model, corpus[0], group=dist.group.WORLD, **AUX_LOSS)  # every rank: the world group
     layout = flexmoe_layers(model)[0].layout
     say(
         f"converted {len(flexmoe_layers(model))} MoE blocks over {world_size} ranks ({layout.local_experts} of "

@@ -10,8 +10,8 @@ per-expert modules are stacked. ``from_flexmoe(model)`` rebuilds the original bl
 the (possibly trained) flexmoe weights, so ``save_pretrained`` / ``from_pretrained`` keep
 the original format.
 
-Expert parallelism: under ``torch.distributed`` (``group=`` a process group, or the default
-world group as for :class:`~flexmoe.MoELayer`), every rank converts the same model (built
+Expert parallelism: under ``torch.distributed`` with ``group=`` a process group or a
+``DeviceMesh`` (as for :class:`~flexmoe.MoELayer`), every rank converts the same model (built
 from the same seed or checkpoint) and keeps only its shard of each layer's experts
 (``layer.layout``); ``from_flexmoe`` gathers them back on every rank.
 
@@ -422,10 +422,9 @@ def to_flexmoe(
     """Replace every transformers MoE block of ``model`` in place by a :class:`FlexMoEBlock`
     holding the same weights. Returns ``model``.
 
-    group: as :class:`~flexmoe.MoELayer`'s: a process group (or a shared
-    :class:`~flexmoe.parallel.ParallelGroups`), None for the world group when
-    ``torch.distributed`` is initialised with more than one rank, or
-    ``flexmoe.parallel.SINGLE_PROCESS`` for local layers holding every expert. With a group of
+    group: as :class:`~flexmoe.MoELayer`'s: a process group, a ``DeviceMesh`` (or a shared
+    :class:`~flexmoe.parallel.ParallelGroups`) for expert-parallel layers, or None (or
+    ``flexmoe.parallel.SINGLE_PROCESS``) for local layers holding every expert. With a group of
     W > 1 ranks the conversion is collective: every rank converts the same model (same weights;
     the layers' replicated tensors are broadcast from the group's first rank) and keeps its
     ``layout`` shard of each layer's experts (a copy, the global tensors are freed, so every

@@ -6,6 +6,9 @@ gradient. Pipelining splits an exchange in two autograd nodes sharing one :class
 ``start`` issues the collective without waiting, ``finish`` waits; backward mirrors it (the
 gradient exchange is issued by ``finish``'s backward and awaited by ``start``'s), so compute
 recorded between the two overlaps the transfer in both directions.
+
+Variable splits (exact token counts): ``x: [rows, ...]`` sends ``send_splits[i]`` rows to rank i
+and receives ``recv_splits[j]`` rows from rank j; the gradient goes back with the splits swapped.
 """
 
 from __future__ import annotations
@@ -26,19 +29,32 @@ class Exchange:
     group: the ranks exchanging (linear). node_group / cross_node_group: the two stages of
     ``"2dh"`` (ranks of one node; ranks of one local rank across nodes).
 
-    One Exchange carries one transfer at a time: forward, then the gradient in backward.
+    send_splits / recv_splits: rows to / from each rank of ``group`` (linear only); None for
+    equal blocks ``x: [group_size, ...]``.
+
+    One Exchange carries one transfer at a time: forward, then the gradient in backward (with
+    the splits swapped once the forward transfer is done).
     """
 
     algorithm: A2AAlgorithm
     group: dist.ProcessGroup | None = None
     node_group: dist.ProcessGroup | None = None
     cross_node_group: dist.ProcessGroup | None = None
+    send_splits: list[int] | None = None
+    recv_splits: list[int] | None = None
     _work: object | None = field(default=None, repr=False)
     _pending: torch.Tensor | None = field(default=None, repr=False)
 
     def issue(self, x: torch.Tensor) -> None:
-        """Start exchanging x: [group_size, ...]. For 2dh only the intra-node stage runs
-        asynchronously; the cross-node stage runs in :meth:`wait`."""
+        """Start exchanging x: [group_size, ...] (or [sum(send_splits), ...]). For 2dh only the
+        intra-node stage runs asynchronously; the cross-node stage runs in :meth:`wait`."""
+        if self.send_splits is not None:
+            send = x.contiguous()
+            self._pending = send.new_empty(sum(self.recv_splits), *send.shape[1:])
+            self._work = dist.all_to_all_single(
+                self._pending, send, self.recv_splits, self.send_splits, group=self.group, async_op=True
+            )
+            return
         if self.algorithm == "linear":
             send = x.contiguous()
             group = self.group
@@ -52,6 +68,8 @@ class Exchange:
         """The exchanged tensor ``[group_size, ...]`` (block j from rank j)."""
         self._work.wait()
         out, self._work, self._pending = self._pending, None, None
+        if self.send_splits is not None:  # the next transfer is the gradient: the reverse way
+            self.send_splits, self.recv_splits = self.recv_splits, self.send_splits
         if self.algorithm == "2dh":
             out = _across_nodes(out, self.cross_node_group)
         return out

@@ -1,10 +1,9 @@
-"""Collective agreement before any exchange: the same settings on every rank, one capacity.
+"""Collective agreement: the same settings on every rank, one capacity.
 
-One small all_reduce(MAX) per forward carries each setting as ``(v, -v)`` (so the max and the
-min come back together) and each rank's capacity. Settings that differ raise the same
-``ValueError`` on every rank instead of a hang in a mismatched collective; the capacity that
-comes back is the largest any rank needs, so ragged batches (different token counts per rank,
-zero included) give buffers of one shape everywhere.
+At construction one small all_reduce(MAX) carries each setting as ``(v, -v)`` (so the max and
+the min come back together). Every forward checks its settings inside the count exchange it needs
+anyway (:mod:`flexmoe.parallel.counts`), with :func:`check_settings_rows`. Settings that differ
+raise the same ``ValueError`` on every rank instead of a hang in a mismatched collective.
 """
 
 from __future__ import annotations
@@ -39,11 +38,23 @@ def agree_across_ranks(settings: dict[str, int], capacity: int, group: dist.Proc
     packed = packed.cpu()
     count = len(settings)
     highs, lows = packed[:count].tolist(), (-packed[count : 2 * count]).tolist()
-    differing = [_describe(name, lo, hi) for name, lo, hi in zip(settings, lows, highs) if lo != hi]
+    _raise_if_differing(list(settings), lows, highs)
+    return int(packed[-1])
+
+
+def check_settings_rows(names: list[str], rows: list[list[int]]) -> None:
+    """rows: every rank's settings (``rows[i]``: rank i's values, named ``names``). Raises the
+    same ValueError as :func:`agree_across_ranks` when a setting differs; every rank sees all
+    rows, so every rank raises."""
+    columns = list(zip(*rows))
+    _raise_if_differing(names, [min(c) for c in columns], [max(c) for c in columns])
+
+
+def _raise_if_differing(names: list[str], lows: list[int], highs: list[int]) -> None:
+    differing = [_describe(name, lo, hi) for name, lo, hi in zip(names, lows, highs) if lo != hi]
     if differing:
         raise ValueError(
             "MoELayer settings must be equal on every rank of the process group: "
             + "; ".join(differing)
             + " (values shown are the smallest and largest over the ranks)"
         )
-    return int(packed[-1])

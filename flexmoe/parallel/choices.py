@@ -7,7 +7,7 @@ passes the same arguments), so an invalid choice raises before any collective.
 
 from __future__ import annotations
 
-from flexmoe.parallel.config import A2A_ALGORITHMS, OVERLAP_CANDIDATES, ParallelChoice
+from flexmoe.parallel.config import OVERLAP_CANDIDATES, ParallelChoice
 from flexmoe.parallel.groups import ParallelGroups
 from flexmoe.parallel.layout import ExpertLayout
 
@@ -18,27 +18,35 @@ def valid_degrees(layout: ExpertLayout, gatherable: bool) -> list[int]:
 
 
 def valid_choices(layout: ExpertLayout, groups: ParallelGroups | None, gatherable: bool) -> list[ParallelChoice]:
-    """Every valid choice; single-process (groups None): only the default, ``ParallelChoice(1)``."""
+    """Every valid choice; single-process (groups None): only the default, ``ParallelChoice(1)``.
+
+    Built-in experts (``gatherable``) run every choice on exact counts or padded blocks (2dh:
+    padded only); custom experts run padded blocks at r = 1."""
     if groups is None:
         return [ParallelChoice(1)]
+    exacts = (False, True) if gatherable else (False,)
     choices = []
     for degree in valid_degrees(layout, gatherable):
         if degree == 0:  # no token exchange: d and the algorithm play no part
-            choices.append(ParallelChoice(0))
+            choices += [ParallelChoice(0, exact=exact) for exact in exacts]
             continue
-        algorithms = [a for a in A2A_ALGORITHMS if a == "linear" or groups.supports_2dh(layout, degree)]
-        choices += [ParallelChoice(degree, d, a) for d in OVERLAP_CANDIDATES for a in algorithms]
+        choices += [ParallelChoice(degree, d, "linear", exact) for d in OVERLAP_CANDIDATES for exact in exacts]
+        if groups.supports_2dh(layout, degree):
+            choices += [ParallelChoice(degree, d, "2dh") for d in OVERLAP_CANDIDATES]
     return choices
 
 
 def check_choice(
-    choice: ParallelChoice, layout: ExpertLayout, groups: ParallelGroups | None, gatherable: bool
+    choice: ParallelChoice, layout: ExpertLayout | None, groups: ParallelGroups | None, gatherable: bool
 ) -> ParallelChoice:
-    """Return ``choice`` or raise ValueError naming what is accepted for this layout and group."""
+    """Return ``choice`` or raise ValueError naming what is accepted for this layout and group
+    (single process, ``groups`` None: the layout plays no part)."""
     if groups is None:
         if choice.parallel_degree > 1 or choice.a2a_algorithm != "linear":
             raise ValueError(f"a single-process layer runs parallel_degree 0 or 1 and 'linear', got {choice}")
         return choice
+    if choice.exact and not gatherable:
+        raise ValueError(f"custom experts run padded blocks only (exact=False), got {choice}")
     degrees = valid_degrees(layout, gatherable)
     if choice.parallel_degree not in degrees:
         raise ValueError(f"parallel_degree must be one of {degrees} for this layout ({layout}), got {choice}")

@@ -21,6 +21,12 @@ def check_int(name: str, value: object, minimum: int) -> int:
     return value
 
 
+def check_bool(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+    return value
+
+
 def check_overlap_degree(overlap_degree: object) -> int:
     return check_int("overlap_degree", overlap_degree, 1)
 
@@ -51,16 +57,23 @@ class ParallelChoice:
         expert S (r = 1: expert parallel; r = S: expert + model parallel).
     overlap_degree: d, chunks of the capacity axis whose all-to-all overlaps expert compute.
     a2a_algorithm: ``"linear"`` (one all_to_all_single) or ``"2dh"`` (intra-node then inter-node).
+    exact: True: exactly the routed rows are exchanged and computed (variable splits, experts on
+        exact counts; built-in experts, ``"linear"``); False: the padded
+        ``[num_experts, capacity, model_dim]`` blocks, capacity the largest of any rank.
     """
 
     parallel_degree: int
     overlap_degree: int = 1
     a2a_algorithm: A2AAlgorithm = "linear"
+    exact: bool = False
 
     def __post_init__(self) -> None:
         check_int("parallel_degree", self.parallel_degree, 0)
         check_overlap_degree(self.overlap_degree)
         check_a2a_algorithm(self.a2a_algorithm)
+        check_bool("exact", self.exact)
+        if self.exact and self.a2a_algorithm == "2dh":
+            raise ValueError("exact=True runs the 'linear' all-to-all; a2a_algorithm='2dh' exchanges padded blocks")
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -79,19 +92,24 @@ class ParallelConfig:
     a2a_algorithm: default all-to-all algorithm.
     local_world_size: ranks per node for ``"2dh"``; None = torchrun's ``LOCAL_WORLD_SIZE``
         read once when the layer is built (so one machine can simulate several nodes).
+    exact: run on exact token counts where the choice allows it (built-in experts, ``"linear"``);
+        False: always the padded blocks (see :class:`ParallelChoice`).
     """
 
     parallel_degree: int = 1
     overlap_degree: int = 1
     a2a_algorithm: A2AAlgorithm = "linear"
     local_world_size: int | None = None
+    exact: bool = True
 
     def __post_init__(self) -> None:
         ParallelChoice(self.parallel_degree, self.overlap_degree, self.a2a_algorithm)
+        check_bool("exact", self.exact)
         size = self.local_world_size
         if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
             raise ValueError(f"local_world_size must be an int >= 1 or None, got {size!r}")
 
-    @property
-    def default_choice(self) -> ParallelChoice:
-        return ParallelChoice(self.parallel_degree, self.overlap_degree, self.a2a_algorithm)
+    def default_choice(self, exact_possible: bool = True) -> ParallelChoice:
+        """The default choice; exact when asked for and ``exact_possible`` (built-in experts)."""
+        exact = self.exact and exact_possible and self.a2a_algorithm == "linear"
+        return ParallelChoice(self.parallel_degree, self.overlap_degree, self.a2a_algorithm, exact)

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
 
 from flexmoe.parallel.layout import ExpertLayout
 
@@ -24,7 +25,7 @@ class _SingleProcess:
         return "flexmoe.parallel.SINGLE_PROCESS"
 
 
-# Pass as ``MoELayer(..., group=SINGLE_PROCESS)`` for a local layer while torch.distributed runs.
+# ``MoELayer(..., group=SINGLE_PROCESS)``: a local layer, the same as ``group=None``.
 SINGLE_PROCESS = _SingleProcess()
 
 
@@ -138,19 +139,33 @@ class ParallelGroups:
 def resolve_groups(group: object, local_world_size: int | None = None) -> ParallelGroups | None:
     """A layer's ``group`` argument -> its :class:`ParallelGroups`, or None for single-process.
 
-    None means the world group when torch.distributed is initialised with more than one rank.
+    Expert parallelism is explicit: None (and :data:`SINGLE_PROCESS`) keep the layer local, also
+    when torch.distributed runs (data parallelism then treats it as any module). A process group,
+    a 1-D ``DeviceMesh`` or a mesh with an ``"ep"`` dimension (its process group is used), or a
+    shared :class:`ParallelGroups` make it expert-parallel.
     """
-    if group is SINGLE_PROCESS:
+    if group is None or group is SINGLE_PROCESS:
         return None
     if isinstance(group, ParallelGroups):
         return group
-    if group is None:
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-            return None
-        return ParallelGroups(None, local_world_size)
+    if dist.is_available() and isinstance(group, DeviceMesh):
+        return ParallelGroups(_mesh_group(group), local_world_size)
     if dist.is_available() and isinstance(group, dist.ProcessGroup):
         return ParallelGroups(group, local_world_size)
     raise TypeError(
-        "group must be a torch.distributed ProcessGroup, a flexmoe.parallel.ParallelGroups, "
-        f"flexmoe.parallel.SINGLE_PROCESS or None, got {type(group).__name__}"
+        "group must be a torch.distributed ProcessGroup, a DeviceMesh, a flexmoe.parallel.ParallelGroups, "
+        f"or None (single process), got {type(group).__name__}"
     )
+
+
+def _mesh_group(mesh: DeviceMesh) -> dist.ProcessGroup:
+    """The process group of a 1-D mesh, or of the ``"ep"`` dimension of a larger one."""
+    if mesh.ndim == 1:
+        return mesh.get_group()
+    names = mesh.mesh_dim_names or ()
+    if "ep" not in names:
+        raise ValueError(
+            f"a {mesh.ndim}-D DeviceMesh needs a dimension named 'ep' for expert parallelism "
+            f"(its dimensions: {names or 'unnamed'}); pass mesh['ep'] or a 1-D mesh"
+        )
+    return mesh["ep"].get_group()

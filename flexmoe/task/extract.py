@@ -16,7 +16,6 @@ from torch import nn
 
 from flexmoe.experts import FFNExperts
 from flexmoe.layer import MoELayer
-from flexmoe.routing import routing_scores, top_k_gates
 from flexmoe.task.dense import DenseFFN
 from flexmoe.task.single_process import check_single_process
 
@@ -59,21 +58,7 @@ def task_gates(layer: MoELayer, task_id: int) -> tuple[torch.Tensor, torch.Tenso
     ``top_groups`` best groups, gates = the unbiased scores of the chosen experts, renormalised
     over the k when ``normalize_gate``, times ``route_scale``.
     """
-    config = layer.config
-    if not 0 <= task_id < config.num_tasks:
-        raise ValueError(f"task_id must be in 0..num_tasks-1 = 0..{config.num_tasks - 1}, got {task_id}")
-    with torch.no_grad():
-        logits = layer.router(layer.task_embedding.weight[task_id : task_id + 1])
-        gates, experts = top_k_gates(
-            routing_scores(logits, config.score_function),
-            config.top_k,
-            config.normalize_gate,
-            selection_bias=None if layer.load_balancer is None else layer.load_balancer.bias,
-            num_groups=config.num_groups,
-            top_groups=config.top_groups,
-            route_scale=config.route_scale,
-        )
-    return gates[0], experts[0]
+    return layer.routing.task_gates(task_id)
 
 
 @dataclass

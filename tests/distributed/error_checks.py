@@ -29,7 +29,7 @@ def _all_equal_over_ranks(tensor: torch.Tensor) -> bool:
 
 
 def check_mismatches(rank: int, world_size: int) -> None:
-    base = dict(model_dim=6, hidden_dim=8, num_experts=4)
+    base = dict(model_dim=6, hidden_dim=8, num_experts=4, group=dist.group.WORLD)
     _raises_everywhere("model_dim differs", MoELayer, **dict(base, model_dim=6 + 2 * rank))
     _raises_everywhere("num_experts differs", MoELayer, **dict(base, num_experts=4 if rank else 3))
     _raises_everywhere("hidden_dim differs", MoELayer, **dict(base, hidden_dim=8 * (rank + 1)))
@@ -38,6 +38,7 @@ def check_mismatches(rank: int, world_size: int) -> None:
     _raises_everywhere("top_k differs", layer, x, top_k=1 + rank)
     _raises_everywhere("parallel_degree differs", layer, x, parallel_degree=rank)
     _raises_everywhere("overlap_degree differs", layer, x, overlap_degree=1 + rank)
+    _raises_everywhere("exact differs", layer, x, exact=rank == 0)  # one rank exact, one padded
     _raises_everywhere("input_requires_grad differs", layer, x.clone().requires_grad_(rank == 0))
     _raises_everywhere(r"dtype differs \(torch.float64 vs torch.float32\)", layer, x.float() if rank else x)
     layer.tuner = Tuner() if rank == 0 else None  # one rank tuning, the other not
@@ -47,8 +48,12 @@ def check_mismatches(rank: int, world_size: int) -> None:
     _raises_everywhere("parallel_degree must be one of", layer, x, parallel_degree=2)
     _raises_everywhere("a2a_algorithm='2dh' needs", layer, x, a2a_algorithm="2dh")
     _raises_everywhere("a2a_algorithm must be one of", layer, x, a2a_algorithm="ring")
+    # A kernel that cannot run (grouped_mm in float64) raises before any token exchange.
+    grouped = MoELayer(**base, expert_kernel="grouped").double()
+    _raises_everywhere("expert_kernel='grouped' cannot run", grouped, x)
+    _raises_everywhere("exact=True runs the 'linear' all-to-all", layer, x, exact=True, a2a_algorithm="2dh")
     with pytest.raises(TypeError, match="group must be"):
-        MoELayer(**base, group="world")
+        MoELayer(**dict(base, group="world"))
     # The group is still in step after the errors; copies share the groups.
     assert layer(x).shape == x.shape
     torch.testing.assert_close(copy.deepcopy(layer)(x), layer(x), rtol=0, atol=0)
@@ -69,7 +74,9 @@ class _Model(nn.Module):
         super().__init__()
         self.proj = nn.Linear(6, 6)
         # No balance loss: it flows with the output, and a batch share's loss is not a share of the batch's.
-        self.moe = MoELayer(model_dim=6, hidden_dim=8, num_experts=2, top_k=2, aux_loss=None, group=group)
+        self.moe = MoELayer(
+            model_dim=6, hidden_dim=8, num_experts=2, top_k=2, aux_loss=None, group=group or dist.group.WORLD
+        )
 
     def forward(self, x):
         return self.moe(torch.tanh(self.proj(x)), parallel_degree=self.degree)

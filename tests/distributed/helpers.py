@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 from flexmoe import MoELayer
 from flexmoe.parallel import HIDDEN_AXIS, SINGLE_PROCESS
@@ -16,7 +17,7 @@ def twin_layers(seed: int = 0, dtype: torch.dtype = torch.float64, **options) ->
         for name, param in reference.named_parameters():
             if name.startswith("experts.b"):
                 param.normal_(std=0.1)
-    layer = MoELayer(**options).to(dtype).eval()
+    layer = MoELayer(group=dist.group.WORLD, **options).to(dtype).eval()
     load_global_weights(layer, reference)
     return reference, layer
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -64,3 +65,32 @@ def test_expert_parameters_are_marked_and_survive_parameter_replacement():
     state = {k: v.clone() for k, v in model.state_dict().items()}
     model.load_state_dict(state, assign=True)  # replaces the parameter objects
     assert [name for name, _ in expert_parameters(copy.deepcopy(model).float())] == names
+
+
+def test_expert_layout_still_works_and_names_expert_kernel():
+    with pytest.warns(DeprecationWarning, match="expert_kernel"):
+        layer = MoELayer(model_dim=8, num_experts=2, hidden_dim=4, expert_layout="padded")
+    assert layer.config.expert_kernel == "padded"
+    x = torch.randn(5, 8)
+    assert layer.expert_kernel(x, layer.routing.route(x, x, None, top_k=2, capacity_factor=0.0).plan) == "padded"
+
+
+def test_replacing_the_config_reaches_the_executor():
+    layer = make_layer(dtype=torch.float32)
+    x = torch.randn(6, 8)
+    plan = layer.routing.route(x, x, None, top_k=2, capacity_factor=0.0).plan
+    assert layer.expert_kernel(x, plan) == "grouped"
+    layer.config = dataclasses.replace(layer.config, expert_kernel="padded")
+    assert layer.expert_kernel(x, plan) == "padded"
+
+
+def test_a_layer_pickled_without_an_executor_loads():
+    layer = make_layer()
+    state = layer.__getstate__()
+    # What the state of a layer pickled before it had an executor holds.
+    state["config"], state["tuner"] = state.pop("_config"), None
+    del state["executor"]
+    clone = MoELayer.__new__(MoELayer)
+    clone.__setstate__(state)
+    x = torch.randn(5, 8, dtype=torch.float64)
+    torch.testing.assert_close(clone(x), layer(x), rtol=0, atol=0)

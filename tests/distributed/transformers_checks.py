@@ -14,6 +14,7 @@ import math
 
 import pytest
 import torch
+import torch.distributed as dist
 import transformers
 
 from flexmoe.integrations.transformers import flexmoe_layers, from_flexmoe, to_flexmoe
@@ -74,7 +75,7 @@ def check_case(rank: int, world_size: int, case: str, tmp_dir: str) -> None:
         # The input embedding is not used (inputs_embeds): allreduce_non_expert_grads gives it zeros.
         param.grad = torch.zeros_like(param) if param.grad is None else param.grad / world_size
 
-    sharded = to_flexmoe(copy.deepcopy(original), parallel=parallel)  # the default group: the world
+    sharded = to_flexmoe(copy.deepcopy(original), parallel=parallel, group=dist.group.WORLD)
     layers = flexmoe_layers(sharded)
     assert layers and all(layer.layout.world_size == world_size for layer in layers)
     assert all(layer.parallel == (parallel or ParallelConfig()) for layer in layers)
@@ -109,7 +110,7 @@ def check_case(rank: int, world_size: int, case: str, tmp_dir: str) -> None:
 
 def check_share_storage_refused(rank: int, world_size: int) -> None:
     with pytest.raises(ValueError, match="share_storage=True"):
-        to_flexmoe(build("olmoe"), share_storage=True)
+        to_flexmoe(build("olmoe"), share_storage=True, group=dist.group.WORLD)
 
 
 def check_routers_come_from_first_rank(rank: int, world_size: int) -> None:
@@ -120,7 +121,7 @@ def check_routers_come_from_first_rank(rank: int, world_size: int) -> None:
         with torch.no_grad():
             for block in _moe_blocks(model):
                 block.gate.weight.add_(1.0)
-    to_flexmoe(model)
+    to_flexmoe(model, group=dist.group.WORLD)
     for layer, router in zip(flexmoe_layers(model), first_rank_routers, strict=True):
         torch.testing.assert_close(layer.router.weight, router, rtol=0, atol=0)
 

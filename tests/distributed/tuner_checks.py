@@ -17,13 +17,13 @@ from tests.distributed.parity_checks import TIGHT
 def _logging_choices(layer: MoELayer) -> list[ParallelChoice]:
     """Make ``layer`` log the choice of every expert step it runs; returns the log."""
     log: list[ParallelChoice] = []
-    run = layer.run_expert_step
+    run = layer.executor.expert_step
 
-    def logged(buffer: torch.Tensor, choice: ParallelChoice) -> torch.Tensor:
+    def logged(tokens: torch.Tensor, plan, table, choice: ParallelChoice) -> torch.Tensor:
         log.append(choice)
-        return run(buffer, choice)
+        return run(tokens, plan, table, choice)
 
-    layer.run_expert_step = logged
+    layer.executor.expert_step = logged
     return log
 
 
@@ -46,7 +46,7 @@ def check_tuned_layer(rank: int, world_size: int, options: dict, cache_dir: str)
     """Over the tuning steps and after, a tuned layer equals the default-choice layer on the
     same weights and inputs; then a new tuner on the same cache runs the decision untimed."""
     torch.manual_seed(3)
-    layer = MoELayer(**options).double()
+    layer = MoELayer(**options, group=dist.group.WORLD).double()
     cache = f"{cache_dir}/tuned-{options['num_experts']}.json"
     tuned = copy.deepcopy(layer)  # same weights, same groups
     tuned.tuner = Tuner(trials_per_candidate=1, cache_path=cache)
@@ -70,7 +70,7 @@ def check_tuned_layer(rank: int, world_size: int, options: dict, cache_dir: str)
     rerun.tuner = Tuner(trials_per_candidate=1, cache_path=cache)
     rerun_log = _logging_choices(rerun)
     with pytest.MonkeyPatch.context() as monkeypatch:
-        monkeypatch.setattr("flexmoe.layer.measure_layer_call", _no_measuring)
+        monkeypatch.setattr("flexmoe.executors.expert_parallel.measure_layer_call", _no_measuring)
         _step(rerun, x, upstream)
     assert rerun_log == [decided] and not rerun.tuner.is_tuning(key)
 

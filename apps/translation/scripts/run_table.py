@@ -1,0 +1,296 @@
+"""Run the results table (Kudugunta et al.'s Table 1 at our scale) and write one
+<row>/seed<N>.json per run into --results (apps/translation/results, tracked by git, so finished
+runs survive a fresh machine); python -m flexmoe_mt.results > docs/results.md turns them into the
+table. Run from the repository root:
+
+    python apps/translation/scripts/run_table.py [--minutes 7] [--seeds 0,1,2] [--rows dense,token_target]
+
+Rows (ROWS): apps/translation/configs/table/<config>.toml, each trained for its share of --minutes of
+CPU time (the configs' budget_clock = "cpu", so a busy machine does not shorten a run);
+pruned_token trains nothing (the token/token run of the same seed, pruned per target language
+to its --prune-keep most used experts, NLLB-MoE style). A distilled row needs its teacher's run
+of the same seed first (the default order does that): distilled_dense learns from the
+full-budget token/token run (so teacher and student had a budget each), distilled_dense_shared
+from token_token_half, trained half the budget, and trains the other half itself (teacher and
+student share one budget: the equal-total-compute comparison). Finished runs are skipped (a run
+resumes from its checkpoint in --out), so the script can be killed and restarted;
+--reevaluate scores and times finished runs whose checkpoints are still in --out again
+without training, --reevaluate --timing-only only their throughput (wall clock: taken on a busy
+machine, it is redone on a quiet one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+APP = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(APP))
+
+from flexmoe import ExpertUsage, MoELayer, expert_usage, prune_experts  # noqa: E402
+from flexmoe.task.extract import count_parameters  # noqa: E402
+from flexmoe_mt.batching import collate, encode_pairs, model_inputs  # noqa: E402
+from flexmoe_mt.compare import throughputs  # noqa: E402
+from flexmoe_mt.data.corpus import Pair  # noqa: E402
+from flexmoe_mt.demo import per_direction_sample  # noqa: E402
+from flexmoe_mt.evaluate import score, translate_pairs  # noqa: E402
+from flexmoe_mt.extraction import extract_direction  # noqa: E402
+from flexmoe_mt.runconfig import RunConfig, load_run_config  # noqa: E402
+from flexmoe_mt.train import TrainedModel, load_corpus, load_trained, train  # noqa: E402
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One row of the table: ``config`` names configs/table/<config>.toml; ``budget`` is its share
+    of ``--minutes``; ``teacher`` the row whose run of the same seed it distils from; ``source``
+    the row whose trained run it reuses without training (pruning)."""
+
+    config: str
+    budget: float = 1.0
+    teacher: str | None = None
+    source: str | None = None
+
+
+# In run order: a teacher or source row comes before the rows that need it.
+ROWS = {
+    "dense": Row("dense"),
+    "token_token": Row("token_token"),
+    "sentence_sentence": Row("sentence_sentence"),
+    "target_target": Row("target_target"),
+    "token_target": Row("token_target"),
+    "token_langpair": Row("token_langpair"),
+    "distilled_dense": Row("distilled_dense", teacher="token_token"),
+    "pruned_token": Row("token_token", source="token_token"),
+    "token_token_half": Row("token_token", budget=0.5),
+    "distilled_dense_shared": Row("distilled_dense", budget=0.5, teacher="token_token_half"),
+}
+BATCH_SIZES = [1, 16, 64, 128]
+
+
+def active_parameters(model: torch.nn.Module) -> int:
+    """Parameters one token uses: all, minus the experts its MoE layers do not pick."""
+    unused = 0
+    for layer in model.modules():
+        if isinstance(layer, MoELayer):
+            per_expert = sum(p.numel() for p in layer.experts.parameters()) // layer.config.num_experts
+            unused += (layer.config.num_experts - layer.config.top_k) * per_expert
+    return count_parameters(model) - unused
+
+
+def scores_of(trained: TrainedModel, model: torch.nn.Module, pairs: list[Pair]) -> tuple[list[str], dict]:
+    hypotheses = translate_pairs(model, trained.tokenizer, trained.tasks, pairs)
+    return hypotheses, score(pairs, hypotheses).to_dict()
+
+
+def has_extraction(trained: TrainedModel) -> bool:
+    """Whether the run's model is task-routed by target language (one sub-network per language)."""
+    config = trained.model.config
+    routings = (config.encoder_routing, config.decoder_routing)
+    return not config.is_dense and "target" in routings and "langpair" not in routings
+
+
+def extraction_results(trained: TrainedModel, test: list[Pair], hypotheses: list[str], language: str) -> dict:
+    """Every target language's sub-network translates its sentences; scored over all directions
+    like the parent (so equal outputs give the parent's score), with the number of identical
+    translations and the size of ``language``'s sub-network (timed by :func:`timings`)."""
+    combined = list(hypotheses)
+    result = {"identical": 0, "sentences": len(test)}
+    for target in trained.tasks.target_languages:
+        indices = [i for i, p in enumerate(test) if p.target_lang == target]
+        if not indices:
+            continue
+        extracted = extract_direction(trained.model, trained.tasks, target)
+        sub_hypotheses, _ = scores_of(trained, extracted, [test[i] for i in indices])
+        for i, hypothesis in zip(indices, sub_hypotheses):
+            result["identical"] += hypothesis == hypotheses[i]
+            combined[i] = hypothesis
+        if target == language:
+            result["parameters"] = count_parameters(extracted)
+    result["scores"] = score(test, combined).to_dict()
+    return result
+
+
+def language_usage(trained: TrainedModel, corpus) -> ExpertUsage:
+    """Expert usage per target language, counted on the first 4000 training sentences."""
+    train_data = encode_pairs(corpus["train"][:4000], trained.tokenizer, trained.tasks, trained.model.config.max_len)
+    batches = [
+        model_inputs(collate(train_data, range(i, min(i + 64, len(train_data.sources)))))
+        for i in range(0, len(train_data.sources), 64)
+    ]
+    return expert_usage(trained.model, batches, by_task=True)
+
+
+def pruned_model(trained: TrainedModel, usage: ExpertUsage, keep: int, target: str) -> torch.nn.Module:
+    """The model with every MoE layer pruned to ``target``'s ``keep`` most used experts."""
+    return prune_experts(trained.model, usage.top_experts(keep, task=trained.tasks.target_id(target))).eval()
+
+
+def pruned_results(trained: TrainedModel, usage: ExpertUsage, test: list[Pair], keep: int, language: str) -> dict:
+    """Per target language: prune every MoE layer to the language's ``keep`` most used experts
+    and score sentences into it; sizes of ``language``'s pruned model."""
+    hypotheses, pairs_all, result = [], [], {}
+    for target in trained.tasks.target_languages:
+        pairs = [p for p in test if p.target_lang == target]
+        if not pairs:
+            continue
+        pruned = pruned_model(trained, usage, keep, target)
+        out, _ = scores_of(trained, pruned, pairs)
+        hypotheses += out
+        pairs_all += pairs
+        if target == language:
+            result["parameters"] = count_parameters(pruned)
+            result["active_parameters"] = active_parameters(pruned)
+    result["scores"] = score(pairs_all, hypotheses).to_dict()
+    return result
+
+
+def timings(row: str, trained: TrainedModel, usage: ExpertUsage | None, test: list[Pair], args) -> dict:
+    """Peak greedy decoding tokens/s into ``args.language`` over :data:`BATCH_SIZES` (wall clock:
+    take it on a quiet machine): the row's model (the pruned one for a pruned row) and, for a
+    target-routed model, its extracted sub-network, timed in turn with it."""
+    into = [p for p in test if p.target_lang == args.language]
+    models = {"model": trained}
+    if ROWS[row].source:
+        pruned = pruned_model(trained, usage, args.prune_keep, args.language)
+        models = {"model": dataclasses.replace(trained, model=pruned, task=args.language)}
+    elif has_extraction(trained):
+        extracted = extract_direction(trained.model, trained.tasks, args.language)
+        models["extracted"] = dataclasses.replace(trained, model=extracted, task=args.language)
+    peaks = {name: max(sweep.values()) for name, sweep in throughputs(models, into, BATCH_SIZES).items()}
+    result = {"peak_tokens_per_s": peaks["model"]}
+    if "extracted" in peaks:
+        result["extracted"] = {"peak_tokens_per_s": peaks["extracted"], "parent_peak_tokens_per_s": peaks["model"]}
+    return result
+
+
+def run_config(row: str, seed: int, minutes: float, out: Path, tsv_dir: str | None) -> RunConfig:
+    """The run of ``row`` for ``seed``: its config with the seed, budget and run directory set
+    (and its teacher's run directory, for a distilled row)."""
+    spec = ROWS[row]
+    run = load_run_config(APP / "configs" / "table" / f"{spec.config}.toml")
+    trained_row = spec.source or row
+    train_config = dataclasses.replace(
+        run.train, seed=seed, max_minutes=minutes * spec.budget, run_dir=str(out / trained_row / f"seed{seed}")
+    )
+    if spec.teacher:
+        train_config = dataclasses.replace(train_config, distill_from=str(out / spec.teacher / f"seed{seed}"))
+    data = run.data
+    if tsv_dir:
+        files = {s: str(Path(tsv_dir) / f"{s}.tsv") for s in ("train", "valid", "test")}
+        data = dataclasses.replace(data, source="tsv", **files)
+    return dataclasses.replace(run, data=data, train=train_config)
+
+
+def load_run(row: str, run: RunConfig, corpus) -> tuple[TrainedModel, ExpertUsage | None]:
+    """A finished run's model (threads set as it trained) and, for a pruned row, its usage per language."""
+    trained = load_trained(run.train.run_dir)
+    torch.set_num_threads(run.train.threads or torch.get_num_threads())
+    return trained, language_usage(trained, corpus) if ROWS[row].source else None
+
+
+def evaluate_run(row: str, seed: int, run: RunConfig, corpus, args: argparse.Namespace) -> dict:
+    """Scores, sizes and throughput of a finished run (the ``<row>/seed<N>.json`` of one table cell)."""
+    trained, usage = load_run(row, run, corpus)
+    test = test_pairs(corpus, args)
+    steps = torch.load(Path(run.train.run_dir) / "checkpoint.pt", weights_only=False)["step"]
+    machine = f"{platform.machine()} ({os.cpu_count()} CPUs), torch {torch.__version__}"
+    result = {"row": row, "seed": seed, "minutes": args.minutes, "budget": ROWS[row].budget, "machine": machine,
+              "steps": steps, "language": args.language, "threads": torch.get_num_threads(),
+              "budget_clock": run.train.budget_clock}  # fmt: skip
+    if usage is not None:
+        result.update(pruned_results(trained, usage, test, args.prune_keep, args.language))
+    else:
+        hypotheses, result["scores"] = scores_of(trained, trained.model, test)
+        result["parameters"] = count_parameters(trained.model)
+        result["active_parameters"] = active_parameters(trained.model)
+        if has_extraction(trained):
+            result["extracted"] = extraction_results(trained, test, hypotheses, args.language)
+    return merge_timings(result, timings(row, trained, usage, test, args))
+
+
+def retime_run(row: str, run: RunConfig, corpus, results_file: Path, args: argparse.Namespace) -> dict:
+    """A finished run's results with its throughput figures taken again (nothing else changes)."""
+    trained, usage = load_run(row, run, corpus)
+    result = json.loads(results_file.read_text())
+    return merge_timings(result, timings(row, trained, usage, test_pairs(corpus, args), args))
+
+
+def test_pairs(corpus, args: argparse.Namespace) -> list[Pair]:
+    test = corpus["test"]
+    return per_direction_sample(test, args.per_direction) if args.per_direction else test
+
+
+def merge_timings(result: dict, timed: dict) -> dict:
+    result["peak_tokens_per_s"] = timed["peak_tokens_per_s"]
+    if "extracted" in timed:
+        result["extracted"].update(timed["extracted"])
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--minutes", type=float, default=7.0, help="training CPU minutes per run (default 7)")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--rows", default=",".join(ROWS), help=f"subset of {list(ROWS)}")
+    parser.add_argument("--out", default="runs/table", help="run directories (checkpoints; not tracked)")
+    parser.add_argument(
+        "--results", default="apps/translation/results", help="<row>/seed<N>.json per finished run (tracked)"
+    )
+    parser.add_argument("--language", default="fr", help="target language of the throughput figures")
+    parser.add_argument("--per-direction", type=int, default=50, help="test sentences per direction (0: all)")
+    parser.add_argument("--prune-keep", type=int, default=2, help="experts kept per layer by pruned_token")
+    parser.add_argument(
+        "--reevaluate",
+        action="store_true",
+        help="evaluate finished runs again (scores and throughput; no training): throughput figures "
+        "taken while the machine was busy are redone on a quiet one",
+    )
+    parser.add_argument(
+        "--timing-only",
+        action="store_true",
+        help="with --reevaluate: take the throughput figures again, keep the scores",
+    )
+    parser.add_argument("--tsv-dir", help="DIR/{train,valid,test}.tsv instead of the embedded corpus")
+    args = parser.parse_args()
+    rows = args.rows.split(",")
+    unknown = sorted(set(rows) - set(ROWS))
+    if unknown:
+        parser.error(f"unknown rows {unknown}; rows are {list(ROWS)}")
+    if args.timing_only and not args.reevaluate:
+        parser.error("--timing-only goes with --reevaluate")
+    out, results = Path(args.out), Path(args.results)
+    corpora: dict[str, object] = {}  # the rows share one corpus; loaded once per data config
+    for seed in (int(s) for s in args.seeds.split(",")):
+        for row in [r for r in ROWS if r in rows]:
+            results_file = results / row / f"seed{seed}.json"
+            run = run_config(row, seed, args.minutes, out, args.tsv_dir)
+            if args.reevaluate:
+                if not results_file.is_file() or not (Path(run.train.run_dir) / "checkpoint.pt").is_file():
+                    continue  # not finished, or finished on another machine (its checkpoint is not here)
+            elif results_file.is_file():
+                continue  # finished
+            if repr(run.data) not in corpora:
+                corpora[repr(run.data)] = load_corpus(run.data)
+            corpus = corpora[repr(run.data)]
+            if args.reevaluate and args.timing_only:
+                results_file.write_text(json.dumps(retime_run(row, run, corpus, results_file, args), indent=2) + "\n")
+                print(f"{row} seed {seed}: timed again", flush=True)
+                continue
+            if not ROWS[row].source and not args.reevaluate:
+                print(f"== {row} seed {seed}: training {args.minutes * ROWS[row].budget:g} minutes ==", flush=True)
+                train(run, corpus)
+            result = evaluate_run(row, seed, run, corpus, args)
+            results_file.parent.mkdir(parents=True, exist_ok=True)
+            results_file.write_text(json.dumps(result, indent=2) + "\n")
+            print(f"{row} seed {seed}: mean chrF {result['scores']['mean_chrf']:.1f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
