@@ -98,6 +98,12 @@ class MoEConfig:
         aux_loss: ``"gshard"``, ``"load_importance"`` or ``None``.
         aux_loss_weight: coefficient of the balance loss.
         z_loss: coefficient of the ST-MoE router z-loss (0 = off).
+        aux_loss_in_backward: ``True``: the loss is attached to the layer output
+            (:func:`flexmoe.ops.attach_aux_loss`), so any backward through the output adds its
+            gradient (also under reentrant activation checkpointing) and ``layer.aux_loss`` is
+            a detached value for logging (adding it to your loss changes the logged value,
+            not the gradient). ``False``: ``layer.aux_loss`` carries the graph; add it to the
+            loss yourself.
 
     Granularity (what one routing decision covers; see ``flexmoe.routing.granularity``):
         granularity: ``"token"`` (each token), ``"sentence"`` (one decision per sequence, from
@@ -146,6 +152,7 @@ class MoEConfig:
     aux_loss: AuxLossKind | None = "gshard"
     aux_loss_weight: float = 0.01
     z_loss: float = 0.0
+    aux_loss_in_backward: bool = True
     activation: Activation = "gelu"
     bias: bool = True
     gated: bool = False
@@ -240,6 +247,7 @@ class MoEConfig:
             "check_finite",
             "loss_free_balance",
             "shared_expert_gate",
+            "aux_loss_in_backward",
         ):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
@@ -293,6 +301,7 @@ class RoutingConfig:
     aux_loss: AuxLossKind | None = "gshard"
     aux_loss_weight: float = 0.01
     z_loss: float = 0.0
+    aux_loss_in_backward: bool = True
     cosine_proj_dim: int = 256
     granularity: Granularity = "token"
     num_tasks: int | None = None

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flexmoe.ops.buffers import BufferCache
+from flexmoe.ops.exact_count import exact_count_ffn, grouped_ffn
 from flexmoe.ops.per_expert import per_expert_ffn
 
 _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -77,6 +78,7 @@ class FFNExperts(nn.Module):
         # the next (see flexmoe.ops.buffers; ``self.buffer_cache.clear()`` frees them).
         self.buffer_cache = BufferCache()
         self.reset_parameters(generator)
+        self.register_state_dict_post_hook(_standalone_weights)
 
     def train(self, mode: bool = True) -> FFNExperts:
         """``nn.Module.train``; switching to eval also frees the training buffers (``buffer_cache``)."""
@@ -85,6 +87,8 @@ class FFNExperts(nn.Module):
         return super().train(mode)
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Weights uniform in ``+-1 / sqrt(fan_in)`` per expert, biases zero (also after building
+        on the meta device and ``to_empty``)."""
         # Same scale as nn.Linear's default for each expert (uniform in +-1/sqrt(fan_in)).
         fan_ins = ((self.w1, self.model_dim), (self.w2, self.init_hidden_dim), (self.w3, self.model_dim))
         for weight, fan_in in fan_ins:
@@ -136,25 +140,14 @@ class FFNExperts(nn.Module):
     def forward_grouped(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         """Grouped layout. x: [rows, model_dim] sorted by expert, ``tokens_per_expert[e]``
         rows for expert e (sums to rows) -> [rows, model_dim]. Exact counts, no padding."""
-        offsets = torch.cumsum(tokens_per_expert, 0, dtype=torch.int32)
-        rows = x.shape[0]
+        weights = self._weights_in(x.dtype)
+        if torch.compiler.is_compiling():  # a registered op: grouped_mm's fake rule wants bfloat16
+            return exact_count_ffn("grouped", x, tokens_per_expert, self.activation, *weights)
+        return grouped_ffn(x, tokens_per_expert, self.activation, *weights, gate_up=self.fused_gate_up(x.dtype))
 
-        def per_row(bias: torch.Tensor | None) -> torch.Tensor | None:
-            if bias is None:
-                return None
-            return bias.to(x.dtype).repeat_interleave(tokens_per_expert, dim=0, output_size=rows)
-
-        gate_up = self.fused_gate_up(x.dtype)
-        if gate_up is not None:  # one GEMM for both halves of a gated expert
-            both = F.grouped_mm(x, gate_up, offs=offsets)
-            pre, gate_in = both[:, : self.hidden_dim], both[:, self.hidden_dim :]
-        else:
-            pre = F.grouped_mm(x, self.w1.to(x.dtype), offs=offsets)
-            gate_in = None if self.w3 is None else F.grouped_mm(x, self.w3.to(x.dtype), offs=offsets)
-        hidden = self._hidden(pre, gate_in, per_row(self.b1))
-        out = F.grouped_mm(hidden, self.w2.to(x.dtype), offs=offsets)
-        b2 = per_row(self.b2)
-        return out if b2 is None else out + b2
+    def _weights_in(self, dtype: torch.dtype) -> list[torch.Tensor | None]:
+        """[w1, b1, w3, w2, b2] in ``dtype`` (None for absent ones)."""
+        return [None if w is None else w.to(dtype) for w in (self.w1, self.b1, self.w3, self.w2, self.b2)]
 
     def forward_per_expert(
         self,
@@ -172,19 +165,13 @@ class FFNExperts(nn.Module):
         Reads the counts on the host (one sync on CUDA: meant for CPU, where plain per-expert
         GEMMs beat ``grouped_mm`` once experts get many rows). Hand-written backward
         (:mod:`flexmoe.ops.per_expert`): differentiable once."""
-        weights = {name: w.to(x.dtype) for name, w in self.expert_parameters().items()}
+        weights = self._weights_in(x.dtype)
+        if torch.compiler.is_compiling():  # a registered op: dynamo cannot follow the loop over counts
+            routing = {"token_index": token_index, "gates": gates}
+            return exact_count_ffn("per_expert", x, tokens_per_expert, self.activation, *weights, **routing)
+        counts = tokens_per_expert.tolist()
         return per_expert_ffn(
-            x,
-            tokens_per_expert.tolist(),
-            self.activation,
-            weights["w1"],
-            weights.get("b1"),
-            weights.get("w3"),
-            weights["w2"],
-            weights.get("b2"),
-            self.buffer_cache,
-            token_index=token_index,
-            gates=gates,
+            x, counts, self.activation, *weights, self.buffer_cache, token_index=token_index, gates=gates
         )
 
     def forward_exact_with(
@@ -201,16 +188,28 @@ class FFNExperts(nn.Module):
             return per_expert_ffn(x, tokens_per_expert, self.activation, w1, b1, w3, w2, b2)
         # Host ints to the device without synchronising its stream (they are known on the host).
         counts = torch.tensor(tokens_per_expert).to(x.device, non_blocking=True)
-        offsets = torch.cumsum(counts, 0, dtype=torch.int32)
-        rows = x.shape[0]
-        pre = F.grouped_mm(x, w1, offs=offsets)
-        gate_in = None if w3 is None else F.grouped_mm(x, w3, offs=offsets)
-        per_row_b1 = None if b1 is None else b1.repeat_interleave(counts, dim=0, output_size=rows)
-        out = F.grouped_mm(self._hidden(pre, gate_in, per_row_b1), w2, offs=offsets)
-        return out if b2 is None else out + b2.repeat_interleave(counts, dim=0, output_size=rows)
+        return grouped_ffn(x, counts, self.activation, w1, b1, w3, w2, b2)
 
     def _hidden(self, pre: torch.Tensor, gate_in: torch.Tensor | None, b1: torch.Tensor | None) -> torch.Tensor:
         if b1 is not None:
             pre = pre + b1
         hidden = self.activation(pre)
         return hidden if gate_in is None else hidden * gate_in
+
+
+def _standalone_weights(module: FFNExperts, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    """State-dict post-hook: weights that are views (w1 and w3 as the two halves of one fused tensor,
+    see :meth:`FFNExperts.fused_gate_up`, or transposed views of a converted model's tensors) are
+    given as contiguous copies of their own, so that savers that refuse shared or strided storage
+    (safetensors, ``save_pretrained``, Trainer checkpoints) take them. Loading copies back into the
+    views. Plain parameters are left as they are."""
+    storages: dict[int, int] = {}
+    for param in module.expert_parameters().values():
+        pointer = param.untyped_storage().data_ptr()
+        storages[pointer] = storages.get(pointer, 0) + 1
+    for name, param in module.expert_parameters().items():
+        key = prefix + name
+        if key not in state_dict or param.is_meta:
+            continue
+        if not param.is_contiguous() or storages[param.untyped_storage().data_ptr()] > 1:
+            state_dict[key] = state_dict[key].detach().clone(memory_format=torch.contiguous_format)

@@ -21,6 +21,7 @@ from flexmoe.distributed.ddp import refuse_experts_under_ddp
 from flexmoe.executors import ExpertParallelExecutor, LocalExecutor
 from flexmoe.executors.expert_parallel import layer_settings
 from flexmoe.experts import FFNExperts
+from flexmoe.ops import attach_aux_loss
 from flexmoe.parallel.checks import agree_across_ranks
 from flexmoe.parallel.config import (
     ParallelChoice,
@@ -56,8 +57,8 @@ class MoELayer(nn.Module):
 
     One forward: routing units -> :attr:`routing` (a :class:`~flexmoe.routing.router.Router`)
     -> :class:`~flexmoe.RoutingPlan` -> ``executor.run(tokens, plan)`` -> + shared experts.
-    After each forward: ``layer.aux_loss`` (scalar to add to the training loss) and
-    ``layer.stats`` (:class:`RoutingStats`).
+    After each forward: ``layer.aux_loss`` (scalar; its gradient already flows through the
+    output, see ``MoEConfig.aux_loss_in_backward``) and ``layer.stats`` (:class:`RoutingStats`).
 
     Distributed: the layer is expert-parallel only when given a ``group``: a process group, a
     1-D ``torch.distributed.device_mesh.DeviceMesh`` (or one with an ``"ep"`` dimension), or a
@@ -355,11 +356,12 @@ class MoELayer(nn.Module):
             out = out + self.shared_experts(tokens).to(out.dtype)
         if routed_positions is not None:
             out = out.new_zeros(all_tokens.shape[0], out.shape[1]).index_copy(0, routed_positions, out)
-        self._record(routing, top_k)
+        out = self._record(routing, top_k, out)
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
-    def _record(self, routing: Routing, top_k: int) -> None:
-        """After a forward: the balancer's load, the aux loss (lazily without grad), the stats."""
+    def _record(self, routing: Routing, top_k: int, out: torch.Tensor) -> torch.Tensor:
+        """After a forward: the balancer's load, the aux loss (lazily without grad), the stats.
+        Returns ``out`` [tokens, model_dim], with the aux loss attached when it is differentiable."""
         plan = routing.plan
         if self.load_balancer is not None and self.training:
             self.load_balancer.record(plan.tokens_per_expert)
@@ -367,12 +369,16 @@ class MoELayer(nn.Module):
         state = self.__dict__
         pending = (routing.logits, routing.noisy_logits, routing.scores, top_k)
         if torch.is_grad_enabled():
-            self.aux_loss = self.compute_aux_loss(*pending)
+            aux_loss = self.compute_aux_loss(*pending)
+            if self.config.aux_loss_in_backward:  # its gradient flows through the output; logged detached
+                out, aux_loss = attach_aux_loss(out, aux_loss), aux_loss.detach()
+            self.aux_loss = aux_loss
         else:
             # Nothing can differentiate it: compute it only if read (inference seldom does).
             state["_pending_aux_loss"] = pending
         state["stats"] = self._record_stats(plan, routing.scores, top_k)
         state["last_plan"] = plan if self.record_plan else None
+        return out
 
     def update_load_balance_bias(self, process_group: Any = None) -> torch.Tensor:
         """Loss-free balancing step; call after ``optimizer.step()``.

@@ -159,8 +159,8 @@ def test_grouped_float32_with_shared_and_sigmoid_matches_float64_reference():
     assert layer.uses_grouped_layout(torch.float32)
     x = torch.randn(53, 8, dtype=torch.float64, requires_grad=True)
     params = {n: p.detach().double().requires_grad_() for n, p in layer.named_parameters()}
-    ref, _, _ = reference_moe(params, layer.config, x)
-    (ref_grad_x,) = torch.autograd.grad(ref.sum(), x)
+    ref, ref_aux, _ = reference_moe(params, layer.config, x)
+    (ref_grad_x,) = torch.autograd.grad(ref.sum() + ref_aux, x)  # the aux loss flows with the output
     x32 = x.detach().float().requires_grad_()
     out = layer(x32)
     out.sum().backward()

@@ -27,9 +27,15 @@ Routing semantics matched per family (read from transformers 5.x):
 
 Known differences: flexmoe computes router scores in float32 (float64 for float64 models)
 where some families round the scores to float32 or to the model dtype first; Switch's router
-jitter and expert dropout (training only) are not reproduced; transformers'
-``output_router_logits`` sees no router logits on converted blocks: add
-:func:`flexmoe_aux_loss` to the loss instead.
+jitter and expert dropout (training only) are not reproduced.
+
+Balance losses: a converted block reports its router logits where transformers' output recorder
+looks for them (a ``router_logits`` child of the original router's class), so
+``output_router_logits=True`` gives the family's own ``aux_loss`` and adds it to the loss as the
+original model does (Trainer included); Switch blocks, routed per sequence, do not report them.
+Alternatively set flexmoe's own loss (``to_flexmoe(model, aux_loss="gshard")``): its gradient
+then flows through the block output (``MoEConfig.aux_loss_in_backward``) and
+:func:`flexmoe_aux_loss` reads its value. Enabling both adds both.
 """
 
 from __future__ import annotations
@@ -94,6 +100,7 @@ class FlexMoEBlock(nn.Module):
         self.input_jitter = input_jitter
         self.per_sequence = per_sequence
         self._original = (original,)  # a tuple: not a submodule, not in the state dict
+        self.router_logits = None if per_sequence else _router_logits_reporter(getattr(original, "gate", None))
 
     @property
     def original_class(self) -> str:
@@ -108,7 +115,12 @@ class FlexMoEBlock(nn.Module):
             noise = torch.empty_like(hidden_states).uniform_(1.0 - self.input_jitter, 1.0 + self.input_jitter)
             hidden_states = hidden_states * noise
         if not self.per_sequence:
-            return self.moe(hidden_states)
+            out = self.moe(hidden_states)
+            if self.router_logits is not None and self.router_logits._forward_hooks:
+                # transformers' output recorder hooks it: give it this call's logits (the router is
+                # cheap next to the experts; the layer's own are not kept).
+                self.router_logits(self.moe.route_scores(hidden_states.reshape(-1, hidden_states.shape[-1]))[0])
+            return out
         # Switch counts expert capacity per sequence: route each sequence on its own
         # (moe.aux_loss: the mean over sequences; moe.stats: the last sequence).
         outputs, aux_losses = [], []
@@ -117,6 +129,32 @@ class FlexMoEBlock(nn.Module):
             aux_losses.append(self.moe.aux_loss)
         self.moe.aux_loss = torch.stack(aux_losses).mean()
         return torch.stack(outputs)
+
+
+class _RouterLogits(nn.Module):
+    """Reports router logits ``[tokens, num_experts]`` to forward hooks as ``(logits, None, None)``,
+    the first output of transformers' routers (what ``OutputRecorder(..., index=0)`` records)."""
+
+    def forward(self, logits: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        return logits, None, None
+
+    def __reduce__(self) -> tuple:
+        # The class is made at run time (not importable): pickle the router class it stands for.
+        return _router_logits_reporter_for, (type(self).__bases__[1],)
+
+
+def _router_logits_reporter(gate: nn.Module | None) -> nn.Module | None:
+    """A parameter-free :class:`_RouterLogits` that is also an instance of ``gate``'s class, so the
+    output recorder of the model (which matches modules by router class) hooks it; None without
+    a gate module."""
+    return _router_logits_reporter_for(type(gate)) if isinstance(gate, nn.Module) else None
+
+
+def _router_logits_reporter_for(gate_class: type) -> nn.Module:
+    kind = type(f"RouterLogits{gate_class.__name__}", (_RouterLogits, gate_class), {})
+    reporter = kind.__new__(kind)
+    nn.Module.__init__(reporter)  # not the router's own __init__: no weights, no config
+    return reporter
 
 
 def _activation(name: object, module_act: Callable) -> str | Callable:
@@ -458,7 +496,16 @@ def to_flexmoe(
         setattr(parent, name, flex)
     if groups is not None:
         exclude_experts_from_ddp(model)  # DDP (and the Trainer's) reads this from the root it wraps
+    _reinstall_output_recorders(model)
     return model
+
+
+def _reinstall_output_recorders(model: nn.Module) -> None:
+    """transformers installs its output-recording hooks once per model, on the modules present at
+    the first forward: let the next forward hook the converted blocks' router-logit reporters."""
+    for module in model.modules():
+        if getattr(module, "_output_capturing_hooks_installed", False):
+            module._output_capturing_hooks_installed = False
 
 
 # Fields that the original block's own config fixes: a layer that changed them (pruned by

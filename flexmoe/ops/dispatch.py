@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import torch
 from torch.autograd import Function
-from torch.autograd.function import once_differentiable
 
 
 def _dispatch_forward(
@@ -43,15 +42,22 @@ def _needs_autograd(*tensors: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
+# forward + setup_context (not ctx in forward): the form torch.func transforms need. The
+# backwards use differentiable ops only, so higher derivatives work too.
+
+
 class _Dispatch(Function):
     @staticmethod
-    def forward(ctx, x, token_index, rows, num_rows):
-        ctx.num_tokens = x.shape[0]
-        ctx.save_for_backward(token_index, rows)
+    def forward(x, token_index, rows, num_rows):
         return _dispatch_forward(x, token_index, rows, num_rows)
 
     @staticmethod
-    @once_differentiable
+    def setup_context(ctx, inputs, output):
+        x, token_index, rows, _ = inputs
+        ctx.num_tokens = x.shape[0]
+        ctx.save_for_backward(token_index, rows)
+
+    @staticmethod
     def backward(ctx, grad_buffer):
         token_index, rows = ctx.saved_tensors
         grad_picked = grad_buffer if rows is None else grad_buffer.index_select(0, rows)
@@ -61,12 +67,15 @@ class _Dispatch(Function):
 
 class _Combine(Function):
     @staticmethod
-    def forward(ctx, expert_out, gates, token_index, rows, num_tokens):
-        ctx.save_for_backward(expert_out, gates, token_index, rows)
+    def forward(expert_out, gates, token_index, rows, num_tokens):
         return _combine_forward(expert_out, gates, token_index, rows, num_tokens)
 
     @staticmethod
-    @once_differentiable
+    def setup_context(ctx, inputs, output):
+        expert_out, gates, token_index, rows, _ = inputs
+        ctx.save_for_backward(expert_out, gates, token_index, rows)
+
+    @staticmethod
     def backward(ctx, grad_out):
         expert_out, gates, token_index, rows = ctx.saved_tensors
         grad_out = grad_out.to(expert_out.dtype)
@@ -77,7 +86,7 @@ class _Combine(Function):
             # Accumulate the dot products in the gate dtype (float32 under half precision).
             grad_gates = (grad_rows * picked).sum(dim=1, dtype=gates.dtype)
         if ctx.needs_input_grad[0]:
-            grad_picked = grad_rows.mul_(gates.to(grad_rows.dtype).unsqueeze(1))
+            grad_picked = grad_rows * gates.to(grad_rows.dtype).unsqueeze(1)
             if rows is None:
                 grad_expert_out = grad_picked
             else:

@@ -106,7 +106,7 @@ class PerExpertFFN(torch.autograd.Function):
     (:mod:`flexmoe.ops.buffers`)."""
 
     @staticmethod
-    def forward(ctx, x, counts, activation, cache, token_index, gates, w1, b1, w3, w2, b2):
+    def forward(x, counts, activation, cache, token_index, gates, w1, b1, w3, w2, b2):
         routed = token_index is not None
         out = x.new_zeros(x.shape[0], w2.shape[2]) if routed else x.new_empty(x.shape[0], w2.shape[2])
         gate_rows = gates.to(x.dtype).unsqueeze(1) if routed else None
@@ -138,13 +138,19 @@ class PerExpertFFN(torch.autograd.Function):
                 del hidden
                 saved += [pre, activated] if gate_in is None else [pre, activated, gate_in]
                 start = end
+        # Handed to setup_context (torch.func's form: no ctx in forward); not part of the result.
+        return out, saved
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, counts, activation, cache, token_index, gates, w1, b1, w3, w2, b2 = inputs
+        _, saved = output
         ctx.counts, ctx.activation, ctx.cache = counts, activation, cache
         ctx.save_for_backward(x, token_index, gates, w1, b1, w3, w2, b2, *saved)
-        return out
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, _grad_saved=None):
         x, token_index, gates, w1, b1, w3, w2, b2, *saved = ctx.saved_tensors
         routed = token_index is not None
         needs = ctx.needs_input_grad
@@ -264,7 +270,13 @@ def per_expert_ffn(
     if sum(counts) != rows:
         what = "rows of x" if token_index is None else "entries of token_index"
         raise ValueError(f"counts must sum to the {rows} {what}, got {sum(counts)}")
-    tensors = (x, gates, w1, b1, w3, w2, b2)
-    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)):
+    tensors = [t for t in (x, gates, w1, b1, w3, w2, b2) if t is not None]
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
         cache = None  # nothing is saved for a backward: the temporaries die within the call
-    return PerExpertFFN.apply(x.contiguous(), counts, activation, cache, token_index, gates, w1, b1, w3, w2, b2)
+    if any(_is_functorch_wrapped(t) for t in tensors):
+        cache = None  # torch.func: the cache's storage check cannot see through functorch's wrappers
+    return PerExpertFFN.apply(x.contiguous(), counts, activation, cache, token_index, gates, w1, b1, w3, w2, b2)[0]
+
+
+def _is_functorch_wrapped(tensor: torch.Tensor) -> bool:
+    return torch._C._functorch.is_functorch_wrapped_tensor(tensor)

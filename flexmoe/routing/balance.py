@@ -24,6 +24,15 @@ class LoadBalanceBias(nn.Module):
         self.update_rate = update_rate
         self.register_buffer("bias", torch.zeros(num_experts))
         self.register_buffer("pending_load", torch.zeros(num_experts), persistent=False)
+        # pending_load is not in the state dict: a load must not leave it stale (or uninitialised
+        # after building on the meta device and ``to_empty``).
+        self.register_load_state_dict_post_hook(_clear_pending_load)
+
+    def reset_parameters(self) -> None:
+        """Zero bias and no recorded load (the state of a new balancer)."""
+        with torch.no_grad():
+            self.bias.zero_()
+            self.pending_load.zero_()
 
     def extra_repr(self) -> str:
         return f"num_experts={self.bias.numel()}, update_rate={self.update_rate}"
@@ -47,3 +56,8 @@ class LoadBalanceBias(nn.Module):
         self.bias += self.update_rate * torch.sign(load.mean() - load).to(self.bias.dtype)
         self.pending_load.zero_()
         return load
+
+
+def _clear_pending_load(module: LoadBalanceBias, incompatible_keys: object) -> None:
+    with torch.no_grad():
+        module.pending_load.zero_()

@@ -7,6 +7,16 @@ import math
 import torch
 
 
+def count_per_expert(expert_ids: torch.Tensor, num_experts: int, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """expert_ids: [n] ints in ``[0, num_experts)`` -> [num_experts] how many entries name each expert.
+
+    ``bincount(minlength=num_experts)`` without its data-dependent output size (which breaks
+    ``torch.compile`` graphs): a scatter-add into a fixed-size tensor.
+    """
+    counts = torch.zeros(num_experts, dtype=dtype, device=expert_ids.device)
+    return counts.scatter_add_(0, expert_ids, torch.ones_like(expert_ids, dtype=dtype))
+
+
 def capacity_bound(capacity_factor: float, num_tokens: int, num_experts: int, top_k: int) -> int:
     """``top_k * ceil(|capacity_factor| * num_tokens / num_experts)``: the fixed capacity a factor gives."""
     return top_k * math.ceil(abs(capacity_factor) * num_tokens / num_experts)

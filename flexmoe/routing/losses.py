@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from flexmoe.routing.capacity import count_per_expert
+
 
 def gshard_balance_loss(scores: torch.Tensor, top1_expert: torch.Tensor) -> torch.Tensor:
     """GShard/Switch balance loss ``E * sum_e mean_t(scores[t, e]) * fraction_e``.
@@ -13,7 +15,7 @@ def gshard_balance_loss(scores: torch.Tensor, top1_expert: torch.Tensor) -> torc
     Equals 1 when routing is perfectly uniform.
     """
     num_tokens, num_experts = scores.shape
-    fraction = torch.bincount(top1_expert, minlength=num_experts).to(scores.dtype) / num_tokens
+    fraction = count_per_expert(top1_expert, num_experts, scores.dtype) / num_tokens
     return num_experts * torch.sum(scores.mean(dim=0) * fraction)
 
 
@@ -43,7 +45,7 @@ def load_importance_loss(
         normal = torch.distributions.Normal(0.0, noise_std)
         load = normal.cdf(clean_logits - threshold).sum(dim=0)
     else:
-        load = torch.bincount(chosen_experts.reshape(-1), minlength=scores.shape[1]).to(scores.dtype)
+        load = count_per_expert(chosen_experts.reshape(-1), scores.shape[1], scores.dtype)
     return (squared_cv(importance) + squared_cv(load)) / 2
 
 

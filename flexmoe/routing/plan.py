@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from flexmoe.routing.capacity import expert_capacity
+from flexmoe.routing.capacity import count_per_expert, expert_capacity
 from flexmoe.routing.scores import select_experts
 
 
@@ -164,7 +164,7 @@ def plan_routes(
     claim_expert = experts.T.reshape(-1)
     claim_gate = gates.T.reshape(-1)
 
-    tokens_per_expert = torch.bincount(claim_expert, minlength=num_experts)
+    tokens_per_expert = count_per_expert(claim_expert, num_experts)
     # A stable sort by expert keeps the claim order inside each expert: rank = slot.
     sorted_expert, by_expert = torch.sort(claim_expert, stable=True)
     slot = None

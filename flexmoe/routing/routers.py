@@ -20,7 +20,11 @@ class LinearRouter(nn.Module):
     def __init__(self, model_dim: int, num_experts: int) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(num_experts, model_dim))
-        nn.init.normal_(self.weight, std=model_dim**-0.5)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Normal with std ``model_dim ** -0.5`` (also after building on the meta device and ``to_empty``)."""
+        nn.init.normal_(self.weight, std=self.weight.shape[1] ** -0.5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [tokens, model_dim] -> logits [tokens, num_experts] in float32 (float64 for float64 input)."""
@@ -40,10 +44,17 @@ class CosineRouter(nn.Module):
 
     def __init__(self, model_dim: int, num_experts: int, proj_dim: int = 256, init_temperature: float = 0.5) -> None:
         super().__init__()
+        self.init_temperature = init_temperature
         self.proj = nn.Linear(model_dim, proj_dim)
         self.sim_matrix = nn.Parameter(torch.empty(num_experts, proj_dim))
+        self.temperature = nn.Parameter(torch.empty(1))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """``sim_matrix`` normal with std 0.01, ``temperature`` ``log(1 / init_temperature)``; ``proj``
+        (an ``nn.Linear``) resets itself."""
         nn.init.normal_(self.sim_matrix, std=0.01)
-        self.temperature = nn.Parameter(torch.full((1,), math.log(1.0 / init_temperature)))
+        nn.init.constant_(self.temperature, math.log(1.0 / self.init_temperature))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [tokens, model_dim] -> logits [tokens, num_experts] in float32 (float64 for float64 input)."""
