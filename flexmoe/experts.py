@@ -202,14 +202,20 @@ def _standalone_weights(module: FFNExperts, state_dict: dict, prefix: str, local
     see :meth:`FFNExperts.fused_gate_up`, or transposed views of a converted model's tensors) are
     given as contiguous copies of their own, so that savers that refuse shared or strided storage
     (safetensors, ``save_pretrained``, Trainer checkpoints) take them. Loading copies back into the
-    views. Plain parameters are left as they are."""
+    views. Plain parameters are left as they are; so are DTensor parameters (their state-dict entry
+    is the global tensor, and their local shard is a tensor of its own)."""
+    plain = {
+        name: param
+        for name, param in module.expert_parameters().items()
+        if not param.is_meta and not hasattr(param, "to_local")
+    }
     storages: dict[int, int] = {}
-    for param in module.expert_parameters().values():
+    for param in plain.values():
         pointer = param.untyped_storage().data_ptr()
         storages[pointer] = storages.get(pointer, 0) + 1
-    for name, param in module.expert_parameters().items():
+    for name, param in plain.items():
         key = prefix + name
-        if key not in state_dict or param.is_meta:
+        if key not in state_dict:
             continue
         if not param.is_contiguous() or storages[param.untyped_storage().data_ptr()] > 1:
             state_dict[key] = state_dict[key].detach().clone(memory_format=torch.contiguous_format)

@@ -27,10 +27,10 @@ class Net(nn.Module):
     def __init__(self, group, num_experts: tuple[int, ...] = (4, 2)) -> None:
         super().__init__()
         self.inp = nn.Linear(MODEL_DIM, MODEL_DIM)
-        self.moe = nn.ModuleList(
-            MoELayer(model_dim=MODEL_DIM, hidden_dim=8, num_experts=e, top_k=1, capacity_factor=0.0, group=group)
-            for e in num_experts
-        )
+        # No balance loss: each rank's would cover its own tokens only, not the global batch's, so
+        # the gradients would differ from the single-process model's by design.
+        options = dict(model_dim=MODEL_DIM, hidden_dim=8, top_k=1, capacity_factor=0.0, aux_loss=None)
+        self.moe = nn.ModuleList(MoELayer(num_experts=e, group=group, **options) for e in num_experts)
         self.out = nn.Linear(MODEL_DIM, MODEL_DIM)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
