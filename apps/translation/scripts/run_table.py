@@ -130,7 +130,9 @@ def extraction_results(trained: TrainedModel, test: list[Pair], hypotheses: list
     return result
 
 
-def language_usage(trained: TrainedModel, train_pairs: list[Pair], per_direction: int = USAGE_PER_DIRECTION) -> ExpertUsage:
+def language_usage(
+    trained: TrainedModel, train_pairs: list[Pair], per_direction: int = USAGE_PER_DIRECTION
+) -> ExpertUsage:
     """Expert usage per target language, counted on ``per_direction`` training pairs of every
     direction (the corpus lists pairs direction by direction and kind by kind, so its first
     pairs would leave most languages uncounted)."""
@@ -203,8 +205,11 @@ def timings(row: str, trained: TrainedModel, usage: ExpertUsage | None, test: li
     peaks = {name: peak.to_dict() for name, peak in peak_throughputs(models, into, args.max_batch).items()}
     result = {"throughput": peaks["model"], "peak_tokens_per_s": peaks["model"]["peak_tokens_per_s"]}
     if "extracted" in peaks:
-        result["extracted"] = {"throughput": peaks["extracted"], "peak_tokens_per_s": peaks["extracted"]["peak_tokens_per_s"],
-                               "parent_peak_tokens_per_s": peaks["model"]["peak_tokens_per_s"]}  # fmt: skip
+        result["extracted"] = {
+            "throughput": peaks["extracted"],
+            "peak_tokens_per_s": peaks["extracted"]["peak_tokens_per_s"],
+            "parent_peak_tokens_per_s": peaks["model"]["peak_tokens_per_s"],
+        }
     return result
 
 
@@ -286,8 +291,8 @@ def evaluate_run(row: str, seed: int, run: RunConfig, corpus, args: argparse.Nam
     machine = f"{platform.machine()} ({os.cpu_count()} CPUs), torch {torch.__version__}"
     result = {"row": row, "seed": seed, "step_budget": args.steps, "budget": ROWS[row].budget, "machine": machine,
               "steps": steps, "max_steps": run.train.max_steps, "language": args.language,
-              "threads": torch.get_num_threads(), "packages": package_versions(), "corpus_sha256": corpus_digest(corpus),
-              "curve": validation_curve(run.train.run_dir)}  # fmt: skip
+              "threads": torch.get_num_threads(), "packages": package_versions(),
+              "corpus_sha256": corpus_digest(corpus), "curve": validation_curve(run.train.run_dir)}  # fmt: skip
     if usage is not None:
         result.update(pruned_results(trained, usage, test, ROWS[row].keep, args.language))
     else:
@@ -322,7 +327,10 @@ def merge_timings(result: dict, timed: dict) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "--steps", type=int, default=default_steps(), help="optimizer steps per run (default: the table configs' max_steps)"
+        "--steps",
+        type=int,
+        default=default_steps(),
+        help="optimizer steps per run (default: the table configs' max_steps)",
     )
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--rows", default=",".join(ROWS), help=f"subset of {list(ROWS)}")
