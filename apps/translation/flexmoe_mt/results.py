@@ -13,6 +13,7 @@ learning curves of every row (needs runs that recorded curves).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 from collections.abc import Callable
@@ -174,7 +175,7 @@ CLAIMS: dict[str, list[Test]] = {
             0,
             paired=True,
             measure_a=extracted_chrf,
-        ),  # fmt: skip
+        ),
         Test(
             "extracted token / target - dense, peak tokens/s",
             "token_target",
@@ -291,7 +292,7 @@ def routing_mass(by_row: dict[str, list[dict]]) -> str:
 def interpolate(curve: list[dict], step: float) -> float | None:
     """Validation chrF at ``step`` (linear between validations; None outside the curve)."""
     points = [(r["step"], r["chrf"]) for r in curve]
-    for (s0, c0), (s1, c1) in zip(points, points[1:]):
+    for (s0, c0), (s1, c1) in itertools.pairwise(points):
         if s0 <= step <= s1:
             return c0 + (c1 - c0) * (step - s0) / (s1 - s0)
     return points[-1][1] if points and points[-1][0] == step else None
