@@ -27,6 +27,7 @@ from flexmoe_mt.data.corpus import Pair
 from flexmoe_mt.evaluate import score, translate_pairs
 from flexmoe_mt.extraction import extract_direction, load_translation_model, save_extracted
 from flexmoe_mt.plots import read_metrics
+from flexmoe_mt.results import corpus_digest, package_versions
 from flexmoe_mt.runconfig import RunConfig, load_run_config
 from flexmoe_mt.train import TrainedModel, load_corpus, load_trained, train
 
@@ -109,11 +110,15 @@ def main(argv: list[str] | None = None) -> None:
         if args.fresh and Path(run.train.run_dir).exists():
             shutil.rmtree(run.train.run_dir)
     threads = runs["demo_task_moe"].train.threads or torch.get_num_threads()
-    print(f"flexmoe demo: torch {torch.__version__}, {platform.machine()}, {os.cpu_count()} CPUs")
+    versions = ", ".join(f"{name} {version}" for name, version in package_versions().items() if name != "torch")
+    print(f"flexmoe demo: torch {torch.__version__}, {platform.machine()}, {os.cpu_count()} CPUs; {versions}")
 
     print("\n== corpus ==")
     corpus = load_corpus(runs["demo_task_moe"].data)
-    print(f"{len(corpus['train']):,} training pairs, {len(corpus.target_languages)} target languages")
+    print(
+        f"{len(corpus['train']):,} training pairs, {len(corpus.target_languages)} target languages "
+        f"(corpus SHA-256 {corpus_digest(corpus)[:16]})"
+    )
     if args.language not in corpus.target_languages:
         known = ", ".join(corpus.target_languages)
         parser.error(f"--language {args.language}: the corpus's target languages are {known}; pass one of them")

@@ -13,6 +13,8 @@ learning curves of every row (needs runs that recorded curves).
 from __future__ import annotations
 
 import argparse
+import hashlib
+import importlib.metadata
 import itertools
 import json
 import statistics
@@ -39,6 +41,30 @@ ROW_NAMES = {
 RESULTS = Path("apps/translation/results")
 FIGURE = Path("docs/images/results_curves.png")
 TABLE_COMMAND = "python apps/translation/scripts/run_table.py"
+# Packages whose versions decide the corpus (babel, num2words), the tokenizer or the scores;
+# recorded beside every result.
+PACKAGES = ("babel", "num2words", "sentencepiece", "sacrebleu", "torch")
+
+
+def package_versions() -> dict[str, str]:
+    """Installed versions of :data:`PACKAGES`."""
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def corpus_digest(corpus) -> str:
+    """SHA-256 of every split's pairs, in order: equal digests mean the runs saw the same corpus."""
+    digest = hashlib.sha256()
+    for split in ("train", "valid", "test"):
+        for pair in corpus.splits.get(split, []):
+            line = f"{split}\t{pair.source_lang}\t{pair.target_lang}\t{pair.source}\t{pair.target}\n"
+            digest.update(line.encode())
+    return digest.hexdigest()
 
 
 def spread(values: list[float], digits: int = 1) -> str:

@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
-import importlib.metadata
 import json
 import os
 import platform
@@ -50,6 +48,7 @@ from flexmoe_mt.data.corpus import Pair  # noqa: E402
 from flexmoe_mt.demo import per_direction_sample  # noqa: E402
 from flexmoe_mt.evaluate import score, translate_pairs  # noqa: E402
 from flexmoe_mt.extraction import extract_direction  # noqa: E402
+from flexmoe_mt.results import corpus_digest, package_versions  # noqa: E402
 from flexmoe_mt.runconfig import RunConfig, load_run_config  # noqa: E402
 from flexmoe_mt.train import METRICS, TrainedModel, load_corpus, load_trained, train  # noqa: E402
 
@@ -83,8 +82,6 @@ ROWS = {
 }
 # Training pairs per direction on which expert usage is counted (every direction equally).
 USAGE_PER_DIRECTION = 200
-# Packages whose versions decide the corpus, the tokenizer or the scores; recorded with every run.
-PACKAGES = ("babel", "num2words", "sentencepiece", "sacrebleu", "torch")
 
 
 def active_parameters(model: torch.nn.Module) -> int:
@@ -211,26 +208,6 @@ def timings(row: str, trained: TrainedModel, usage: ExpertUsage | None, test: li
             "parent_peak_tokens_per_s": peaks["model"]["peak_tokens_per_s"],
         }
     return result
-
-
-def package_versions() -> dict[str, str]:
-    """Installed versions of :data:`PACKAGES` (babel and num2words decide the corpus's text)."""
-    versions = {}
-    for name in PACKAGES:
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = "not installed"
-    return versions
-
-
-def corpus_digest(corpus) -> str:
-    """SHA-256 of every split's pairs, in order: equal digests mean the runs saw the same corpus."""
-    digest = hashlib.sha256()
-    for split in ("train", "valid", "test"):
-        for pair in corpus.splits.get(split, []):
-            digest.update(f"{split}\t{pair.source_lang}\t{pair.target_lang}\t{pair.source}\t{pair.target}\n".encode())
-    return digest.hexdigest()
 
 
 def validation_curve(run_dir: str | Path) -> list[dict]:

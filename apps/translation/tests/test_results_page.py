@@ -68,3 +68,16 @@ def test_learning_curve_figure_is_drawn(tmp_path):
     assert "dense" in drawn and not any("pruned" in label for label in drawn)
     plot_learning_curves(drawn, tmp_path / "curves.png")
     assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_provenance_names_the_corpus_packages_and_tells_corpora_apart():
+    from types import SimpleNamespace
+
+    from flexmoe_mt.data.corpus import Pair
+    from flexmoe_mt.results import corpus_digest, package_versions
+
+    versions = package_versions()
+    assert {"babel", "num2words"} <= set(versions)
+    one = SimpleNamespace(splits={"train": [Pair("one", "un", "en", "fr")], "test": []})
+    other = SimpleNamespace(splits={"train": [Pair("one", "une", "en", "fr")], "test": []})
+    assert corpus_digest(one) == corpus_digest(one) != corpus_digest(other)
