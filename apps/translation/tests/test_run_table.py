@@ -1,6 +1,8 @@
 """scripts/run_table.py's row registry: budgets, teachers and run directories of the table's rows."""
 
 import importlib.util
+import json
+import math
 import sys
 from pathlib import Path
 
@@ -91,3 +93,36 @@ def test_usage_counts_every_target_language_when_the_corpus_starts_with_one_dire
     assert set(mass) == set(trained.tasks.target_languages)
     for share in mass.values():
         assert 0 < share["min"] <= share["mean"] <= 1
+
+
+def load_script(name):
+    spec = importlib.util.spec_from_file_location(name, SCRIPT.parent / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_plateau_is_the_first_step_the_curve_stops_rising_and_none_while_it_rises(tmp_path, capsys):
+    plateau = load_script("plateau")
+    rising = [(s, 80 * (1 - math.exp(-s / 1500))) for s in range(250, 3001, 250)]
+    assert plateau.plateau_step(rising, window=1000, min_gain=1.0) is None
+    flat = [(s, min(80.0, s / 25)) for s in range(250, 5001, 250)]  # 80 from step 2000
+    assert plateau.plateau_step(flat, window=1000, min_gain=1.0) == 2000
+    for name, curve in (("dense", flat), ("token", flat)):
+        (tmp_path / name).mkdir()
+        lines = [{"step": s, "split": "valid", "loss": 1.0, "chrf": c} for s, c in curve]
+        lines.append({"step": 5000, "split": "train", "loss": 1.0, "elapsed_s": 500.0})
+        (tmp_path / name / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+    plateau.main([str(tmp_path / "dense"), str(tmp_path / "token")])
+    out = capsys.readouterr().out
+    assert "flat from step 2000; 0.100 CPU s per step" in out and "--steps 4000" in out
+
+
+def test_curve_runs_train_the_table_model(run_table):
+    from flexmoe_mt.runconfig import load_run_config
+
+    for row in ("dense", "token_token"):
+        curve = load_run_config(run_table.APP / "configs" / "curves" / f"{row}.toml")
+        table = run_table.table_config(row)
+        assert curve.model == table.model and curve.data == table.data, row
+        assert curve.train.max_steps >= 2 * table.train.max_steps and curve.train.eval_every == table.train.eval_every
