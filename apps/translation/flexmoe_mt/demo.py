@@ -32,7 +32,7 @@ from flexmoe_mt.runconfig import RunConfig, load_run_config
 from flexmoe_mt.train import TrainedModel, load_corpus, load_trained, train
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-MAX_BATCH = 1024  # the throughput sweep doubles the batch up to here, or until tokens/s stops rising
+MAX_BATCH = 512  # the throughput sweep doubles the batch up to here, or until tokens/s stops rising
 
 
 def per_direction_sample(pairs: list[Pair], per_direction: int, seed: int = 0) -> list[Pair]:

@@ -106,9 +106,18 @@ def extracted_chrf(results: list[dict]) -> list[float]:
 def peak_cell(results: list[dict]) -> str:
     """Peak tokens/s (mean ± std) and the batch each seed peaked at (older runs: a fixed sweep)."""
     speeds = [r["peak_tokens_per_s"] for r in results if "peak_tokens_per_s" in r]
-    batches = sorted({r["throughput"]["peak_batch"] for r in results if "throughput" in r})
-    at = f" at batch {'/'.join(str(b) for b in batches)}" if batches else ""
-    return f"{spread(speeds, digits=0)}{at}"
+    return f"{spread(speeds, digits=0)}{peak_batches([r.get('throughput') for r in results])}"
+
+
+def peak_batches(sweeps: list[dict | None]) -> str:
+    """`` at batch 64/128`` (each seed's peak batch), flagged when a sweep hit its batch limit
+    still rising (the peak lies beyond it); nothing for runs without a sweep."""
+    sweeps = [s for s in sweeps if s]
+    if not sweeps:
+        return ""
+    batches = "/".join(str(b) for b in sorted({s["peak_batch"] for s in sweeps}))
+    rising = any(s.get("stopped") == "limit" for s in sweeps)
+    return f" at batch {batches}{' (still rising at the batch limit)' if rising else ''}"
 
 
 def versus(speeds: list[float], baseline: float | None, name: str) -> str:
@@ -127,8 +136,7 @@ def extracted_cells(results: list[dict], dense_speed: float | None = None) -> st
     sentences = sum(e["sentences"] for e in extracted)
     speeds = [e["peak_tokens_per_s"] for e in extracted]
     ratio = spread([e["peak_tokens_per_s"] / e["parent_peak_tokens_per_s"] for e in extracted], digits=2)
-    batches = sorted({e["throughput"]["peak_batch"] for e in extracted if "throughput" in e})
-    at = f" at batch {'/'.join(str(b) for b in batches)}" if batches else ""
+    at = peak_batches([e.get("throughput") for e in extracted])
     return (
         f"| {spread(extracted_chrf(results))} ({identical}/{sentences} identical) | {spread(speeds, digits=0)}{at} "
         f"(x{ratio} vs parent{versus(speeds, dense_speed, 'dense')}), {extracted[0]['parameters']:,} parameters |"

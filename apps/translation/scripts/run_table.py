@@ -317,7 +317,7 @@ def main() -> None:
     )
     parser.add_argument("--language", default="fr", help="target language of the throughput figures")
     parser.add_argument("--per-direction", type=int, default=50, help="test sentences per direction (0: all)")
-    parser.add_argument("--max-batch", type=int, default=4096, help="largest batch of the throughput sweep")
+    parser.add_argument("--max-batch", type=int, default=1024, help="largest batch of the throughput sweep")
     parser.add_argument(
         "--reevaluate",
         action="store_true",
