@@ -1,6 +1,6 @@
 """Where a learning curve flattens, and what the results table costs at that step budget.
 
-Train the curve runs first (the table's model, 6,000 steps, validation every 250), side by side:
+Train the curve runs first (the table's model, 10,000 steps, validation every 250), side by side:
 
     flexmoe-mt train --config apps/translation/configs/curves/dense.toml --quiet &
     flexmoe-mt train --config apps/translation/configs/curves/token_token.toml --quiet &
