@@ -457,6 +457,10 @@ def render(runs: Path) -> str:
         "## Routing mass the kept experts carry (pruning)",
         routing_mass(by_row),
         "## Equal training compute",
+        "Training FLOPs per token counted as 6 x the parameters a token uses (forward 2, backward 4; "
+        "attention scores and the router left out), plus 2 x the teacher's for a distilled student; "
+        "every row sees the same tokens per step. Each row's validation chrF is read off its curve "
+        "(linear between validations) at the step where it has spent what dense spends in its budget.",
         equal_flops(by_row),
         "## Learning curves",
         f"![validation chrF vs step, all rows]({FIGURE.relative_to('docs')})"
