@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml apps/translation/pyproject.toml
 	$(PY) -c "import torch; assert torch.__version__.split('+')[0] == '$(TORCH)'.split('==')[1], torch.__version__"
 	touch $@
 
-# The translation demo (apps/translation): corpus, a task-MoE and a dense model trained 8 minutes
+# The translation demo (apps/translation): corpus, a task-MoE and a dense model trained 1,000 steps each
 # side by side, extraction, scores and throughput. Runs land in runs/demo/; a rerun reuses them.
 demo: $(VENV)/.installed
 	$(VENV)/bin/flexmoe-mt demo

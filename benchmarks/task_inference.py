@@ -10,12 +10,16 @@ self-attention with a KV cache, an FFN in every layer, an MoE FFN in every other
   (d) dense          MoE layers replaced by a plain MLP of the sub-network's width (k * expert hidden)
 
 and greedily decodes ``--new-tokens`` tokens after a ``--prompt``-token prompt, one task per
-batch (the serving scenario), at batch sizes 1, 8, 32, 128. Throughput is new tokens per second
+batch (the serving scenario), at batch sizes 1, 2, 4, ..., doubling until each model's decoding
+tokens/s stops rising (by less than ``--min-gain``), memory runs out, or ``--max-batch``; a
+model that has stopped is not timed further. Throughput is new tokens per second
 (prefill included in the time) and, from the same runs, decoding tokens per second (the steps
 after the prefill only, the paper's measure), timed by process CPU time (``--clock cpu``, one
 thread: robust on a shared machine) or wall time; the best of ``--repeats`` runs, models
 interleaved within a repeat. Everything is printed as a ratio to (a) measured in the same run;
-"peak" is each model's best batch size. The last table splits one run at the largest batch into
+"peak" is each model's best tokens/s and the batch it was reached at, and "peak ratio" compares
+each model at its own peak with (a) at its own peak (as Kudugunta et al. do). The last table splits
+one run at the largest batch every model reached into
 time inside the FFNs of the sparse positions and the rest (attention, dense FFNs, head), per
 decoding step.
 
@@ -27,7 +31,7 @@ Shapes (``--shape``), both 32 experts, top-2:
              decoder holds most of its parameters in the experts).
 
     python benchmarks/task_inference.py [--shape paper|moe-heavy] [--threads 1] [--repeats 3]
-        [--clock cpu|wall] [--quick]
+        [--clock cpu|wall] [--max-batch 1024] [--min-gain 0.03] [--quick]
 """
 
 from __future__ import annotations
@@ -68,7 +72,7 @@ SHAPES = {"paper": FULL, "moe-heavy": MOE_HEAVY}
 QUICK = DecoderSize(
     vocab=64, model_dim=32, heads=2, layers=2, hidden_dim=32, num_experts=32, top_k=2, num_tasks=4, max_len=16
 )
-BATCH_SIZES, QUICK_BATCH_SIZES = (1, 8, 32, 128), (1, 8)
+MAX_BATCH, QUICK_MAX_BATCH = 1024, 8
 MODEL_NAMES = ("(a) token-MoE", "(b) task-MoE whole", "(c) task subnet", "(d) dense same size")
 TASK = 3
 Clock = Callable[[], float]
@@ -104,34 +108,58 @@ def time_generation(
     return end - marks[0], end - marks[1]
 
 
-def measure_throughput(
+def measure_batch(
     models: dict[str, nn.Module],
     size: DecoderSize,
-    batch_sizes: tuple[int, ...],
+    batch: int,
     prompt_len: int,
     new_tokens: int,
     repeats: int,
     clock: Clock,
+) -> dict[str, tuple[float, float]]:
+    """(whole generation, decoding steps only) tokens/s of each model at one batch size, each the
+    best of the repeats (other load on the machine only ever slows a run down), models
+    interleaved, after one warm-up run each."""
+    prompt = torch.randint(size.vocab, (batch, prompt_len))
+    task_ids = torch.full((batch,), TASK)
+    for model in models.values():
+        time_generation(model, prompt, task_ids, 2, clock)
+    runs: dict[str, list[tuple[float, float]]] = {name: [] for name in models}
+    for _ in range(repeats):
+        for name, model in models.items():
+            runs[name].append(time_generation(model, prompt, task_ids, new_tokens, clock))
+    return {name: tuple(batch * new_tokens / min(run[part] for run in timed) for part in (0, 1))
+            for name, timed in runs.items()}  # fmt: skip
+
+
+def measure_throughput(
+    models: dict[str, nn.Module],
+    size: DecoderSize,
+    prompt_len: int,
+    new_tokens: int,
+    repeats: int,
+    clock: Clock,
+    max_batch: int = MAX_BATCH,
+    min_gain: float = 0.03,
 ) -> tuple[dict[str, dict[int, float]], dict[str, dict[int, float]]]:
-    """(whole generation, decoding steps only): tokens/s[model][batch], each the best of the
-    repeats (other load on the machine only ever slows a run down), models interleaved, after
-    one warm-up run each."""
-    seconds: dict[str, dict[int, list[tuple[float, float]]]] = {name: {b: [] for b in batch_sizes} for name in models}
-    for batch in batch_sizes:
-        prompt = torch.randint(size.vocab, (batch, prompt_len))
-        task_ids = torch.full((batch,), TASK)
-        for model in models.values():
-            time_generation(model, prompt, task_ids, 2, clock)
-        for _ in range(repeats):
-            for name, model in models.items():
-                seconds[name][batch].append(time_generation(model, prompt, task_ids, new_tokens, clock))
-    return tuple(
-        {
-            name: {b: b * new_tokens / min(run[part] for run in runs) for b, runs in per_batch.items()}
-            for name, per_batch in seconds.items()
-        }
-        for part in (0, 1)
-    )
+    """(whole generation, decoding steps only): tokens/s[model][batch]. The batch doubles from 1;
+    a model leaves the sweep once its decoding tokens/s rises by less than ``min_gain`` over its
+    best so far (its peak is behind it), when memory runs out, or past ``max_batch``."""
+    whole: dict[str, dict[int, float]] = {name: {} for name in models}
+    decoding: dict[str, dict[int, float]] = {name: {} for name in models}
+    rising, batch = dict(models), 1
+    while rising and batch <= max_batch:
+        try:
+            speeds = measure_batch(rising, size, batch, prompt_len, new_tokens, repeats, clock)
+        except torch.OutOfMemoryError:
+            break
+        for name, (all_steps, decode_steps) in speeds.items():
+            best = max(decoding[name].values(), default=0.0)
+            whole[name][batch], decoding[name][batch] = all_steps, decode_steps
+            if best and decode_steps < best * (1 + min_gain):
+                del rising[name]
+        batch *= 2
+    return whole, decoding
 
 
 def time_split(
@@ -199,17 +227,24 @@ def time_one_sparse_ffn(model: nn.Module, size: DecoderSize, batch: int, clock: 
     return (clock() - start) / calls
 
 
-def print_throughput(title: str, throughput: dict[str, dict[int, float]], batch_sizes: tuple[int, ...]) -> None:
-    """A table of tokens/s[model][batch] and each one's ratio to (a) at the same batch size and at the peaks."""
+def print_throughput(title: str, throughput: dict[str, dict[int, float]]) -> None:
+    """A table of tokens/s[model][batch] with each one's ratio to (a) at the same batch size, each
+    model's peak and its batch, and the ratio of its peak to (a)'s peak."""
     baseline = throughput[MODEL_NAMES[0]]
     peak_baseline = max(baseline.values())
-    print(f"{title}: tokens/s (ratio to (a) at the same batch size)")
+    batch_sizes = sorted({b for per_batch in throughput.values() for b in per_batch})
+    print(f"{title}: tokens/s (ratio to (a) at the same batch size; '-': the model's peak was behind it)")
     columns = "".join(f"{'batch ' + str(b):>14}" for b in batch_sizes)
-    print(f"{'model':<22}{columns}{'peak':>14}{'peak ratio':>12}")
+    print(f"{'model':<22}{columns}{'peak (batch)':>20}{'peak ratio':>12}")
     for name, per_batch in throughput.items():
-        cells = "".join(f"{per_batch[b]:>8.0f} {per_batch[b] / baseline[b]:>4.2f}x" for b in batch_sizes)
-        peak = max(per_batch.values())
-        print(f"{name:<22}{cells}{peak:>14.0f}{peak / peak_baseline:>11.2f}x")
+        cells = "".join(
+            f"{per_batch[b]:>8.0f} {per_batch[b] / baseline[b]:>4.2f}x" if b in per_batch and b in baseline
+            else f"{per_batch[b]:>14.0f}" if b in per_batch else f"{'-':>14}"
+            for b in batch_sizes
+        )  # fmt: skip
+        peak_batch = max(per_batch, key=per_batch.__getitem__)
+        peak = per_batch[peak_batch]
+        print(f"{name:<22}{cells}{f'{peak:.0f} ({peak_batch})':>20}{peak / peak_baseline:>11.2f}x")
 
 
 def describe_machine(threads: int) -> str:
@@ -227,16 +262,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--prompt", type=int, default=16, help="prompt tokens")
     parser.add_argument("--new-tokens", type=int, default=32, help="tokens decoded per sequence")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, batch 1 and 8: a smoke run")
+    parser.add_argument("--max-batch", type=int, default=MAX_BATCH, help="largest batch of the sweep")
+    parser.add_argument("--min-gain", type=float, default=0.03, help="a model's sweep stops below this rise")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, batches up to 8: a smoke run")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--clock", choices=tuple(CLOCKS), default="cpu", help="cpu needs --threads 1")
     args = parser.parse_args(argv)
     if args.clock == "cpu" and args.threads != 1:
         parser.error("--clock cpu sums the CPU time of all threads: use it with --threads 1, else --clock wall")
     torch.set_num_threads(args.threads)
-    size, batch_sizes = SHAPES[args.shape], BATCH_SIZES
+    if args.max_batch < 1 or not 0 <= args.min_gain < 1:
+        parser.error("--max-batch must be >= 1 and --min-gain in [0, 1)")
+    size, max_batch = SHAPES[args.shape], args.max_batch
     if args.quick:
-        size, batch_sizes = dataclasses.replace(QUICK, moe_every=size.moe_every), QUICK_BATCH_SIZES
+        size, max_batch = dataclasses.replace(QUICK, moe_every=size.moe_every), QUICK_MAX_BATCH
     prompt_len, new_tokens, repeats = (4, 4, 1) if args.quick else (args.prompt, args.new_tokens, args.repeats)
 
     print(describe_machine(args.threads) + f"; clock: {args.clock}")
@@ -247,12 +286,14 @@ def main(argv: list[str] | None = None) -> None:
     print(f"extraction: {models[MODEL_NAMES[2]].extraction_report}".splitlines()[0])
 
     clock = CLOCKS[args.clock]
-    whole, decoding = measure_throughput(models, size, batch_sizes, prompt_len, new_tokens, repeats, clock)
-    print_throughput("\nwhole generation (prefill included)", whole, batch_sizes)
-    print_throughput("\ndecoding only (the steps after the prefill)", decoding, batch_sizes)
+    whole, decoding = measure_throughput(
+        models, size, prompt_len, new_tokens, repeats, clock, max_batch, 0.0 if args.quick else args.min_gain
+    )
+    print_throughput("\nwhole generation (prefill included)", whole)
+    print_throughput("\ndecoding only (the steps after the prefill)", decoding)
 
     base_bytes = parameter_bytes(models[MODEL_NAMES[0]])
-    batch = max(batch_sizes)
+    batch = min(max(per_batch) for per_batch in decoding.values())
     steps = new_tokens + 1  # the prefill and one step per new token
     print(f"\nresident parameters, and where one generation's time goes at batch {batch} (ms per step)")
     print(

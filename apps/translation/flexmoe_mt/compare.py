@@ -8,7 +8,14 @@ from pathlib import Path
 from flexmoe.task.extract import count_parameters
 from flexmoe_mt.batching import encode_pairs
 from flexmoe_mt.data.corpus import Pair, read_tsv
-from flexmoe_mt.evaluate import Scores, decoding_throughput, score, translate_pairs
+from flexmoe_mt.evaluate import (
+    PeakThroughput,
+    Scores,
+    decoding_throughput,
+    peak_decoding_throughput,
+    score,
+    translate_pairs,
+)
 from flexmoe_mt.extraction import load_translation_model
 from flexmoe_mt.train import TrainedModel, load_corpus
 
@@ -66,11 +73,8 @@ def compare_extracted(
     return "\n".join(lines)
 
 
-def throughputs(
-    models: Mapping[str, TrainedModel], pairs: list[Pair], batch_sizes: Sequence[int]
-) -> dict[str, dict[int, float]]:
-    """Decoding tokens/s per model and batch size on ``pairs`` (what each model serves of them),
-    the models timed in turn (see :func:`decoding_throughput`)."""
+def _decoding_inputs(models: Mapping[str, TrainedModel], pairs: list[Pair]) -> dict:
+    """name -> (model, the encoded pairs it serves)."""
     inputs = {}
     for name, trained in models.items():
         served = served_pairs(trained, pairs)
@@ -78,7 +82,23 @@ def throughputs(
             trained.model,
             encode_pairs(served, trained.tokenizer, trained.tasks, trained.model.config.max_len),
         )
-    return decoding_throughput(inputs, batch_sizes)
+    return inputs
+
+
+def throughputs(
+    models: Mapping[str, TrainedModel], pairs: list[Pair], batch_sizes: Sequence[int]
+) -> dict[str, dict[int, float]]:
+    """Decoding tokens/s per model and batch size on ``pairs`` (what each model serves of them),
+    the models timed in turn (see :func:`decoding_throughput`)."""
+    return decoding_throughput(_decoding_inputs(models, pairs), batch_sizes)
+
+
+def peak_throughputs(
+    models: Mapping[str, TrainedModel], pairs: list[Pair], max_batch: int = 4096
+) -> dict[str, PeakThroughput]:
+    """Each model's peak decoding tokens/s on ``pairs`` and the batch it is reached at: the batch
+    doubles until the model's tokens/s stops rising (see :func:`peak_decoding_throughput`)."""
+    return peak_decoding_throughput(_decoding_inputs(models, pairs), max_batch=max_batch)
 
 
 def throughput_table(model_dirs: list[str], batch_sizes: list[int], task: str | None = None) -> str:

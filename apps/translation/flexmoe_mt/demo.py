@@ -1,8 +1,9 @@
-"""flexmoe-mt demo (make demo): build the corpus, train a task-MoE and a dense model for the same wall time,
-evaluate both, extract one language's sub-network, and print scores, decoding throughput and
-example translations.
+"""flexmoe-mt demo (make demo): build the corpus, train a task-MoE and a dense model for the same
+number of steps (so the result is the same on every machine; only the time changes), evaluate
+both, extract one language's sub-network, and print scores, decoding throughput at each model's
+peak batch and example translations.
 
-    flexmoe-mt demo [--minutes 8] [--language fr] [--tsv-dir DIR] [--fresh]
+    flexmoe-mt demo [--steps N] [--language fr] [--tsv-dir DIR] [--fresh]
 """
 
 from __future__ import annotations
@@ -20,17 +21,18 @@ import torch
 
 from flexmoe.cli import CommandParser
 from flexmoe.task.extract import count_parameters
-from flexmoe_mt.compare import served_pairs, throughputs
+from flexmoe_mt.compare import peak_throughputs, served_pairs
 from flexmoe_mt.data.corpus import Pair
 from flexmoe_mt.evaluate import score, translate_pairs
 from flexmoe_mt.extraction import extract_direction, load_translation_model, save_extracted
 from flexmoe_mt.plots import read_metrics
+from flexmoe_mt.results import corpus_digest, package_versions
 from flexmoe_mt.runconfig import RunConfig, load_run_config
 from flexmoe_mt.runfiles import clear_run, files_to_clear
 from flexmoe_mt.train import TrainedModel, load_corpus, load_trained, train
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-BATCH_SIZES = [1, 16, 64]
+MAX_BATCH = 512  # the throughput sweep doubles the batch up to here, or until tokens/s stops rising
 
 
 def per_direction_sample(pairs: list[Pair], per_direction: int, seed: int = 0) -> list[Pair]:
@@ -48,9 +50,14 @@ def per_direction_sample(pairs: list[Pair], per_direction: int, seed: int = 0) -
     return [pairs[index] for index in sorted(kept)]
 
 
-def demo_config(name: str, minutes: float, tsv_dir: str | None) -> RunConfig:
+def demo_config(name: str, steps: int | None, tsv_dir: str | None, seed: int | None = None) -> RunConfig:
+    """configs/<name>.toml, trained ``steps`` steps (default: its max_steps; its max_minutes is
+    only a safety cap), on the TSV files of ``tsv_dir`` if given; another ``seed`` trains into
+    its own run directory (``<run_dir>-seed<N>``), so runs of several seeds give the spread."""
     run = load_run_config(CONFIGS / f"{name}.toml")
-    train_config = dataclasses.replace(run.train, max_minutes=minutes)
+    train_config = dataclasses.replace(run.train, max_steps=steps or run.train.max_steps)
+    if seed is not None:
+        train_config = dataclasses.replace(train_config, seed=seed, run_dir=f"{train_config.run_dir}-seed{seed}")
     data = run.data
     if tsv_dir:
         files = {split: str(Path(tsv_dir) / f"{split}.tsv") for split in ("train", "valid", "test")}
@@ -81,14 +88,24 @@ def train_side_by_side(runs: list[RunConfig]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = CommandParser("flexmoe-mt demo", description=__doc__)
-    parser.add_argument("--minutes", type=float, default=8.0, help="training minutes per model (default 8)")
+    parser.add_argument(
+        "--steps", type=int, default=0, help="training steps per model (default: the demo configs' max_steps)"
+    )
+    parser.add_argument(
+        "--seed", type=int, help="train with this seed (its own run directories; default: the configs')"
+    )
     parser.add_argument("--language", default="fr", help="target language to extract (default fr)")
     parser.add_argument("--per-direction", type=int, default=25, help="test sentences per direction (default 25)")
     parser.add_argument("--tsv-dir", help="use DIR/{train,valid,test}.tsv instead of the embedded corpus")
     parser.add_argument("--fresh", action="store_true", help="retrain even if runs/demo holds finished runs")
     args = parser.parse_args(argv)
+    if args.steps < 0:
+        parser.error(f"--steps must be >= 1 (0: the configs' max_steps), got {args.steps}")
     started = time.perf_counter()
-    runs = {name: demo_config(name, args.minutes, args.tsv_dir) for name in ("demo_task_moe", "demo_dense")}
+    if args.seed is not None and args.seed < 0:
+        parser.error(f"--seed must be >= 0, got {args.seed}")
+    runs = {name: demo_config(name, args.steps, args.tsv_dir, args.seed) for name in ("demo_task_moe", "demo_dense")}
+    steps_each = runs["demo_task_moe"].train.max_steps
     if args.fresh:
         try:  # the runs' own files only (flexmoe_mt.runfiles), never a directory that is not a run's
             stale = {Path(run.train.run_dir): files_to_clear(Path(run.train.run_dir)) for run in runs.values()}
@@ -97,15 +114,19 @@ def main(argv: list[str] | None = None) -> None:
         for run_dir, paths in stale.items():
             clear_run(run_dir, paths)
     threads = runs["demo_task_moe"].train.threads or torch.get_num_threads()
-    print(f"flexmoe demo: torch {torch.__version__}, {platform.machine()}, {os.cpu_count()} CPUs")
+    versions = ", ".join(f"{name} {version}" for name, version in package_versions().items() if name != "torch")
+    print(f"flexmoe demo: torch {torch.__version__}, {platform.machine()}, {os.cpu_count()} CPUs; {versions}")
 
     print("\n== corpus ==")
     corpus = load_corpus(runs["demo_task_moe"].data)
-    print(f"{len(corpus['train']):,} training pairs, {len(corpus.target_languages)} target languages")
+    print(
+        f"{len(corpus['train']):,} training pairs, {len(corpus.target_languages)} target languages "
+        f"(corpus SHA-256 {corpus_digest(corpus)[:16]})"
+    )
     if args.language not in corpus.target_languages:
         known = ", ".join(corpus.target_languages)
         parser.error(f"--language {args.language}: the corpus's target languages are {known}; pass one of them")
-    print(f"\n== training task-MoE and dense side by side, {args.minutes:g} minutes each, one thread each ==")
+    print(f"\n== training task-MoE and dense side by side, {steps_each} steps each, one thread each ==")
     train_side_by_side(list(runs.values()))
 
     moe, dense = (load_trained(run.train.run_dir) for run in runs.values())
@@ -124,7 +145,8 @@ def main(argv: list[str] | None = None) -> None:
         f"task-MoE, into {language}": moe,
         f"extracted {language}": extracted,
     }
-    peaks = {name: max(sweep.values()) for name, sweep in throughputs(speed_models, into_language, BATCH_SIZES).items()}
+    sweeps = peak_throughputs(speed_models, into_language, MAX_BATCH)
+    peaks = {name: sweep.peak for name, sweep in sweeps.items()}
     for name, model, pairs in (
         ("dense", dense, test),
         ("task-MoE", moe, test),
@@ -143,7 +165,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     print(f"\n{'model':<22} {'steps':>6} {'parameters':>10} {'chrF':>6} {'BLEU':>6} {'tokens/s':>9}")
     for name, parameters, chrf, bleu, peak in rows:
-        speed = f"{peak:9.0f}" if peak else f"{'':>9}"
+        speed = f"{peak:9.0f} (batch {sweeps[name].batch})" if peak else f"{'':>9}"
         trained_steps = steps.get(name.split(",")[0], "")
         print(f"{name:<22} {trained_steps:>6} {parameters:>10,} {chrf:6.1f} {bleu:6.1f} {speed}")
     same = sum(a == b for a, b in zip(outputs[f"task-MoE, into {language}"], outputs[f"extracted {language}"]))
@@ -153,10 +175,12 @@ def main(argv: list[str] | None = None) -> None:
         f"(vs dense x{peaks[f'extracted {language}'] / peaks[f'dense, into {language}']:.2f})"
     )
     print(
-        f"both models trained {args.minutes:g} minutes of wall time, side by side, one thread each; "
+        f"both models trained {steps_each} steps, side by side, one thread each "
+        f"({(time.perf_counter() - started) / 60:.0f} minutes so far on this machine); "
         "chrF is the mean over directions (sacrebleu chrF2); BLEU: 'char' tokenizer for CJK/Thai targets, "
         "'13a' otherwise; "
-        f"tokens/s: peak greedy decoding over batch sizes {BATCH_SIZES}, sentences into {language}, "
+        "tokens/s: peak greedy decoding, the batch doubled until tokens/s stopped rising (its batch in "
+        f"brackets), sentences into {language}, "
         f"{threads} thread(s)"
     )
     print("\n== examples ==")

@@ -137,6 +137,32 @@ def translate_pairs(
     return [tokenizer.decode(ids) for ids in generated]
 
 
+def _take(data: EncodedPairs, count: int) -> EncodedPairs:
+    """The first ``count`` sentences of ``data``, cycling through it when it has fewer (a batch
+    larger than the test set still decodes real sentences)."""
+    rows = [i % len(data.sources) for i in range(count)]
+    return EncodedPairs(*([getattr(data, f.name)[i] for i in rows] for f in dataclasses.fields(EncodedPairs)))
+
+
+def _time_batch(
+    models: Mapping[str, tuple[TranslationModel, EncodedPairs]], batch_size: int, max_new_tokens: int, repeats: int
+) -> dict[str, float]:
+    """Tokens/s of every model at one batch size: ``max(4 * batch_size, 16)`` sentences batched by
+    length after a one-batch warm-up, the models timed in turn within each of ``repeats`` rounds
+    (a change in the machine's load hits all alike), each model's fastest round counting."""
+    seconds = dict.fromkeys(models, math.inf)
+    tokens = {}
+    for model, data in models.values():
+        generate_ids(model, _take(data, batch_size), batch_size, max_new_tokens)  # warm-up
+    for _ in range(repeats):
+        for name, (model, data) in models.items():
+            start = time.perf_counter()
+            outputs = generate_ids(model, _take(data, max(4 * batch_size, 16)), batch_size, max_new_tokens)
+            seconds[name] = min(seconds[name], time.perf_counter() - start)
+            tokens[name] = sum(len([t for t in row if t != model.config.pad_id]) for row in outputs)
+    return {name: tokens[name] / seconds[name] for name in models}
+
+
 def decoding_throughput(
     models: Mapping[str, tuple[TranslationModel, EncodedPairs]],
     batch_sizes: Sequence[int],
@@ -145,28 +171,72 @@ def decoding_throughput(
 ) -> dict[str, dict[int, float]]:
     """Greedy decoding throughput, generated tokens (up to eos) per second, per model and batch size.
 
-    models: name -> (model, the sentences it decodes). Batch size ``b`` decodes the first
-    ``max(4 * b, 16)`` sentences, batched by length, after a one-batch warm-up. The models are
-    timed in turn within each of ``repeats`` rounds, so a change in the machine's load hits all
-    of them alike, and each model's fastest round counts (other load only ever adds time). The
-    peak over the sweep is the figure Kudugunta et al. compare.
+    models: name -> (model, the sentences it decodes). Batch size ``b`` decodes
+    ``max(4 * b, 16)`` sentences (cycling through the given ones), batched by length, after a
+    one-batch warm-up. The models are timed in turn within each of ``repeats`` rounds, so a
+    change in the machine's load hits all of them alike, and each model's fastest round counts
+    (other load only ever adds time). For the peak Kudugunta et al. compare, see
+    :func:`peak_decoding_throughput`.
     """
-
-    def first(data: EncodedPairs, count: int) -> EncodedPairs:
-        return EncodedPairs(*(getattr(data, f.name)[:count] for f in dataclasses.fields(EncodedPairs)))
-
     results: dict[str, dict[int, float]] = {name: {} for name in models}
     for batch_size in batch_sizes:
-        seconds = dict.fromkeys(models, math.inf)
-        tokens = {}
-        for model, data in models.values():
-            generate_ids(model, first(data, batch_size), batch_size, max_new_tokens)  # warm-up
-        for _ in range(repeats):
-            for name, (model, data) in models.items():
-                start = time.perf_counter()
-                outputs = generate_ids(model, first(data, max(4 * batch_size, 16)), batch_size, max_new_tokens)
-                seconds[name] = min(seconds[name], time.perf_counter() - start)
-                tokens[name] = sum(len([t for t in row if t != model.config.pad_id]) for row in outputs)
-        for name in models:
-            results[name][batch_size] = tokens[name] / seconds[name]
+        for name, speed in _time_batch(models, batch_size, max_new_tokens, repeats).items():
+            results[name][batch_size] = speed
     return results
+
+
+@dataclass
+class PeakThroughput:
+    """A batch sweep of one model: ``sweep`` (batch size -> tokens/s), its ``peak`` tokens/s and
+    the ``batch`` it was reached at; ``stopped``: why the sweep ended (``"flat"``: tokens/s
+    stopped rising, ``"memory"``: the next batch did not fit, ``"limit"``: ``max_batch``)."""
+
+    sweep: dict[int, float]
+    peak: float
+    batch: int
+    stopped: str
+
+    def to_dict(self) -> dict:
+        return {"sweep": {str(b): s for b, s in self.sweep.items()}, "peak_tokens_per_s": self.peak,
+                "peak_batch": self.batch, "stopped": self.stopped}  # fmt: skip
+
+
+def peak_decoding_throughput(
+    models: Mapping[str, tuple[TranslationModel, EncodedPairs]],
+    max_batch: int = 4096,
+    min_gain: float = 0.03,
+    max_new_tokens: int = 64,
+    repeats: int = 3,
+) -> dict[str, PeakThroughput]:
+    """Each model's peak decoding tokens/s: the batch doubles from 1 until the model's tokens/s
+    rises by less than ``min_gain`` (a fraction) over its best so far, memory runs out, or
+    ``max_batch`` is passed. Models still rising are timed in turn at every batch size (see
+    :func:`decoding_throughput`); a model that has stopped is not timed further."""
+    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+        raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
+    if not 0 <= min_gain < 1:
+        raise ValueError(f"min_gain must be a fraction in [0, 1), got {min_gain!r}")
+    sweeps: dict[str, dict[int, float]] = {name: {} for name in models}
+    stopped: dict[str, str] = {}
+    batch_size = 1
+    while len(stopped) < len(models):
+        rising = {name: pair for name, pair in models.items() if name not in stopped}
+        if batch_size > max_batch:
+            stopped.update(dict.fromkeys(rising, "limit"))
+            break
+        try:
+            speeds = _time_batch(rising, batch_size, max_new_tokens, repeats)
+        except torch.OutOfMemoryError:
+            stopped.update(dict.fromkeys(rising, "memory"))
+            break
+        for name, speed in speeds.items():
+            best = max(sweeps[name].values(), default=0.0)
+            sweeps[name][batch_size] = speed
+            if best and speed < best * (1 + min_gain):
+                stopped[name] = "flat"
+        batch_size *= 2
+    peaks = {}
+    for name, sweep in sweeps.items():
+        batch = max(sweep, key=sweep.__getitem__)
+        peaks[name] = PeakThroughput(sweep, sweep[batch], batch, stopped[name])
+    return peaks

@@ -92,3 +92,28 @@ def plot_run(
         plot_expert_load(load, target_languages, run_dir / "expert_load.png")
         written.append(run_dir / "expert_load.png")
     return written
+
+
+def plot_learning_curves(curves: dict[str, list[list[dict]]], path: Path) -> None:
+    """Validation chrF vs step, one line per row (mean over its seeds at the steps every seed
+    validated) with the seeds' min-max range shaded. curves: row label -> one curve per seed,
+    each a list of ``{"step", "chrf"}`` records."""
+    figure, axis = plt.subplots(figsize=(8, 5))
+    for label, seeds in curves.items():
+        by_step = [{r["step"]: r["chrf"] for r in curve} for curve in seeds if curve]
+        if not by_step:
+            continue
+        steps = sorted(set.intersection(*(set(s) for s in by_step)))
+        values = [[s[step] for s in by_step] for step in steps]
+        mean = [sum(v) / len(v) for v in values]
+        line = axis.plot(steps, mean, label=f"{label} ({len(by_step)} seeds)")[0]
+        axis.fill_between(steps, [min(v) for v in values], [max(v) for v in values], alpha=0.2,
+                          color=line.get_color())  # fmt: skip
+    axis.set_xlabel("optimizer step")
+    axis.set_ylabel("validation chrF (mean over directions)")
+    axis.legend(fontsize="small")
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)

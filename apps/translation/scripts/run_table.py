@@ -1,22 +1,28 @@
 """Run the results table (Kudugunta et al.'s Table 1 at our scale) and write one
 <row>/seed<N>.json per run into --results (apps/translation/results, tracked by git, so finished
 runs survive a fresh machine); python -m flexmoe_mt.results > docs/results.md turns them into the
-table. Run from the repository root:
+table, the learning-curve figure and the claims with their significance. Run from the
+repository root:
 
-    python apps/translation/scripts/run_table.py [--minutes 7] [--seeds 0,1,2] [--rows dense,token_target]
+    python apps/translation/scripts/run_table.py [--steps N] [--seeds 0,1,2] [--rows dense,token_target]
 
-Rows (ROWS): apps/translation/configs/table/<config>.toml, each trained for its share of --minutes of
-CPU time (the configs' budget_clock = "cpu", so a busy machine does not shorten a run);
-pruned_token trains nothing (the token/token run of the same seed, pruned per target language
-to its --prune-keep most used experts, NLLB-MoE style). A distilled row needs its teacher's run
-of the same seed first (the default order does that): distilled_dense learns from the
-full-budget token/token run (so teacher and student had a budget each), distilled_dense_shared
-from token_token_half, trained half the budget, and trains the other half itself (teacher and
+Rows (ROWS): apps/translation/configs/table/<config>.toml, each trained for the same number of
+optimizer steps (--steps, default the configs' max_steps: every table config carries the same
+value); the configs' max_minutes is only a safety cap (CPU time) that a healthy run never
+reaches. Every run records its validation curve (chrF every eval_every steps, from its
+metrics.jsonl), the versions of the packages that build the corpus and a digest of the corpus.
+pruned_token and pruned_token_keep4 train nothing (the token/token run of the same seed, pruned
+per target language to its 2 or 4 most used experts, NLLB-MoE style; usage is counted on a
+sample with the same number of training pairs from every direction). A distilled row needs its
+teacher's run of the same seed first (the default order does that): distilled_dense learns from
+the full-budget token/token run (so teacher and student had a budget each), distilled_dense_shared
+from token_token_half, trained half the steps, and trains the other half itself (teacher and
 student share one budget: the equal-total-compute comparison). Finished runs are skipped (a run
 resumes from its checkpoint in --out), so the script can be killed and restarted;
 --reevaluate scores and times finished runs whose checkpoints are still in --out again
 without training, --reevaluate --timing-only only their throughput (wall clock: taken on a busy
-machine, it is redone on a quiet one).
+machine, it is redone on a quiet one). Throughput: the batch doubles from 1 until each model's
+tokens/s stops rising (or memory ends, or --max-batch); each model's peak and its batch are kept.
 """
 
 from __future__ import annotations
@@ -37,25 +43,27 @@ sys.path.insert(0, str(APP))
 from flexmoe import ExpertUsage, MoELayer, expert_usage, prune_experts  # noqa: E402
 from flexmoe.task.extract import count_parameters  # noqa: E402
 from flexmoe_mt.batching import collate, encode_pairs, model_inputs  # noqa: E402
-from flexmoe_mt.compare import throughputs  # noqa: E402
+from flexmoe_mt.compare import peak_throughputs  # noqa: E402
 from flexmoe_mt.data.corpus import Pair  # noqa: E402
 from flexmoe_mt.demo import per_direction_sample  # noqa: E402
 from flexmoe_mt.evaluate import score, translate_pairs  # noqa: E402
 from flexmoe_mt.extraction import extract_direction  # noqa: E402
+from flexmoe_mt.results import corpus_digest, package_versions  # noqa: E402
 from flexmoe_mt.runconfig import RunConfig, load_run_config  # noqa: E402
-from flexmoe_mt.train import TrainedModel, load_corpus, load_trained, train  # noqa: E402
+from flexmoe_mt.train import METRICS, TrainedModel, load_corpus, load_trained, train  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
 class Row:
     """One row of the table: ``config`` names configs/table/<config>.toml; ``budget`` is its share
-    of ``--minutes``; ``teacher`` the row whose run of the same seed it distils from; ``source``
-    the row whose trained run it reuses without training (pruning)."""
+    of ``--steps``; ``teacher`` the row whose run of the same seed it distils from; ``source``
+    the row whose trained run it reuses without training (pruning, to ``keep`` experts per layer)."""
 
     config: str
     budget: float = 1.0
     teacher: str | None = None
     source: str | None = None
+    keep: int = 0
 
 
 # In run order: a teacher or source row comes before the rows that need it.
@@ -67,11 +75,13 @@ ROWS = {
     "token_target": Row("token_target"),
     "token_langpair": Row("token_langpair"),
     "distilled_dense": Row("distilled_dense", teacher="token_token"),
-    "pruned_token": Row("token_token", source="token_token"),
+    "pruned_token": Row("token_token", source="token_token", keep=2),
+    "pruned_token_keep4": Row("token_token", source="token_token", keep=4),
     "token_token_half": Row("token_token", budget=0.5),
     "distilled_dense_shared": Row("distilled_dense", budget=0.5, teacher="token_token_half"),
 }
-BATCH_SIZES = [1, 16, 64, 128]
+# Training pairs per direction on which expert usage is counted (every direction equally).
+USAGE_PER_DIRECTION = 200
 
 
 def active_parameters(model: torch.nn.Module) -> int:
@@ -117,14 +127,36 @@ def extraction_results(trained: TrainedModel, test: list[Pair], hypotheses: list
     return result
 
 
-def language_usage(trained: TrainedModel, corpus) -> ExpertUsage:
-    """Expert usage per target language, counted on the first 4000 training sentences."""
-    train_data = encode_pairs(corpus["train"][:4000], trained.tokenizer, trained.tasks, trained.model.config.max_len)
+def language_usage(
+    trained: TrainedModel, train_pairs: list[Pair], per_direction: int = USAGE_PER_DIRECTION
+) -> ExpertUsage:
+    """Expert usage per target language, counted on ``per_direction`` training pairs of every
+    direction (the corpus lists pairs direction by direction and kind by kind, so its first
+    pairs would leave most languages uncounted)."""
+    sample = per_direction_sample(train_pairs, per_direction)
+    train_data = encode_pairs(sample, trained.tokenizer, trained.tasks, trained.model.config.max_len)
     batches = [
         model_inputs(collate(train_data, range(i, min(i + 64, len(train_data.sources)))))
         for i in range(0, len(train_data.sources), 64)
     ]
     return expert_usage(trained.model, batches, by_task=True)
+
+
+def kept_routing_mass(trained: TrainedModel, usage: ExpertUsage, keep: int) -> dict[str, dict[str, float]]:
+    """Per target language: the share of its routing mass (its (token, choice) pairs) that its
+    ``keep`` most used experts carry, as the mean and the minimum over MoE layers."""
+    shares = {}
+    for language in trained.tasks.target_languages:
+        task = trained.tasks.target_id(language)
+        kept = usage.top_experts(keep, task=task)
+        per_layer = []
+        for name, experts in kept.items():
+            row = usage.counts[name][task].double() if task < len(usage.counts[name]) else None
+            if row is not None and row.sum() > 0:
+                per_layer.append(float(row[experts].sum() / row.sum()))
+        if per_layer:
+            shares[language] = {"mean": sum(per_layer) / len(per_layer), "min": min(per_layer)}
+    return shares
 
 
 def pruned_model(trained: TrainedModel, usage: ExpertUsage, keep: int, target: str) -> torch.nn.Module:
@@ -134,8 +166,9 @@ def pruned_model(trained: TrainedModel, usage: ExpertUsage, keep: int, target: s
 
 def pruned_results(trained: TrainedModel, usage: ExpertUsage, test: list[Pair], keep: int, language: str) -> dict:
     """Per target language: prune every MoE layer to the language's ``keep`` most used experts
-    and score sentences into it; sizes of ``language``'s pruned model."""
-    hypotheses, pairs_all, result = [], [], {}
+    and score sentences into it; sizes of ``language``'s pruned model; the routing mass the
+    kept experts carry per language."""
+    hypotheses, pairs_all, result = [], [], {"keep": keep}
     for target in trained.tasks.target_languages:
         pairs = [p for p in test if p.target_lang == target]
         if not pairs:
@@ -148,36 +181,68 @@ def pruned_results(trained: TrainedModel, usage: ExpertUsage, test: list[Pair], 
             result["parameters"] = count_parameters(pruned)
             result["active_parameters"] = active_parameters(pruned)
     result["scores"] = score(pairs_all, hypotheses).to_dict()
+    result["kept_routing_mass"] = kept_routing_mass(trained, usage, keep)
+    result["usage_sample"] = f"{USAGE_PER_DIRECTION} training pairs per direction"
     return result
 
 
 def timings(row: str, trained: TrainedModel, usage: ExpertUsage | None, test: list[Pair], args) -> dict:
-    """Peak greedy decoding tokens/s into ``args.language`` over :data:`BATCH_SIZES` (wall clock:
-    take it on a quiet machine): the row's model (the pruned one for a pruned row) and, for a
-    target-routed model, its extracted sub-network, timed in turn with it."""
+    """Peak greedy decoding tokens/s into ``args.language`` and the batch it is reached at (the
+    batch doubles until tokens/s stops rising; wall clock: take it on a quiet machine): the row's
+    model (the pruned one for a pruned row) and, for a target-routed model, its extracted
+    sub-network, timed in turn with it."""
     into = [p for p in test if p.target_lang == args.language]
     models = {"model": trained}
     if ROWS[row].source:
-        pruned = pruned_model(trained, usage, args.prune_keep, args.language)
+        pruned = pruned_model(trained, usage, ROWS[row].keep, args.language)
         models = {"model": dataclasses.replace(trained, model=pruned, task=args.language)}
     elif has_extraction(trained):
         extracted = extract_direction(trained.model, trained.tasks, args.language)
         models["extracted"] = dataclasses.replace(trained, model=extracted, task=args.language)
-    peaks = {name: max(sweep.values()) for name, sweep in throughputs(models, into, BATCH_SIZES).items()}
-    result = {"peak_tokens_per_s": peaks["model"]}
+    peaks = {name: peak.to_dict() for name, peak in peak_throughputs(models, into, args.max_batch).items()}
+    result = {"throughput": peaks["model"], "peak_tokens_per_s": peaks["model"]["peak_tokens_per_s"]}
     if "extracted" in peaks:
-        result["extracted"] = {"peak_tokens_per_s": peaks["extracted"], "parent_peak_tokens_per_s": peaks["model"]}
+        result["extracted"] = {
+            "throughput": peaks["extracted"],
+            "peak_tokens_per_s": peaks["extracted"]["peak_tokens_per_s"],
+            "parent_peak_tokens_per_s": peaks["model"]["peak_tokens_per_s"],
+        }
     return result
 
 
-def run_config(row: str, seed: int, minutes: float, out: Path, tsv_dir: str | None) -> RunConfig:
-    """The run of ``row`` for ``seed``: its config with the seed, budget and run directory set
-    (and its teacher's run directory, for a distilled row)."""
+def validation_curve(run_dir: str | Path) -> list[dict]:
+    """The run's validation records (step, loss, mean chrF) from its metrics.jsonl, by step."""
+    path = Path(run_dir) / METRICS
+    if not path.is_file():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    curve = {r["step"]: {"step": r["step"], "loss": r["loss"], "chrf": r["chrf"]} for r in records
+             if r.get("split") == "valid"}  # fmt: skip
+    return [curve[step] for step in sorted(curve)]
+
+
+def table_config(config: str) -> RunConfig:
+    return load_run_config(APP / "configs" / "table" / f"{config}.toml")
+
+
+def default_steps() -> int:
+    """The step budget every table config carries (``train.max_steps``, the same in all)."""
+    return table_config("dense").train.max_steps
+
+
+def run_config(row: str, seed: int, steps: int, out: Path, tsv_dir: str | None) -> RunConfig:
+    """The run of ``row`` for ``seed``: its config with the seed, step budget (its share of
+    ``steps``; the config's time cap scaled alike) and run directory set (and its teacher's run
+    directory, for a distilled row)."""
     spec = ROWS[row]
-    run = load_run_config(APP / "configs" / "table" / f"{spec.config}.toml")
+    run = table_config(spec.config)
     trained_row = spec.source or row
     train_config = dataclasses.replace(
-        run.train, seed=seed, max_minutes=minutes * spec.budget, run_dir=str(out / trained_row / f"seed{seed}")
+        run.train,
+        seed=seed,
+        max_steps=round(steps * spec.budget),
+        max_minutes=run.train.max_minutes * spec.budget,
+        run_dir=str(out / trained_row / f"seed{seed}"),
     )
     if spec.teacher:
         train_config = dataclasses.replace(train_config, distill_from=str(out / spec.teacher / f"seed{seed}"))
@@ -192,7 +257,7 @@ def load_run(row: str, run: RunConfig, corpus) -> tuple[TrainedModel, ExpertUsag
     """A finished run's model (threads set as it trained) and, for a pruned row, its usage per language."""
     trained = load_trained(run.train.run_dir)
     torch.set_num_threads(run.train.threads or torch.get_num_threads())
-    return trained, language_usage(trained, corpus) if ROWS[row].source else None
+    return trained, language_usage(trained, corpus["train"]) if ROWS[row].source else None
 
 
 def evaluate_run(row: str, seed: int, run: RunConfig, corpus, args: argparse.Namespace) -> dict:
@@ -201,11 +266,12 @@ def evaluate_run(row: str, seed: int, run: RunConfig, corpus, args: argparse.Nam
     test = test_pairs(corpus, args)
     steps = torch.load(Path(run.train.run_dir) / "checkpoint.pt", weights_only=False)["step"]
     machine = f"{platform.machine()} ({os.cpu_count()} CPUs), torch {torch.__version__}"
-    result = {"row": row, "seed": seed, "minutes": args.minutes, "budget": ROWS[row].budget, "machine": machine,
-              "steps": steps, "language": args.language, "threads": torch.get_num_threads(),
-              "budget_clock": run.train.budget_clock}  # fmt: skip
+    result = {"row": row, "seed": seed, "step_budget": args.steps, "budget": ROWS[row].budget, "machine": machine,
+              "steps": steps, "max_steps": run.train.max_steps, "language": args.language,
+              "threads": torch.get_num_threads(), "packages": package_versions(),
+              "corpus_sha256": corpus_digest(corpus), "curve": validation_curve(run.train.run_dir)}  # fmt: skip
     if usage is not None:
-        result.update(pruned_results(trained, usage, test, args.prune_keep, args.language))
+        result.update(pruned_results(trained, usage, test, ROWS[row].keep, args.language))
     else:
         hypotheses, result["scores"] = scores_of(trained, trained.model, test)
         result["parameters"] = count_parameters(trained.model)
@@ -229,6 +295,7 @@ def test_pairs(corpus, args: argparse.Namespace) -> list[Pair]:
 
 def merge_timings(result: dict, timed: dict) -> dict:
     result["peak_tokens_per_s"] = timed["peak_tokens_per_s"]
+    result["throughput"] = timed["throughput"]
     if "extracted" in timed:
         result["extracted"].update(timed["extracted"])
     return result
@@ -236,7 +303,12 @@ def merge_timings(result: dict, timed: dict) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--minutes", type=float, default=7.0, help="training CPU minutes per run (default 7)")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=default_steps(),
+        help="optimizer steps per run (default: the table configs' max_steps)",
+    )
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--rows", default=",".join(ROWS), help=f"subset of {list(ROWS)}")
     parser.add_argument("--out", default="runs/table", help="run directories (checkpoints; not tracked)")
@@ -245,7 +317,7 @@ def main() -> None:
     )
     parser.add_argument("--language", default="fr", help="target language of the throughput figures")
     parser.add_argument("--per-direction", type=int, default=50, help="test sentences per direction (0: all)")
-    parser.add_argument("--prune-keep", type=int, default=2, help="experts kept per layer by pruned_token")
+    parser.add_argument("--max-batch", type=int, default=1024, help="largest batch of the throughput sweep")
     parser.add_argument(
         "--reevaluate",
         action="store_true",
@@ -270,7 +342,7 @@ def main() -> None:
     for seed in (int(s) for s in args.seeds.split(",")):
         for row in [r for r in ROWS if r in rows]:
             results_file = results / row / f"seed{seed}.json"
-            run = run_config(row, seed, args.minutes, out, args.tsv_dir)
+            run = run_config(row, seed, args.steps, out, args.tsv_dir)
             if args.reevaluate:
                 if not results_file.is_file() or not (Path(run.train.run_dir) / "checkpoint.pt").is_file():
                     continue  # not finished, or finished on another machine (its checkpoint is not here)
@@ -284,7 +356,7 @@ def main() -> None:
                 print(f"{row} seed {seed}: timed again", flush=True)
                 continue
             if not ROWS[row].source and not args.reevaluate:
-                print(f"== {row} seed {seed}: training {args.minutes * ROWS[row].budget:g} minutes ==", flush=True)
+                print(f"== {row} seed {seed}: training {run.train.max_steps} steps ==", flush=True)
                 train(run, corpus)
             result = evaluate_run(row, seed, run, corpus, args)
             results_file.parent.mkdir(parents=True, exist_ok=True)

@@ -22,3 +22,14 @@ def test_next_steps_say_where_how_and_what():
     assert "flexmoe-mt" in text and "one of de fr" in text
     assert "numbers" in text and "dates" in text and "units" in text and "not free text" in text
     assert "--fresh" in text
+
+
+def test_demo_trains_a_fixed_number_of_steps_the_same_for_both_models():
+    from flexmoe_mt.demo import demo_config
+
+    moe, dense = demo_config("demo_task_moe", None, None), demo_config("demo_dense", None, None)
+    assert moe.train.max_steps == dense.train.max_steps > 0  # the result does not depend on the machine's speed
+    assert moe.train.max_minutes > 0  # only a cap against a stuck run
+    assert demo_config("demo_dense", 50, None).train.max_steps == 50
+    other = demo_config("demo_dense", None, None, seed=3)
+    assert other.train.seed == 3 and other.train.run_dir == f"{dense.train.run_dir}-seed3"

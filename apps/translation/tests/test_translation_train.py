@@ -162,7 +162,7 @@ def test_results_table_reports_spread_over_seeds(tmp_path):
     for row, seed, chrf in (("dense", 0, 40.0), ("dense", 1, 44.0), ("token_target", 0, 50.0)):
         scores = {"chrf": {"en-fr": chrf}, "bleu": {"en-fr": 10.0}, "bleu_tokenizer": {"en-fr": "13a"},
                   "mean_chrf": chrf, "mean_bleu": 10.0}  # fmt: skip
-        result = {"row": row, "seed": seed, "minutes": 1, "machine": "test", "threads": 1, "scores": scores,
+        result = {"row": row, "seed": seed, "step_budget": 10, "machine": "test", "threads": 1, "scores": scores,
                   "parameters": 10, "active_parameters": 5, "peak_tokens_per_s": 100.0}  # fmt: skip
         result["steps"] = 10 + 2 * seed
         if row == "token_target":
