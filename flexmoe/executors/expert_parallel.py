@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from flexmoe.config import MoEConfig
+from flexmoe.config import ACTIVATIONS, GRANULARITIES, ROUTERS, SCORE_FUNCTIONS, MoEConfig
 from flexmoe.executors.kernels import grouped_unsupported_reason, prefers_per_expert
 from flexmoe.experts import FFNExperts
 from flexmoe.ops import combine, dispatch
@@ -31,6 +31,9 @@ from flexmoe.parallel.layout import ExpertLayout
 from flexmoe.routing import RoutingPlan
 from flexmoe.tuner import Tuner, TuningKey, measure_layer_call
 
+# Expert-parallel layers built so far per group (by its global ranks); see ExpertParallelExecutor.
+_LAYERS_BUILT: dict[tuple[int, ...], int] = {}
+
 
 def layer_settings(
     config: MoEConfig,
@@ -41,9 +44,17 @@ def layer_settings(
     needs_grad: tuple[bool, bool] = (False, False),
     tuned: bool = False,
 ) -> dict[str, int]:
-    """What every rank of the group must agree on (as ints): the layer's shape at construction,
-    plus the call's choice, top-k, dtype and gradient needs at every forward."""
+    """What every rank of the group must agree on (as ints): the options that change the layer's
+    computation (checked at construction and on every call), plus the call's choice, top-k, dtype
+    and gradient needs. A callable activation cannot be compared: it counts as one value."""
     return {
+        "activation": ACTIVATIONS.index(config.activation) if config.activation in ACTIVATIONS else len(ACTIVATIONS),
+        "router": ROUTERS.index(config.router),
+        "score_function": SCORE_FUNCTIONS.index(config.score_function),
+        "granularity": GRANULARITIES.index(config.granularity),
+        "normalize_gate": int(config.normalize_gate),
+        "num_shared_experts": config.num_shared_experts,
+        "shared_hidden_dim": config.shared_hidden_dim or 0,
         "model_dim": config.model_dim,
         "num_experts": config.num_experts,
         "hidden_dim": config.hidden_dim or 0,
@@ -94,6 +105,11 @@ class ExpertParallelExecutor:
     ) -> None:
         self.experts, self.config, self.layout, self.groups, self.parallel = experts, config, layout, groups, parallel
         self.tuner = tuner
+        # The n-th expert-parallel layer built over these ranks: construction is collective, so
+        # every rank numbers the group's layers alike.
+        ranks = tuple(groups.global_ranks)
+        self.layer_id = _LAYERS_BUILT.get(ranks, 0)
+        _LAYERS_BUILT[ranks] = self.layer_id + 1
 
     @property
     def tuner(self) -> Tuner | None:
@@ -149,6 +165,7 @@ class ExpertParallelExecutor:
             grad_mode and any(p.requires_grad for p in self.experts.parameters()),
         )
         settings = layer_settings(self.config, self.groups, choice, top_k, tokens.dtype, needs_grad, tuned)
+        settings["layer"] = self.layer_id  # layers called in another order on another rank meet here
         table = exchange_counts(settings, plan, self.layout, self.groups, tokens.device)
         if tuned:
             return self.run_tuned(tokens, plan, table, self.tuning_key(table.capacity, top_k, tokens))

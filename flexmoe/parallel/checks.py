@@ -24,6 +24,11 @@ def _describe(name: str, low: int, high: int) -> str:
     if name == "dtype":
         names = [str(d) for d in _DTYPES] + ["other"]
         return f"dtype differs ({names[low]} vs {names[high]})"
+    if name == "layer":
+        return (
+            f"MoELayers called in a different order on different ranks (layer {low} vs {high} in construction "
+            "order): every rank must call the group's layers in the same order"
+        )
     if name == "a2a_algorithm":
         return f"a2a_algorithm differs ({A2A_ALGORITHMS[low]!r} vs {A2A_ALGORITHMS[high]!r})"
     return f"{name} differs ({low} vs {high})"

@@ -54,6 +54,14 @@ def check_mismatches(rank: int, world_size: int) -> None:
     _raises_everywhere("exact=True runs the 'linear' all-to-all", layer, x, exact=True, a2a_algorithm="2dh")
     with pytest.raises(TypeError, match="group must be"):
         MoELayer(**dict(base, group="world"))
+    # Options that change the computation are agreed at construction and on every call.
+    _raises_everywhere("activation differs", MoELayer, **dict(base, activation="relu" if rank else "gelu"))
+    _raises_everywhere("router differs", MoELayer, **dict(base, router="cosine" if rank else "linear"))
+    _raises_everywhere("num_shared_experts differs", MoELayer, **dict(base, num_shared_experts=rank))
+    _raises_everywhere("granularity differs", MoELayer, **dict(base, granularity="sentence" if rank else "token"))
+    # Two layers called in another order on each rank: the count exchange names the layer.
+    first, second = MoELayer(**base).double(), MoELayer(**base).double()
+    _raises_everywhere("called in a different order", first if rank == 0 else second, x)
     # The group is still in step after the errors; copies share the groups.
     assert layer(x).shape == x.shape
     torch.testing.assert_close(copy.deepcopy(layer)(x), layer(x), rtol=0, atol=0)
