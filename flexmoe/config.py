@@ -238,7 +238,7 @@ class MoEConfig:
         for name in ("num_tasks", "task_embedding_dim"):
             if getattr(self, name) is not None:
                 _check_positive_int(name, getattr(self, name))
-        self._check_modern_routing()
+        self._check_routing_options()
         for name in (
             "normalize_gate",
             "batch_prioritized_routing",
@@ -252,7 +252,7 @@ class MoEConfig:
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
 
-    def _check_modern_routing(self) -> None:
+    def _check_routing_options(self) -> None:
         if self.expert_capacity is not None:
             _check_positive_int("expert_capacity", self.expert_capacity)
         if self.score_function not in SCORE_FUNCTIONS:

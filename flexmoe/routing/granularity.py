@@ -16,12 +16,10 @@ expert load, each token counted with the distribution of its unit.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
-Granularity = Literal["token", "sentence", "task"]
-GRANULARITIES = ("token", "sentence", "task")
+from flexmoe.config import GRANULARITIES, Granularity
 
 
 @dataclass

@@ -17,7 +17,7 @@ GROUPS = [(1, None), (4, 2), (4, 1)]  # (num_groups, top_groups) over 8 experts
 GRID = list(itertools.product(["softmax", "sigmoid"], GROUPS, [0.0, 0.5], SHARED, [False, True]))
 
 
-def modern_layer(dtype=torch.float64, **options) -> MoELayer:
+def routing_layer(dtype=torch.float64, **options) -> MoELayer:
     """make_layer with 8 experts; a random load-balance bias and shared-expert biases when present."""
     layer = make_layer(dtype, **{"num_experts": 8, **options})
     with torch.no_grad():
@@ -55,8 +55,8 @@ def assert_matches_reference(layer: MoELayer, x: torch.Tensor, **call) -> None:
 
 
 @pytest.mark.parametrize("score_function,groups,capacity_factor,shared,loss_free", GRID)
-def test_modern_options_match_reference(score_function, groups, capacity_factor, shared, loss_free):
-    layer = modern_layer(
+def test_routing_options_match_reference(score_function, groups, capacity_factor, shared, loss_free):
+    layer = routing_layer(
         score_function=score_function,
         route_scale=2.5 if score_function == "sigmoid" else 1.0,
         num_groups=groups[0],
@@ -77,7 +77,7 @@ def test_modern_options_match_reference(score_function, groups, capacity_factor,
 @pytest.mark.parametrize("normalize,bpr", [(False, False), (True, True), (False, True)])
 @pytest.mark.parametrize("aux_loss", ["gshard", "load_importance"])
 def test_sigmoid_gates_and_aux_losses_match_reference(normalize, bpr, aux_loss):
-    layer = modern_layer(
+    layer = routing_layer(
         score_function="sigmoid",
         normalize_gate=normalize,
         batch_prioritized_routing=bpr,
@@ -90,7 +90,7 @@ def test_sigmoid_gates_and_aux_losses_match_reference(normalize, bpr, aux_loss):
 
 
 def test_fixed_expert_capacity_matches_reference_and_per_call_factor_overrides_it():
-    layer = modern_layer(expert_capacity=3, top_k=1, normalize_gate=False)
+    layer = routing_layer(expert_capacity=3, top_k=1, normalize_gate=False)
     x = torch.randn(40, 8, dtype=torch.float64)
     assert_matches_reference(layer, x)
     assert layer.stats.capacity == 3 and int(layer.stats.dropped) > 0
@@ -99,7 +99,7 @@ def test_fixed_expert_capacity_matches_reference_and_per_call_factor_overrides_i
 
 
 def test_bias_steers_the_choice_but_not_the_gate():
-    layer = modern_layer(top_k=1, normalize_gate=False, loss_free_balance=True, score_function="sigmoid")
+    layer = routing_layer(top_k=1, normalize_gate=False, loss_free_balance=True, score_function="sigmoid")
     with torch.no_grad():
         layer.load_balancer.bias.zero_()
         layer.load_balancer.bias[5] = 100.0  # every token picks expert 5
@@ -113,7 +113,7 @@ def test_bias_steers_the_choice_but_not_the_gate():
 
 
 def test_load_balance_update_accumulates_training_loads_only():
-    layer = modern_layer(loss_free_balance=True, balance_update_rate=0.01, top_k=1, aux_loss=None)
+    layer = routing_layer(loss_free_balance=True, balance_update_rate=0.01, top_k=1, aux_loss=None)
     with torch.no_grad():
         layer.load_balancer.bias.zero_()
     layer.train()
@@ -153,7 +153,7 @@ def test_group_limited_choices_stay_in_top_groups():
 
 
 def test_grouped_float32_with_shared_and_sigmoid_matches_float64_reference():
-    layer = modern_layer(
+    layer = routing_layer(
         torch.float32, score_function="sigmoid", num_shared_experts=1, shared_expert_gate=True, gated=True
     )
     assert layer.uses_grouped_layout(torch.float32)
@@ -187,7 +187,7 @@ def test_bad_options_are_named(options, match):
 
 
 def test_per_call_top_k_respects_groups_and_update_needs_the_option():
-    layer = modern_layer(num_groups=4, top_groups=1)
+    layer = routing_layer(num_groups=4, top_groups=1)
     with pytest.raises(ValueError, match="top_k"):
         layer(torch.randn(3, 8, dtype=torch.float64), top_k=3)
     with pytest.raises(ValueError, match="loss_free_balance"):
