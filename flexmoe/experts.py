@@ -12,18 +12,12 @@ import math
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from flexmoe.ops.buffers import BufferCache
+from flexmoe.ops.exact_count import ACTIVATION_FUNCTIONS as _ACTIVATIONS
 from flexmoe.ops.exact_count import exact_count_ffn, grouped_ffn
 from flexmoe.ops.per_expert import per_expert_ffn
-
-_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "gelu": F.gelu,
-    "relu": F.relu,
-    "silu": F.silu,
-}
 
 # grouped_mm refuses float64; those dtypes take the padded path.
 GROUPED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)

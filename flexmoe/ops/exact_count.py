@@ -23,7 +23,8 @@ KERNELS = ("grouped", "per_expert")
 
 # Activations the custom op can name (its schema takes a string, not a callable).
 ACTIVATION_NAMES: dict[Callable, str] = {F.gelu: "gelu", F.relu: "relu", F.silu: "silu"}
-_ACTIVATIONS = {name: fn for fn, name in ACTIVATION_NAMES.items()}
+# The built-in activations by name (MoEConfig.activation): the one table of them.
+ACTIVATION_FUNCTIONS = {name: fn for fn, name in ACTIVATION_NAMES.items()}
 
 
 def grouped_ffn(
@@ -70,7 +71,7 @@ def _run_kernel(
     weights: list[torch.Tensor | None],
     activation: str,
 ) -> torch.Tensor:
-    fn = _ACTIVATIONS[activation]
+    fn = ACTIVATION_FUNCTIONS[activation]
     if kernel == "grouped":
         return grouped_ffn(x, counts, fn, *weights)
     w1, b1, w3, w2, b2 = weights
