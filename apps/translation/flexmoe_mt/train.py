@@ -64,7 +64,8 @@ def load_corpus(data: DataConfig) -> Corpus:
     if data.source == "cldr_demo":
         from flexmoe_mt.data.cldr import CorpusConfig, build_corpus  # heavy: babel data; only when used
 
-        return build_corpus(CorpusConfig.demo(), cache_dir=Path(data.cache_dir) / "corpus", progress=True)
+        preset = CorpusConfig.demo(**({"languages": data.languages} if data.languages else {}))
+        return build_corpus(preset, cache_dir=Path(data.cache_dir) / "corpus", progress=True)
     files = {name: path for name, path in (("train", data.train), ("valid", data.valid), ("test", data.test)) if path}
     return load_tsv(files)
 
