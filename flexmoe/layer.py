@@ -17,7 +17,8 @@ from flexmoe.config import (
     check_top_k,
     config_from_sections,
 )
-from flexmoe.distributed.ddp import refuse_experts_under_ddp
+from flexmoe.distributed.ddp import mark_experts_for_ddp, refuse_experts_under_ddp
+from flexmoe.distributed.experts import distribute_layer_experts, local_expert_shards
 from flexmoe.executors import ExpertParallelExecutor, LocalExecutor
 from flexmoe.executors.expert_parallel import layer_settings
 from flexmoe.experts import FFNExperts
@@ -133,7 +134,10 @@ class MoELayer(nn.Module):
             # Replicated parameters start equal on every rank (as DDP would make them).
             self.groups.broadcast_from_first_rank([p for _, p in non_expert_parameters(self)])
             # DDP must not manage the expert shards: it would overwrite and average them.
+            mark_experts_for_ddp(self)
             self.register_forward_pre_hook(refuse_experts_under_ddp)
+            # The experts as DTensors of their global shape on the ep mesh; kernels see local shards.
+            distribute_layer_experts(self)
         self.tuner = tuner
         self.aux_loss: torch.Tensor = torch.zeros(())
         self.stats: RoutingStats | None = None
@@ -413,7 +417,8 @@ class MoELayer(nn.Module):
         self, tokens: torch.Tensor, plan: RoutingPlan, choice: ParallelChoice | None = None, top_k: int | None = None
     ) -> torch.Tensor:
         """dispatch -> experts -> combine by the executor: tokens [T, model_dim] -> [T, model_dim]."""
-        return self.executor.run(_autocast_dtype(tokens), plan, choice, top_k or self.config.top_k)
+        with local_expert_shards(self):
+            return self.executor.run(_autocast_dtype(tokens), plan, choice, top_k or self.config.top_k)
 
     def compute_aux_loss(
         self, logits: torch.Tensor, noisy_logits: torch.Tensor | None, scores: torch.Tensor, top_k: int

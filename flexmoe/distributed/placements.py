@@ -17,7 +17,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Placement, Replicate, Shard
@@ -77,11 +76,6 @@ def expert_hidden_axes(experts: nn.Module) -> dict[str, int | None]:
             f"(parameter name -> hidden axis or None), known: {sorted(axes)}"
         )
     return axes
-
-
-def mesh_for_group(group: dist.ProcessGroup, device_type: str) -> DeviceMesh:
-    """A 1-D DeviceMesh over ``group``'s ranks, reusing the group (no new communicator)."""
-    return DeviceMesh.from_group(group, device_type, mesh_dim_names=("ep",))
 
 
 def local_tensor(tensor: torch.Tensor) -> torch.Tensor:

@@ -60,7 +60,7 @@ def twin(reference: Net, group, num_experts: tuple[int, ...] = (4, 2)) -> Net:
             if ".experts." in name:
                 layer = net.get_submodule(name.split(".experts.")[0])
                 full = layer.layout.shard(full, HIDDEN_AXIS[name.rsplit(".", 1)[1]])
-            param.copy_(full)
+            local_tensor(param).copy_(full)
     return net
 
 
