@@ -78,6 +78,15 @@ def expert_hidden_axes(experts: nn.Module) -> dict[str, int | None]:
     return axes
 
 
+def shard_like(local: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """``local`` (this rank's shard) as a DTensor placed as ``param`` when that is one, else itself."""
+    if not isinstance(param, DTensor):
+        return local
+    return DTensor.from_local(
+        local, param.device_mesh, param.placements, run_check=False, shape=param.shape, stride=param.stride()
+    )
+
+
 def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
     """This rank's shard of a DTensor (differentiable), or the tensor itself."""
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
