@@ -20,6 +20,7 @@ from collections.abc import Iterator
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 _MARK = "_flexmoe_experts"
 
@@ -72,13 +73,18 @@ def allreduce_non_expert_grads(model: nn.Module, group: dist.ProcessGroup | None
         param.grad.div_(size)
 
 
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
 def clip_grad_norm_(model: nn.Module, max_norm: float, group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """``torch.nn.utils.clip_grad_norm_`` for a model whose experts are sharded over ``group``
     (every rank calls it): the norm is the one of the whole gradient, each expert shard counted
     once, the replicated gradients (identical on every rank: call after
     :func:`flexmoe.parallel.allreduce_non_expert_grads`) once. Without ``torch.distributed``
     it is the plain norm. Returns the norm before clipping."""
-    expert = [p.grad for _, p in expert_parameters(model) if p.grad is not None]
+    # DTensor experts: this rank's shard (the all-reduce below adds the others').
+    expert = [_local(p.grad) for _, p in expert_parameters(model) if p.grad is not None]
     replicated = [p.grad for _, p in non_expert_parameters(model) if p.grad is not None]
     grads = expert + replicated
     if not grads:
@@ -96,6 +102,7 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, group: dist.ProcessGroup 
         dist.all_reduce(expert_squares, group=group)
     norm = (expert_squares + squares(replicated)).sqrt()
     scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-    for grad in grads:
-        grad.mul_(scale.to(grad.dtype))
+    with torch.no_grad():
+        for grad in grads:
+            grad.mul_(scale.to(grad.dtype))
     return norm.float()
