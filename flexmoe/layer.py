@@ -8,6 +8,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from flexmoe.config import (
     SECTIONS,
@@ -19,6 +20,7 @@ from flexmoe.config import (
 )
 from flexmoe.distributed.ddp import mark_experts_for_ddp, refuse_experts_under_ddp
 from flexmoe.distributed.experts import distribute_layer_experts, local_expert_shards
+from flexmoe.distributed.inputs import run_on_local_shard
 from flexmoe.executors import ExpertParallelExecutor, LocalExecutor
 from flexmoe.executors.expert_parallel import layer_settings
 from flexmoe.experts import FFNExperts
@@ -332,7 +334,15 @@ class MoELayer(nn.Module):
             defaults for this call (None = the default; see :meth:`valid_parallel_choices`). Same
             result for every valid choice. Every rank of the group must pass the same values. With
             a ``tuner``, passing none of them lets the tuner choose; passing any fixes the choice.
+
+        A DTensor ``x`` sharded over token dimensions (or replicated) gives a DTensor output of
+        the same placements, computed on the local shard (:mod:`flexmoe.distributed.inputs`).
         """
+        if isinstance(x, DTensor):
+            call = dict(top_k=top_k, capacity_factor=capacity_factor, padding_mask=padding_mask, task_ids=task_ids)
+            call.update(sentence_inputs=sentence_inputs, parallel_degree=parallel_degree, exact=exact)
+            call.update(overlap_degree=overlap_degree, a2a_algorithm=a2a_algorithm)
+            return run_on_local_shard(self.forward, x, call)
         config = self.config
         choice = self._choice_for_call(parallel_degree, overlap_degree, a2a_algorithm, exact)
         top_k = config.top_k if top_k is None else check_top_k(top_k, config.selectable_experts)

@@ -1,7 +1,8 @@
 """flexmoe with DeviceMesh, DTensor experts, DCP, FSDP2 and DDP on gloo ranks (two launches).
 
-World 2: DTensor experts match the plain layer and the single-process model; DDP without the
-experts excluded raises naming the fix, with them excluded it matches the single-process model.
+World 2: layers on a process group or a DeviceMesh hold DTensor experts and match the
+single-process model, also for a DTensor input; DDP(model) leaves the experts out with no extra
+step and matches the single-process model; plain fully_shard fails loudly.
 World 4: FSDP2 on a 2 dp x 2 ep mesh matches the single-process loss and every gradient; DCP
 checkpoints saved at 4, 2 and 1 rank(s) load at each, Adam state included.
 """
@@ -11,13 +12,22 @@ from __future__ import annotations
 import pytest
 
 from tests.distributed.launcher import run_distributed
-from tests.distributed.stack_checks import check_dcp_resharding, check_ddp, check_dtensor_experts, check_fsdp_2d
+from tests.distributed.stack_checks import (
+    check_dcp_resharding,
+    check_ddp,
+    check_dtensor_experts,
+    check_dtensor_input,
+    check_fsdp_2d,
+    check_plain_fully_shard,
+)
 from tests.distributed.trainer_checks import check_trainer
 
 
 def _world_2(rank: int, world_size: int) -> None:
     check_dtensor_experts(rank, world_size)
+    check_dtensor_input(rank, world_size)
     check_ddp(rank, world_size)
+    check_plain_fully_shard(rank, world_size)
 
 
 def _world_4(rank: int, world_size: int, directory: str) -> None:
