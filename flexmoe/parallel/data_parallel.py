@@ -5,7 +5,7 @@ final after backward (the exchange's backward routes every rank's contribution t
 see :mod:`flexmoe.parallel.expert_parallel` for the mean-over-ranks convention). Everything
 else (router, embeddings, ...) is replicated and needs the usual data-parallel average:
 
-    ddp_model = DistributedDataParallel(ignore_expert_parameters(model))
+    ddp_model = DistributedDataParallel(model)  # leaves the experts out (flexmoe.distributed.ddp)
     # or, without DDP, after loss.backward():
     allreduce_non_expert_grads(model)
 
@@ -48,13 +48,6 @@ def non_expert_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]
     """(name, parameter) of every replicated parameter of ``model``."""
     prefixes = _expert_prefixes(model)
     return ((name, p) for name, p in model.named_parameters() if not _is_expert(name, prefixes))
-
-
-def ignore_expert_parameters(model: nn.Module) -> nn.Module:
-    """Tell DistributedDataParallel to skip the expert parameters; call before wrapping. Returns model."""
-    names = [name for name, _ in expert_parameters(model)]
-    nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)
-    return model
 
 
 def allreduce_non_expert_grads(model: nn.Module, group: dist.ProcessGroup | None = None) -> None:
