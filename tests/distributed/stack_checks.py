@@ -15,7 +15,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
 from flexmoe import MoELayer, load_checkpoint, save_checkpoint
-from flexmoe.distributed import apply_fsdp, exclude_experts_from_ddp, local_tensor
+from flexmoe.distributed import apply_fsdp, exclude_experts_from_ddp, local_tensor, parameter_groups
 from flexmoe.distributed.experts import plain_shard_placements
 from flexmoe.parallel import HIDDEN_AXIS, SINGLE_PROCESS, allreduce_non_expert_grads
 from tests.distributed.helpers import reference_grads, twin_layers
@@ -151,6 +151,25 @@ def check_dtensor_input(rank: int, world_size: int) -> None:
     torch.testing.assert_close(replicated.to_local(), torch.cat(outputs))
     with pytest.raises(TypeError, match="token dimensions"):
         layer(distribute_tensor(x, mesh, [Shard(1)]))
+
+
+def check_optimizer_groups(rank: int, world_size: int) -> None:
+    """Multi-tensor optimizers (foreach, CUDA's default, and fused) over DTensor experts and plain
+    parameters: one group per mesh steps as the plain per-parameter loop does."""
+    reference = reference_net()
+    x = global_batch(world_size)
+    steps = {}
+    for kind in ("loop", "foreach", "fused"):
+        net = twin(reference, dist.group.WORLD).float()
+        loss_of(net(mine(x, rank).float())).backward()
+        flags = {"foreach": kind == "foreach", "fused": kind == "fused"}
+        if kind != "loop":
+            with pytest.raises(RuntimeError, match=r"mixed torch\.Tensor and DTensor"):
+                torch.optim.AdamW(net.parameters(), lr=0.1, **flags).step()
+        torch.optim.AdamW(parameter_groups(net), lr=0.1, **flags).step()
+        steps[kind] = [local_tensor(param).detach() for param in net.parameters()]
+    for kind in ("foreach", "fused"):
+        torch.testing.assert_close(steps[kind], steps["loop"])
 
 
 # --- DCP -----------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from tests.distributed.stack_checks import (
     check_dtensor_experts,
     check_dtensor_input,
     check_fsdp_2d,
+    check_optimizer_groups,
     check_plain_fully_shard,
 )
 from tests.distributed.trainer_checks import check_trainer
@@ -26,6 +27,7 @@ from tests.distributed.trainer_checks import check_trainer
 def _world_2(rank: int, world_size: int) -> None:
     check_dtensor_experts(rank, world_size)
     check_dtensor_input(rank, world_size)
+    check_optimizer_groups(rank, world_size)
     check_ddp(rank, world_size)
     check_plain_fully_shard(rank, world_size)
 
