@@ -305,9 +305,9 @@ def check_fsdp_2d(rank: int, world_size: int) -> None:
     dist.all_reduce(mean_loss)
     torch.testing.assert_close(mean_loss / world_size, loss_of(reference(x)).detach())
     assert_matches_reference(net, reference, "FSDP2 on (dp, ep)")
-    # A second step through the sharded parameters: the optimizer works on the DTensors.
-    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
-    optimizer.step()
+    # A step through the sharded parameters: a multi-tensor optimizer works on the DTensors of
+    # both meshes, one group each.
+    torch.optim.AdamW(parameter_groups(net), lr=0.1, foreach=True).step()
 
     # Experts given to FSDP2 as plain local shards: refused, not mixed up across ranks.
     with pytest.raises(ValueError, match="distribute_experts"):
