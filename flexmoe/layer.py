@@ -69,8 +69,12 @@ class MoELayer(nn.Module):
     ``flexmoe.parallel.SINGLE_PROCESS``) keeps every expert in this process, also under
     torchrun (data parallelism then replicates the layer as any other module). With a group of W
     ranks, ``layer.layout`` (:class:`~flexmoe.parallel.ExpertLayout`) says which experts (or
-    hidden slices) this rank stores in ``layer.experts``; custom experts then hold the
-    ``num_experts / W`` local experts and need ``num_experts >= W``. ``parallel``
+    hidden slices) this rank stores in ``layer.experts``, as DTensor parameters of the global
+    shape on the expert-parallel mesh (the mesh given, or one over the process group; see
+    :mod:`flexmoe.distributed.placements`); the kernels run on the local shards. Custom experts
+    then hold the ``num_experts / W`` local experts and need ``num_experts >= W`` (DTensors when
+    they declare a ``hidden_axis`` dict, else plain local shards). DistributedDataParallel
+    leaves the experts out (:mod:`flexmoe.distributed.ddp`). ``parallel``
     (:class:`~flexmoe.parallel.ParallelConfig`) sets the default parallel degree, pipelining
     degree, all-to-all algorithm and exact counts; each can be changed per call. Building a
     distributed layer is collective: every rank of the group builds it (the router is broadcast

@@ -436,7 +436,8 @@ def to_flexmoe(
     W > 1 ranks the conversion is collective: every rank converts the same model (same weights;
     the layers' replicated tensors are broadcast from the group's first rank) and keeps its
     ``layout`` shard of each layer's experts (a copy, the global tensors are freed, so every
-    rank stores 1 / W of the expert weights). ``model`` is marked for DistributedDataParallel
+    rank stores 1 / W of the expert weights), as DTensors on the group's (or the given mesh's)
+    expert-parallel dimension. ``model`` is marked for DistributedDataParallel
     (:func:`~flexmoe.distributed.exclude_experts_from_ddp`), so ``DistributedDataParallel(model)``
     and transformers' Trainer average the replicated parameters only (the gradient convention
     is in :mod:`flexmoe.parallel.expert_parallel`). Every rank must call the
