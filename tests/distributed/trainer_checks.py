@@ -10,6 +10,7 @@ import os
 import torch
 import torch.distributed as dist
 import transformers
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 
 from flexmoe import load_checkpoint, save_checkpoint
@@ -19,11 +20,11 @@ from flexmoe.parallel import expert_parameters
 from tests.test_transformers_integration import COMMON
 
 
-def _model() -> torch.nn.Module:
+def _model(group=None) -> torch.nn.Module:
     torch.manual_seed(0)
     config = transformers.MixtralConfig(**COMMON, intermediate_size=24, num_local_experts=4, num_experts_per_tok=2)
     model = transformers.AutoModelForCausalLM.from_config(config)
-    return to_flexmoe(model, group=dist.group.WORLD)
+    return to_flexmoe(model, group=dist.group.WORLD if group is None else group)
 
 
 def _arguments(directory: str, learning_rate: float, max_grad_norm: float = 0.0) -> transformers.TrainingArguments:
@@ -47,6 +48,13 @@ def check_trainer(rank: int, world_size: int, directory: str) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
     generator = torch.Generator().manual_seed(rank)
     dataset = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, 64, (8, 10), generator=generator)]
+
+    # Converted on a DeviceMesh: the experts are DTensors on it, holding the same shards.
+    mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("ep",))
+    on_mesh = dict(expert_parameters(_model(mesh)))
+    for name, param in expert_parameters(_model()):
+        assert on_mesh[name].device_mesh == mesh and on_mesh[name].shape == param.shape, name
+        torch.testing.assert_close(local_tensor(on_mesh[name]), local_tensor(param), rtol=0, atol=0, msg=name)
 
     # Learning rate 0: every rank's experts must come out of the Trainer as they went in (a DDP
     # that managed them would have overwritten them with rank 0's).
