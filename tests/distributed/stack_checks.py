@@ -182,7 +182,7 @@ def _trained(group, num_experts, rank: int, ranks: int, distribute: bool = True)
     net = twin(reference, group, num_experts)
     if not distribute:
         _as_plain_shards(net)
-    optimizer = torch.optim.Adam(net.parameters(), lr=0.01)
+    optimizer = torch.optim.Adam(parameter_groups(net), lr=0.01)
     loss_of(net(mine(global_batch(ranks), rank))).backward()
     if ranks > 1:
         allreduce_non_expert_grads(net, group)
@@ -203,7 +203,7 @@ def _as_plain_shards(net: nn.Module) -> nn.Module:
 def _fresh(group, num_experts, seed: int):
     torch.manual_seed(seed)
     net = Net(group, num_experts).double()
-    return net, torch.optim.Adam(net.parameters(), lr=0.5)
+    return net, torch.optim.Adam(parameter_groups(net), lr=0.5)
 
 
 def _global_state(net: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
@@ -269,7 +269,7 @@ def check_dcp_resharding(rank: int, world_size: int, directory: str) -> None:
     # Plain local expert shards load as well (viewed as the DTensors they are): the same local
     # tensors as a model with DTensor experts gets.
     plain = _as_plain_shards(Net(dist.group.WORLD, experts).double())
-    plain_optimizer = torch.optim.Adam(plain.parameters(), lr=0.5)
+    plain_optimizer = torch.optim.Adam(parameter_groups(plain), lr=0.5)
     load_checkpoint(f"{directory}/w1", plain, plain_optimizer)
     fresh, fresh_optimizer = _fresh(dist.group.WORLD, experts, seed=11)
     load_checkpoint(f"{directory}/w1", fresh, fresh_optimizer)
