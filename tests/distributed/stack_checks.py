@@ -155,7 +155,7 @@ def check_dtensor_input(rank: int, world_size: int) -> None:
 
 def check_optimizer_groups(rank: int, world_size: int) -> None:
     """Multi-tensor optimizers (foreach, CUDA's default, and fused) over DTensor experts and plain
-    parameters: one group per mesh steps as the plain per-parameter loop does."""
+    parameters: parameter_groups steps as the plain per-parameter loop does."""
     reference = reference_net()
     x = global_batch(world_size)
     steps = {}
