@@ -9,6 +9,10 @@ checkpoints saved at 4, 2 and 1 rank(s) load at each, Adam state included.
 
 from __future__ import annotations
 
+import os
+import re
+from pathlib import Path
+
 import pytest
 
 from tests.distributed.launcher import run_distributed
@@ -22,6 +26,8 @@ from tests.distributed.stack_checks import (
     check_plain_fully_shard,
 )
 from tests.distributed.trainer_checks import check_trainer
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _world_2(rank: int, world_size: int) -> None:
@@ -43,6 +49,19 @@ def test_world_2_dtensor_experts_and_ddp():
 
 def test_world_4_fsdp2_and_dcp_resharding(tmp_path):
     run_distributed(_world_4, 4, str(tmp_path))
+
+
+def _readme_recipe(rank: int, world_size: int, directory: str) -> None:
+    text = (REPO / "README.md").read_text()
+    code = re.search(r"## Distributed\n.*?```py\n(.*?)```", text, flags=re.S).group(1)
+    os.chdir(directory)  # the recipe writes ./ckpt
+    exec(compile(code, "README.md Distributed recipe", "exec"), {"__name__": "recipe"})
+
+
+def test_world_4_readme_recipe_runs_under_torchrun(tmp_path):
+    """The README's FSDP2 + expert-parallel + DCP recipe, as torchrun would run it."""
+    run_distributed(_readme_recipe, 4, str(tmp_path))
+    assert (tmp_path / "ckpt" / ".metadata").is_file()
 
 
 def test_world_2_transformers_trainer(tmp_path):
