@@ -15,6 +15,7 @@ The mark sits on the module, not on the parameter objects, so it survives ``.to(
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 
 import torch
@@ -70,30 +71,40 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
+def _copies(tensor: torch.Tensor) -> int:
+    """How many ranks of the sum below hold this rank's shard of a DTensor (its Replicate mesh
+    dimensions, e.g. b2 of an expert split over S ranks); 1 for a plain shard."""
+    if not isinstance(tensor, DTensor):
+        return 1
+    sizes = [tensor.device_mesh.size(dim) for dim, p in enumerate(tensor.placements) if p.is_replicate()]
+    return math.prod(sizes)
+
+
 def clip_grad_norm_(model: nn.Module, max_norm: float, group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """``torch.nn.utils.clip_grad_norm_`` for a model whose experts are sharded over ``group``
     (every rank calls it): the norm is the one of the whole gradient, each expert shard counted
     once, the replicated gradients (identical on every rank: call after
     :func:`flexmoe.parallel.allreduce_non_expert_grads`) once. Without ``torch.distributed``
     it is the plain norm. Returns the norm before clipping."""
-    # DTensor experts: this rank's shard (the all-reduce below adds the others').
-    expert = [_local(p.grad) for _, p in expert_parameters(model) if p.grad is not None]
+    # DTensor experts: this rank's shard (the all-reduce below adds the others', each once).
+    expert_grads = [p.grad for _, p in expert_parameters(model) if p.grad is not None]
+    expert = [_local(grad) for grad in expert_grads]
     replicated = [p.grad for _, p in non_expert_parameters(model) if p.grad is not None]
     grads = expert + replicated
     if not grads:
         return torch.zeros(())
     device = grads[0].device
 
-    def squares(tensors: list[torch.Tensor]) -> torch.Tensor:
+    def squares(tensors: list[torch.Tensor], copies: list[int]) -> torch.Tensor:
         total = torch.zeros((), dtype=torch.float64, device=device)
-        for tensor in tensors:
-            total += tensor.detach().double().square().sum()
+        for tensor, count in zip(tensors, copies):
+            total += tensor.detach().double().square().sum() / count
         return total
 
-    expert_squares = squares(expert)
+    expert_squares = squares(expert, [_copies(grad) for grad in expert_grads])
     if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
         dist.all_reduce(expert_squares, group=group)
-    norm = (expert_squares + squares(replicated)).sqrt()
+    norm = (expert_squares + squares(replicated, [1] * len(replicated))).sqrt()
     scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
     with torch.no_grad():
         for grad in grads:

@@ -17,7 +17,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tenso
 from flexmoe import MoELayer, load_checkpoint, save_checkpoint
 from flexmoe.distributed import apply_fsdp, exclude_experts_from_ddp, local_tensor, parameter_groups
 from flexmoe.distributed.experts import plain_shard_placements
-from flexmoe.parallel import HIDDEN_AXIS, SINGLE_PROCESS, allreduce_non_expert_grads
+from flexmoe.parallel import HIDDEN_AXIS, SINGLE_PROCESS, allreduce_non_expert_grads, clip_grad_norm_
 from tests.distributed.helpers import reference_grads, twin_layers
 
 MODEL_DIM = 4
@@ -285,6 +285,20 @@ def _from_rank_0(state: dict | None) -> dict:
     box = [state]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def check_clip_grad_norm(rank: int, world_size: int) -> None:
+    """flexmoe.parallel.clip_grad_norm_ takes the single-process model's norm, also with experts
+    split over ranks (2 experts at world 4: b2 replicated on both shards of an expert)."""
+    reference = reference_net()
+    x = global_batch(world_size)
+    loss_of(reference(x)).backward()
+    expected = torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.1)
+    net = twin(reference, dist.group.WORLD)
+    loss_of(net(mine(x, rank))).backward()
+    allreduce_non_expert_grads(net)
+    torch.testing.assert_close(clip_grad_norm_(net, 0.1).double(), expected, rtol=1e-6, atol=0)
+    assert_matches_reference(net, reference, "clipped")
 
 
 # --- FSDP2 -----------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ import pytest
 
 from tests.distributed.launcher import run_distributed
 from tests.distributed.stack_checks import (
+    check_clip_grad_norm,
     check_dcp_resharding,
     check_ddp,
     check_dtensor_experts,
@@ -41,6 +42,7 @@ def _world_2(rank: int, world_size: int) -> None:
 def _world_4(rank: int, world_size: int, directory: str) -> None:
     check_fsdp_2d(rank, world_size)
     check_dcp_resharding(rank, world_size, directory)
+    check_clip_grad_norm(rank, world_size)
 
 
 def test_world_2_dtensor_experts_and_ddp():
