@@ -2,7 +2,7 @@
 
 Every rank of the mesh trains on its own data, so everything but the experts is data-parallel
 over all ``dp * ep`` ranks: it is sharded over the flattened ``(dp, ep)`` dimension. The
-experts are DTensors sharded over ``ep`` (:func:`~flexmoe.distributed.distribute_experts`);
+experts are DTensors sharded over ``ep`` (the layers built with ``group=mesh``);
 FSDP2 shards each expert shard further over ``dp``, the expert-data-parallel dimension, and
 averages its gradient over it (the exchange's backward already averaged over ``ep``).
 """
