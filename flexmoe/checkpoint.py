@@ -3,8 +3,8 @@
 A checkpoint is a DCP directory (``.metadata`` and one ``__<rank>_0.distcp`` file per writing
 rank) holding ``{"model": ..., "optimizer": ...}`` as ``get_state_dict`` returns them, plus
 ``extra.json`` (what the caller passed as ``extra``). Expert parameters of expert-parallel
-layers are stored as the global DTensors they are (as parameters after
-:func:`flexmoe.distributed.distribute_experts`, else viewed as such while saving and loading),
+layers are stored as the global DTensors they are (plain local shards, e.g. of custom experts,
+are viewed as such while saving and loading),
 so a checkpoint loads at any world size, FSDP2 or not: DCP reads each rank's part of every
 tensor, and of Adam's state. Saving is atomic: the ranks write into a staging directory beside
 ``directory`` that the first rank renames into place once every rank has written.

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from flexmoe.config import (
     SECTIONS,
@@ -17,7 +18,9 @@ from flexmoe.config import (
     check_top_k,
     config_from_sections,
 )
-from flexmoe.distributed.ddp import refuse_experts_under_ddp
+from flexmoe.distributed.ddp import mark_experts_for_ddp, refuse_experts_under_ddp
+from flexmoe.distributed.experts import distribute_layer_experts, local_expert_shards
+from flexmoe.distributed.inputs import run_on_local_shard
 from flexmoe.executors import ExpertParallelExecutor, LocalExecutor
 from flexmoe.executors.expert_parallel import layer_settings
 from flexmoe.experts import FFNExperts
@@ -66,8 +69,12 @@ class MoELayer(nn.Module):
     ``flexmoe.parallel.SINGLE_PROCESS``) keeps every expert in this process, also under
     torchrun (data parallelism then replicates the layer as any other module). With a group of W
     ranks, ``layer.layout`` (:class:`~flexmoe.parallel.ExpertLayout`) says which experts (or
-    hidden slices) this rank stores in ``layer.experts``; custom experts then hold the
-    ``num_experts / W`` local experts and need ``num_experts >= W``. ``parallel``
+    hidden slices) this rank stores in ``layer.experts``, as DTensor parameters of the global
+    shape on the expert-parallel mesh (the mesh given, or one over the process group; see
+    :mod:`flexmoe.distributed.placements`); the kernels run on the local shards. Custom experts
+    then hold the ``num_experts / W`` local experts and need ``num_experts >= W`` (DTensors when
+    they declare a ``hidden_axis`` dict, else plain local shards). DistributedDataParallel
+    leaves the experts out (:mod:`flexmoe.distributed.ddp`). ``parallel``
     (:class:`~flexmoe.parallel.ParallelConfig`) sets the default parallel degree, pipelining
     degree, all-to-all algorithm and exact counts; each can be changed per call. Building a
     distributed layer is collective: every rank of the group builds it (the router is broadcast
@@ -133,7 +140,10 @@ class MoELayer(nn.Module):
             # Replicated parameters start equal on every rank (as DDP would make them).
             self.groups.broadcast_from_first_rank([p for _, p in non_expert_parameters(self)])
             # DDP must not manage the expert shards: it would overwrite and average them.
+            mark_experts_for_ddp(self)
             self.register_forward_pre_hook(refuse_experts_under_ddp)
+            # The experts as DTensors of their global shape on the ep mesh; kernels see local shards.
+            distribute_layer_experts(self)
         self.tuner = tuner
         self.aux_loss: torch.Tensor = torch.zeros(())
         self.stats: RoutingStats | None = None
@@ -328,7 +338,15 @@ class MoELayer(nn.Module):
             defaults for this call (None = the default; see :meth:`valid_parallel_choices`). Same
             result for every valid choice. Every rank of the group must pass the same values. With
             a ``tuner``, passing none of them lets the tuner choose; passing any fixes the choice.
+
+        A DTensor ``x`` sharded over token dimensions (or replicated) gives a DTensor output of
+        the same placements, computed on the local shard (:mod:`flexmoe.distributed.inputs`).
         """
+        if isinstance(x, DTensor):
+            call = dict(top_k=top_k, capacity_factor=capacity_factor, padding_mask=padding_mask, task_ids=task_ids)
+            call.update(sentence_inputs=sentence_inputs, parallel_degree=parallel_degree, exact=exact)
+            call.update(overlap_degree=overlap_degree, a2a_algorithm=a2a_algorithm)
+            return run_on_local_shard(self.forward, x, call)
         config = self.config
         choice = self._choice_for_call(parallel_degree, overlap_degree, a2a_algorithm, exact)
         top_k = config.top_k if top_k is None else check_top_k(top_k, config.selectable_experts)
@@ -413,7 +431,8 @@ class MoELayer(nn.Module):
         self, tokens: torch.Tensor, plan: RoutingPlan, choice: ParallelChoice | None = None, top_k: int | None = None
     ) -> torch.Tensor:
         """dispatch -> experts -> combine by the executor: tokens [T, model_dim] -> [T, model_dim]."""
-        return self.executor.run(_autocast_dtype(tokens), plan, choice, top_k or self.config.top_k)
+        with local_expert_shards(self):
+            return self.executor.run(_autocast_dtype(tokens), plan, choice, top_k or self.config.top_k)
 
     def compute_aux_loss(
         self, logits: torch.Tensor, noisy_logits: torch.Tensor | None, scores: torch.Tensor, top_k: int

@@ -6,6 +6,7 @@ Checkpoints go through ``torch.distributed.checkpoint`` (:mod:`flexmoe.checkpoin
 from flexmoe.distributed.ddp import exclude_experts_from_ddp
 from flexmoe.distributed.experts import distribute_experts
 from flexmoe.distributed.fsdp import apply_fsdp
+from flexmoe.distributed.optim import parameter_groups
 from flexmoe.distributed.placements import ExpertPlacement, expert_mesh, expert_placement, local_tensor
 
 __all__ = [
@@ -16,4 +17,5 @@ __all__ = [
     "expert_mesh",
     "expert_placement",
     "local_tensor",
+    "parameter_groups",
 ]

@@ -1,15 +1,19 @@
-"""Expert-parallel layers with DTensor expert parameters: the global view for state dicts, DCP
-and FSDP2, while the kernels compute on this rank's local shard.
+"""Expert-parallel layers with DTensor expert parameters: the global view for state dicts, DCP,
+FSDP2 and gradient clipping, while the kernels compute on this rank's local shard.
 
-``distribute_experts(model, ep_mesh)`` replaces, in every expert-parallel :class:`~flexmoe.MoELayer`
-of ``model``, each expert parameter (this rank's shard, as :class:`~flexmoe.parallel.ExpertLayout`
-places it) by a DTensor parameter of the global shape ``[num_experts, ...]`` with the placements
-of :mod:`flexmoe.distributed.placements`. Call it before building the optimizer (it replaces the
-parameter objects) and before FSDP2's ``fully_shard`` (:func:`~flexmoe.distributed.apply_fsdp`).
+An expert-parallel :class:`~flexmoe.MoELayer` holds each expert parameter (this rank's shard, as
+:class:`~flexmoe.parallel.ExpertLayout` places it) as a DTensor parameter of the global shape
+``[num_experts, ...]`` with the placements of :mod:`flexmoe.distributed.placements`, on its
+expert-parallel mesh (the ``DeviceMesh`` it was given, or one over its process group): the
+built-in experts, and custom experts that declare a ``hidden_axis`` dict. Other custom experts
+keep plain local shards; ``distribute_experts(model, ep_mesh)`` makes those DTensors (call it
+before building the optimizer: it replaces the parameter objects).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -24,8 +28,8 @@ from flexmoe.distributed.placements import (
     expert_mesh,
     expert_placement,
     global_expert_shape,
-    mesh_for_group,
 )
+from flexmoe.experts import FFNExperts
 
 _MESH_ATTRIBUTE = "_flexmoe_expert_mesh"
 
@@ -48,14 +52,24 @@ def has_plain_expert_shards(layer: nn.Module) -> bool:
     return layer.layout.world_size > 1 and any(not isinstance(p, DTensor) for p in layer.experts.parameters())
 
 
-def expert_mesh_of(layer: nn.Module, device_type: str) -> DeviceMesh:
-    """The expert mesh of a layer over its own process group, made once per layer (collective
-    over the group the first time when experts are fewer than ranks)."""
+def expert_mesh_of(layer: nn.Module) -> DeviceMesh:
+    """The mesh of a layer's expert DTensors, on its groups' ep mesh (collective over the group
+    the first time when experts are fewer than ranks; shared by the layers of one groups object)."""
     mesh = layer.__dict__.get(_MESH_ATTRIBUTE)
     if mesh is None:
-        mesh = expert_mesh(mesh_for_group(layer.groups.group, device_type), layer.config.num_experts)
-        layer.__dict__[_MESH_ATTRIBUTE] = mesh
+        meshes, num_experts = layer.groups.expert_meshes, layer.config.num_experts
+        if num_experts not in meshes:
+            meshes[num_experts] = expert_mesh(layer.groups.ep_mesh, num_experts)
+        mesh = layer.__dict__[_MESH_ATTRIBUTE] = meshes[num_experts]
     return mesh
+
+
+def distribute_layer_experts(layer: nn.Module) -> None:
+    """At an expert-parallel layer's construction: its expert parameters as DTensors on
+    :func:`expert_mesh_of`, for the built-in experts and custom ones with a ``hidden_axis`` dict."""
+    experts = layer.experts
+    if layer.layout.world_size > 1 and (isinstance(experts, FFNExperts) or hasattr(experts, "hidden_axis")):
+        _distribute_layer(layer, expert_mesh_of(layer))
 
 
 def plain_shard_placements(model: nn.Module) -> dict[str, tuple[ExpertPlacement, torch.Size]]:
@@ -68,7 +82,7 @@ def plain_shard_placements(model: nn.Module) -> dict[str, tuple[ExpertPlacement,
         axes = expert_hidden_axes(layer.experts)
         prefix = f"{name}.experts." if name else "experts."
         for param_name, param in layer.experts.named_parameters():
-            mesh = expert_mesh_of(layer, param.device.type)
+            mesh = expert_mesh_of(layer)
             shape = global_expert_shape(param.shape, layer.layout, axes[param_name])
             placements[prefix + param_name] = (expert_placement(mesh, axes[param_name]), shape)
     return placements
@@ -78,8 +92,8 @@ def distribute_experts(model: nn.Module, ep_mesh: DeviceMesh | None = None) -> n
     """Make the expert parameters of every expert-parallel MoE layer of ``model`` DTensors (in place).
 
     ep_mesh: the 1-D expert-parallel mesh (``mesh["ep"]`` of a larger one, so FSDP2 can combine
-        it with the data-parallel dimension); its ranks must be the layers' group. None: a mesh
-        over each layer's own process group.
+        it with the data-parallel dimension); its ranks must be the layers' group. None: each
+        layer's own (the mesh it was given, else one over its process group).
     Collective over each layer's group when experts are fewer than ranks (the ep dimension is
     split into ``(experts, shards)``). Layers already distributed are left alone. Returns ``model``.
     """
@@ -87,9 +101,8 @@ def distribute_experts(model: nn.Module, ep_mesh: DeviceMesh | None = None) -> n
     for name, layer in expert_parallel_layers(model):
         if not has_plain_expert_shards(layer):
             continue
-        device_type = next(layer.experts.parameters()).device.type
         if ep_mesh is None:
-            _distribute_layer(layer, expert_mesh_of(layer, device_type))
+            _distribute_layer(layer, expert_mesh_of(layer))
             continue
         _check_mesh_ranks(name, layer, ep_mesh)
         key = (id(ep_mesh), layer.config.num_experts)
@@ -144,3 +157,18 @@ def _use_local_shards(layer: nn.Module, args: Any) -> None:
 def _drop_local_shards(layer: nn.Module, args: Any, output: Any) -> None:
     for module, name, _ in _dtensor_parameters(layer.experts):
         module.__dict__.pop(name, None)
+
+
+@contextmanager
+def local_expert_shards(layer: nn.Module) -> Iterator[None]:
+    """Inside: the layer's DTensor expert parameters read as their local shards (as during its
+    forward), for code that runs the experts outside ``forward``."""
+    shadowed = any(name in module.__dict__ for module, name, _ in _dtensor_parameters(layer.experts))
+    if shadowed:  # already inside the layer's forward
+        yield
+        return
+    _use_local_shards(layer, ())
+    try:
+        yield
+    finally:
+        _drop_local_shards(layer, (), None)

@@ -2,26 +2,33 @@
 
 Every rank of the mesh trains on its own data, so everything but the experts is data-parallel
 over all ``dp * ep`` ranks: it is sharded over the flattened ``(dp, ep)`` dimension. The
-experts are DTensors sharded over ``ep`` (:func:`~flexmoe.distributed.distribute_experts`);
+experts are DTensors sharded over ``ep`` (the layers built with ``group=mesh``);
 FSDP2 shards each expert shard further over ``dp``, the expert-data-parallel dimension, and
 averages its gradient over it (the exchange's backward already averaged over ``ep``).
 """
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
 
 from flexmoe.distributed.experts import expert_parallel_layers, has_plain_expert_shards
+
+
+def _on_mesh(param: torch.Tensor, mesh: DeviceMesh) -> bool:
+    """Whether a DTensor parameter lives on ``mesh`` or a mesh cut out of it."""
+    return isinstance(param, DTensor) and param.device_mesh._get_root_mesh() is mesh._get_root_mesh()
 
 
 def apply_fsdp(model: nn.Module, mesh: DeviceMesh, *, dp_dim: str = "dp", ep_dim: str = "ep") -> nn.Module:
     """``fully_shard`` ``model`` in place: experts over ``mesh[dp_dim]``, the rest over ``(dp_dim, ep_dim)``.
 
     mesh: a 2-D DeviceMesh with named dimensions ``dp_dim`` and ``ep_dim``; the MoE layers are
-        built on ``mesh[ep_dim]`` (``group=mesh[ep_dim].get_group()``) and their experts
-        distributed on it (``distribute_experts(model, mesh[ep_dim])``).
+        built on it (``group=mesh`` or ``group=mesh[ep_dim]``), so their expert DTensors live
+        on ``mesh[ep_dim]``.
     Each MoE layer becomes one FSDP unit for its experts; its router, task embedding and shared
     experts are units of their own on the data-parallel mesh. Call it after loading or
     initialising the weights and before building the optimizer. Returns ``model`` (now an FSDP module).
@@ -40,6 +47,11 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, *, dp_dim: str = "dp", ep_dim
             raise ValueError(
                 f"MoE layer {name or '<root>'} holds its experts as plain local shards, which FSDP2 would mix "
                 f"up across ranks: call flexmoe.distributed.distribute_experts(model, mesh[{ep_dim!r}]) first"
+            )
+        if any(not _on_mesh(param, mesh) for param in layer.experts.parameters()):
+            raise ValueError(
+                f"MoE layer {name or '<root>'} holds its experts on a DeviceMesh of its own (built on a process "
+                f"group), which FSDP2 cannot combine with {dp_dim!r}: build it with group=mesh (or mesh[{ep_dim!r}])"
             )
         if layer.groups.global_ranks != ep_ranks:
             raise ValueError(

@@ -17,7 +17,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Placement, Replicate, Shard
@@ -79,9 +78,13 @@ def expert_hidden_axes(experts: nn.Module) -> dict[str, int | None]:
     return axes
 
 
-def mesh_for_group(group: dist.ProcessGroup, device_type: str) -> DeviceMesh:
-    """A 1-D DeviceMesh over ``group``'s ranks, reusing the group (no new communicator)."""
-    return DeviceMesh.from_group(group, device_type, mesh_dim_names=("ep",))
+def shard_like(local: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """``local`` (this rank's shard) as a DTensor placed as ``param`` when that is one, else itself."""
+    if not isinstance(param, DTensor):
+        return local
+    return DTensor.from_local(
+        local, param.device_mesh, param.placements, run_check=False, shape=param.shape, stride=param.stride()
+    )
 
 
 def local_tensor(tensor: torch.Tensor) -> torch.Tensor:

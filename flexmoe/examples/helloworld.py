@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from flexmoe import MoELayer, Tuner
+from flexmoe.distributed import parameter_groups
 from flexmoe.parallel import A2A_ALGORITHMS, ParallelConfig, allreduce_non_expert_grads
 
 
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> float:
         tuner=tuner,
         group=dist.group.WORLD if distributed else None,  # expert parallel over every rank
     ).to(args.device)
-    optimizer = torch.optim.Adam(layer.parameters(), lr=args.lr)
+    optimizer = torch.optim.Adam(parameter_groups(layer), lr=args.lr)  # DTensor experts in a group of their own
     if rank == 0:
         print(layer, f"layout: {layer.layout}", sep="\n")
     loss_value = float("nan")

@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from flexmoe import expert_usage, prune_experts
+from flexmoe.distributed import parameter_groups
 from flexmoe.integrations.transformers import flexmoe_aux_loss, flexmoe_layers, from_flexmoe, to_flexmoe
 from flexmoe.parallel import SINGLE_PROCESS, allreduce_non_expert_grads
 
@@ -89,7 +90,8 @@ def train(
     model: torch.nn.Module, batches: Callable[[int], torch.Tensor], args, after_backward: Callable[[], None]
 ) -> float:
     """``args.steps`` AdamW steps on ``batches(step)``; returns the first step's loss (this process's)."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)  # after converting: new Parameter objects
+    # After converting (new Parameter objects); DTensor experts in groups of their own.
+    optimizer = torch.optim.AdamW(parameter_groups(model), lr=args.lr)
     model.train()
     first = None
     for step in range(args.steps):

@@ -48,10 +48,11 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from flexmoe.config import MoEConfig
 from flexmoe.distributed.ddp import exclude_experts_from_ddp
-from flexmoe.distributed.placements import expert_hidden_axes
+from flexmoe.distributed.placements import expert_hidden_axes, shard_like
 from flexmoe.integrations.task_routing import layer_granularities, task_embedding_state
 from flexmoe.layer import MoELayer
 from flexmoe.parallel import HIDDEN_AXIS, SINGLE_PROCESS, ParallelConfig, ParallelGroups
@@ -316,11 +317,13 @@ def _global_expert_weights(layer: MoELayer) -> dict[str, torch.Tensor]:
     """The layer's expert weights of all ``num_experts`` experts, by name (``w1`` [E, M, I]...).
 
     A sharded layer all-gathers every rank's shard over its group (collective: every rank of
-    the group calls it; :func:`~flexmoe.parallel.expert_parallel.gather_shards`).
+    the group calls it): its DTensor experts' ``full_tensor``.
     """
     local = {name: param.detach() for name, param in layer.experts.expert_parameters().items()}
     if layer.groups is None or layer.layout.world_size == 1:
         return local
+    if all(isinstance(param, DTensor) for param in local.values()):
+        return {name: param.full_tensor() for name, param in local.items()}
     num_experts, group = layer.config.num_experts, layer.groups.group
     return {name: gather_shards(shard, HIDDEN_AXIS[name], num_experts, group) for name, shard in local.items()}
 
@@ -383,9 +386,12 @@ def _build_sharded_layer(
     layer = MoELayer(conversion.config, group=groups, parallel=parallel).to(device=like.device, dtype=like.dtype)
     layout = layer.layout
     axes = {f"experts.{name}": axis for name, axis in expert_hidden_axes(layer.experts).items()}
-    # Expert tensors: a contiguous copy of this rank's part (nothing keeps the global tensor).
+    # Expert tensors: a contiguous copy of this rank's part (nothing keeps the global tensor),
+    # placed as the layer's DTensor experts.
     state = {
-        key: layout.shard(value, axes[key]).clone(memory_format=torch.contiguous_format)
+        key: shard_like(
+            layout.shard(value, axes[key]).clone(memory_format=torch.contiguous_format), layer.get_parameter(key)
+        )
         if key in axes
         else value.contiguous()
         for key, value in conversion.state.items()
@@ -430,7 +436,8 @@ def to_flexmoe(
     W > 1 ranks the conversion is collective: every rank converts the same model (same weights;
     the layers' replicated tensors are broadcast from the group's first rank) and keeps its
     ``layout`` shard of each layer's experts (a copy, the global tensors are freed, so every
-    rank stores 1 / W of the expert weights). ``model`` is marked for DistributedDataParallel
+    rank stores 1 / W of the expert weights), as DTensors on the group's (or the given mesh's)
+    expert-parallel dimension. ``model`` is marked for DistributedDataParallel
     (:func:`~flexmoe.distributed.exclude_experts_from_ddp`), so ``DistributedDataParallel(model)``
     and transformers' Trainer average the replicated parameters only (the gradient convention
     is in :mod:`flexmoe.parallel.expert_parallel`). Every rank must call the

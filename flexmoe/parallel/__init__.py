@@ -5,7 +5,6 @@ from flexmoe.parallel.data_parallel import (
     allreduce_non_expert_grads,
     clip_grad_norm_,
     expert_parameters,
-    ignore_expert_parameters,
     non_expert_parameters,
 )
 from flexmoe.parallel.groups import SINGLE_PROCESS, ParallelGroups
@@ -22,7 +21,6 @@ __all__ = [
     "allreduce_non_expert_grads",
     "clip_grad_norm_",
     "expert_parameters",
-    "ignore_expert_parameters",
     "non_expert_parameters",
     "unshard",
 ]

@@ -5,7 +5,7 @@ final after backward (the exchange's backward routes every rank's contribution t
 see :mod:`flexmoe.parallel.expert_parallel` for the mean-over-ranks convention). Everything
 else (router, embeddings, ...) is replicated and needs the usual data-parallel average:
 
-    ddp_model = DistributedDataParallel(ignore_expert_parameters(model))
+    ddp_model = DistributedDataParallel(model)  # leaves the experts out (flexmoe.distributed.ddp)
     # or, without DDP, after loss.backward():
     allreduce_non_expert_grads(model)
 
@@ -15,11 +15,13 @@ The mark sits on the module, not on the parameter objects, so it survives ``.to(
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 _MARK = "_flexmoe_experts"
 
@@ -49,13 +51,6 @@ def non_expert_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]
     return ((name, p) for name, p in model.named_parameters() if not _is_expert(name, prefixes))
 
 
-def ignore_expert_parameters(model: nn.Module) -> nn.Module:
-    """Tell DistributedDataParallel to skip the expert parameters; call before wrapping. Returns model."""
-    names = [name for name, _ in expert_parameters(model)]
-    nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)
-    return model
-
-
 def allreduce_non_expert_grads(model: nn.Module, group: dist.ProcessGroup | None = None) -> None:
     """Average the gradients of the replicated parameters over ``group`` (DDP's job, without DDP).
 
@@ -72,30 +67,46 @@ def allreduce_non_expert_grads(model: nn.Module, group: dist.ProcessGroup | None
         param.grad.div_(size)
 
 
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def _copies(tensor: torch.Tensor) -> int:
+    """How many ranks of the sum below hold this rank's shard of a DTensor (its Replicate mesh
+    dimensions, e.g. b2 of an expert split over S ranks); 1 for a plain shard."""
+    if not isinstance(tensor, DTensor):
+        return 1
+    sizes = [tensor.device_mesh.size(dim) for dim, p in enumerate(tensor.placements) if p.is_replicate()]
+    return math.prod(sizes)
+
+
 def clip_grad_norm_(model: nn.Module, max_norm: float, group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """``torch.nn.utils.clip_grad_norm_`` for a model whose experts are sharded over ``group``
     (every rank calls it): the norm is the one of the whole gradient, each expert shard counted
     once, the replicated gradients (identical on every rank: call after
     :func:`flexmoe.parallel.allreduce_non_expert_grads`) once. Without ``torch.distributed``
     it is the plain norm. Returns the norm before clipping."""
-    expert = [p.grad for _, p in expert_parameters(model) if p.grad is not None]
+    # DTensor experts: this rank's shard (the all-reduce below adds the others', each once).
+    expert_grads = [p.grad for _, p in expert_parameters(model) if p.grad is not None]
+    expert = [_local(grad) for grad in expert_grads]
     replicated = [p.grad for _, p in non_expert_parameters(model) if p.grad is not None]
     grads = expert + replicated
     if not grads:
         return torch.zeros(())
     device = grads[0].device
 
-    def squares(tensors: list[torch.Tensor]) -> torch.Tensor:
+    def squares(tensors: list[torch.Tensor], copies: list[int]) -> torch.Tensor:
         total = torch.zeros((), dtype=torch.float64, device=device)
-        for tensor in tensors:
-            total += tensor.detach().double().square().sum()
+        for tensor, count in zip(tensors, copies):
+            total += tensor.detach().double().square().sum() / count
         return total
 
-    expert_squares = squares(expert)
+    expert_squares = squares(expert, [_copies(grad) for grad in expert_grads])
     if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
         dist.all_reduce(expert_squares, group=group)
-    norm = (expert_squares + squares(replicated)).sqrt()
+    norm = (expert_squares + squares(replicated, [1] * len(replicated))).sqrt()
     scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-    for grad in grads:
-        grad.mul_(scale.to(grad.dtype))
+    with torch.no_grad():
+        for grad in grads:
+            grad.mul_(scale.to(grad.dtype))
     return norm.float()

@@ -41,9 +41,16 @@ class ParallelGroups:
     group: a ``torch.distributed`` process group (None = the default world group).
     local_world_size: ranks per node for the 2dh all-to-all (None = torchrun's
         ``LOCAL_WORLD_SIZE``, else the whole group is one node).
+    mesh: the 1-D DeviceMesh over ``group`` that the layers' expert DTensors live on (None:
+        one over ``group`` is made on first use, see :attr:`ep_mesh`).
     """
 
-    def __init__(self, group: dist.ProcessGroup | None = None, local_world_size: int | None = None) -> None:
+    def __init__(
+        self,
+        group: dist.ProcessGroup | None = None,
+        local_world_size: int | None = None,
+        mesh: DeviceMesh | None = None,
+    ) -> None:
         if not dist.is_available() or not dist.is_initialized():
             raise ValueError("ParallelGroups needs torch.distributed initialised (init_process_group)")
         self.group = group if group is not None else dist.group.WORLD
@@ -59,6 +66,10 @@ class ParallelGroups:
             )
         self.local_world_size = local_world_size
         self._subgroups: dict[tuple[int, ...], dist.ProcessGroup] = {}
+        self._mesh = mesh
+        # num_experts -> the mesh expert DTensors live on (flexmoe.distributed.placements.expert_mesh),
+        # shared by the layers of these groups so that E < W makes its sub-meshes once.
+        self.expert_meshes: dict[int, DeviceMesh] = {}
 
     def __deepcopy__(self, memo: dict) -> ParallelGroups:
         # Process groups are communicators, not data: copies of a layer share them.
@@ -74,6 +85,16 @@ class ParallelGroups:
         if dist.get_backend(self.group) == "nccl":
             return torch.device("cuda", torch.cuda.current_device())
         return torch.device("cpu")
+
+    @property
+    def ep_mesh(self) -> DeviceMesh:
+        """The 1-D expert-parallel DeviceMesh: the one given, else one over :attr:`group` (reusing
+        it, no new communicator) for the device its backend serves (CUDA for NCCL, else CPU)."""
+        if self._mesh is None:
+            backend = str(dist.get_backend(self.group))
+            device_type = "cuda" if "nccl" in backend and torch.cuda.is_available() else "cpu"
+            self._mesh = DeviceMesh.from_group(self.group, device_type, mesh_dim_names=("ep",))
+        return self._mesh
 
     def broadcast_from_first_rank(self, tensors: Sequence[torch.Tensor]) -> None:
         """Overwrite ``tensors`` (in place, any device) with the group's first rank's values."""
@@ -149,7 +170,8 @@ def resolve_groups(group: object, local_world_size: int | None = None) -> Parall
     if isinstance(group, ParallelGroups):
         return group
     if dist.is_available() and isinstance(group, DeviceMesh):
-        return ParallelGroups(_mesh_group(group), local_world_size)
+        mesh = _ep_mesh(group)
+        return ParallelGroups(mesh.get_group(), local_world_size, mesh)
     if dist.is_available() and isinstance(group, dist.ProcessGroup):
         return ParallelGroups(group, local_world_size)
     raise TypeError(
@@ -158,14 +180,14 @@ def resolve_groups(group: object, local_world_size: int | None = None) -> Parall
     )
 
 
-def _mesh_group(mesh: DeviceMesh) -> dist.ProcessGroup:
-    """The process group of a 1-D mesh, or of the ``"ep"`` dimension of a larger one."""
+def _ep_mesh(mesh: DeviceMesh) -> DeviceMesh:
+    """A 1-D mesh itself, or the ``"ep"`` dimension of a larger one."""
     if mesh.ndim == 1:
-        return mesh.get_group()
+        return mesh
     names = mesh.mesh_dim_names or ()
     if "ep" not in names:
         raise ValueError(
             f"a {mesh.ndim}-D DeviceMesh needs a dimension named 'ep' for expert parallelism "
             f"(its dimensions: {names or 'unnamed'}); pass mesh['ep'] or a 1-D mesh"
         )
-    return mesh["ep"].get_group()
+    return mesh["ep"]

@@ -6,6 +6,7 @@ import torch
 import torch.distributed as dist
 
 from flexmoe import MoELayer
+from flexmoe.distributed import local_tensor
 from flexmoe.parallel import HIDDEN_AXIS, SINGLE_PROCESS
 
 
@@ -23,13 +24,14 @@ def twin_layers(seed: int = 0, dtype: torch.dtype = torch.float64, **options) ->
 
 
 def load_global_weights(layer: MoELayer, reference: MoELayer) -> None:
-    """Copy the reference's router and this rank's shard of each global expert tensor."""
+    """Copy the reference's router and this rank's shard of each global expert tensor (into the
+    local shard of the layer's DTensor expert parameters)."""
     with torch.no_grad():
         for name, param in layer.named_parameters():
             if not name.startswith("experts."):
                 param.copy_(reference.get_parameter(name))
         for name, param in layer.experts.expert_parameters().items():
-            param.copy_(layer.layout.shard(getattr(reference.experts, name), HIDDEN_AXIS[name]))
+            local_tensor(param).copy_(layer.layout.shard(getattr(reference.experts, name), HIDDEN_AXIS[name]))
 
 
 def local_slice(counts: list[int], rank: int) -> slice:

@@ -8,6 +8,7 @@ import torch.distributed as dist
 from torch import nn
 
 from flexmoe import MoELayer
+from flexmoe.distributed import local_tensor
 from flexmoe.parallel import HIDDEN_AXIS, SINGLE_PROCESS
 from flexmoe.parallel.all_to_all import Exchange
 from tests.distributed.helpers import local_slice, reference_grads, twin_layers
@@ -54,7 +55,7 @@ def check_case(rank: int, options: dict, counts: list[int], call: dict) -> int:
         for name, param in layer.experts.expert_parameters().items():
             expected = layer.layout.shard(expert_grads[name], HIDDEN_AXIS[name])
             torch.testing.assert_close(
-                param.grad, expected, **tolerance, msg=lambda m, c=context, n=name: f"{c} grad {n}: {m}"
+                local_tensor(param.grad), expected, **tolerance, msg=lambda m, c=context, n=name: f"{c} grad {n}: {m}"
             )
     return len(choices)
 

@@ -4,18 +4,21 @@ and DDP, each against the single-process model on the same global batch."""
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import pytest
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
 from flexmoe import MoELayer, load_checkpoint, save_checkpoint
-from flexmoe.distributed import apply_fsdp, distribute_experts, exclude_experts_from_ddp, local_tensor
+from flexmoe.distributed import apply_fsdp, exclude_experts_from_ddp, local_tensor, parameter_groups
 from flexmoe.distributed.experts import plain_shard_placements
-from flexmoe.parallel import HIDDEN_AXIS, SINGLE_PROCESS, allreduce_non_expert_grads
+from flexmoe.parallel import HIDDEN_AXIS, SINGLE_PROCESS, allreduce_non_expert_grads, clip_grad_norm_
+from tests.distributed.helpers import reference_grads, twin_layers
 
 MODEL_DIM = 4
 TOKENS_PER_RANK = 3
@@ -24,13 +27,14 @@ TOKENS_PER_RANK = 3
 class Net(nn.Module):
     """Linear -> residual MoE layers (one per entry of ``num_experts``) -> Linear."""
 
+    # No balance loss: each rank's would cover its own tokens only, not the global batch's, so
+    # the gradients would differ from the single-process model's by design.
+    OPTIONS: ClassVar[dict] = dict(model_dim=MODEL_DIM, hidden_dim=8, top_k=1, capacity_factor=0.0, aux_loss=None)
+
     def __init__(self, group, num_experts: tuple[int, ...] = (4, 2)) -> None:
         super().__init__()
         self.inp = nn.Linear(MODEL_DIM, MODEL_DIM)
-        # No balance loss: each rank's would cover its own tokens only, not the global batch's, so
-        # the gradients would differ from the single-process model's by design.
-        options = dict(model_dim=MODEL_DIM, hidden_dim=8, top_k=1, capacity_factor=0.0, aux_loss=None)
-        self.moe = nn.ModuleList(MoELayer(num_experts=e, group=group, **options) for e in num_experts)
+        self.moe = nn.ModuleList(MoELayer(num_experts=e, group=group, **self.OPTIONS) for e in num_experts)
         self.out = nn.Linear(MODEL_DIM, MODEL_DIM)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -60,7 +64,7 @@ def twin(reference: Net, group, num_experts: tuple[int, ...] = (4, 2)) -> Net:
             if ".experts." in name:
                 layer = net.get_submodule(name.split(".experts.")[0])
                 full = layer.layout.shard(full, HIDDEN_AXIS[name.rsplit(".", 1)[1]])
-            param.copy_(full)
+            local_tensor(param).copy_(full)
     return net
 
 
@@ -98,23 +102,74 @@ def assert_matches_reference(net: nn.Module, reference: Net, what: str) -> None:
 
 
 def check_dtensor_experts(rank: int, world_size: int) -> None:
-    """State dicts carry global shapes and placements; outputs and gradients are unchanged."""
+    """Built on a process group or a DeviceMesh, the experts are DTensors (global shapes and
+    placements in the state dict) and outputs and gradients equal the single-process model's."""
     reference = reference_net()
     x = global_batch(world_size)
-    net = twin(reference, dist.group.WORLD)
-    plain_out = net(mine(x, rank))
-    distribute_experts(net)
-    for name, param in net.named_parameters():
-        assert isinstance(param, DTensor) == (".experts." in name), name
-        assert param.shape == reference.get_parameter(name).shape, name
-    state = net.state_dict()
-    assert state["moe.1.experts.w1"].shape == (2, MODEL_DIM, 8)
-    out = net(mine(x, rank))
-    torch.testing.assert_close(out, plain_out, rtol=0, atol=0)
-    loss_of(out).backward()
-    allreduce_non_expert_grads(net)
-    loss_of(reference(x)).backward()
-    assert_matches_reference(net, reference, "distributed experts")
+    mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("ep",))
+    for group in (dist.group.WORLD, mesh):
+        net = twin(reference, group)
+        for name, param in net.named_parameters():
+            assert isinstance(param, DTensor) == (".experts." in name), name
+            assert param.shape == reference.get_parameter(name).shape, name
+            if group is mesh and ".experts." in name:
+                assert param.device_mesh == mesh, name  # E >= W: the ep mesh itself
+        state = net.state_dict()
+        assert state["moe.1.experts.w1"].shape == (2, MODEL_DIM, 8)
+        assert state["moe.1.experts.w1"].placements == (Shard(0),)
+        reference.zero_grad(set_to_none=True)
+        loss_of(net(mine(x, rank))).backward()
+        allreduce_non_expert_grads(net)
+        loss_of(reference(x)).backward()
+        assert_matches_reference(net, reference, f"DTensor experts on {type(group).__name__}")
+
+
+def check_dtensor_input(rank: int, world_size: int) -> None:
+    """A DTensor input sharded over tokens: a DTensor output of the same placements, values and
+    gradients those of the single-process layer; a feature-sharded input is refused."""
+    counts = [3] * world_size
+    reference, layer = twin_layers(seed=3, model_dim=MODEL_DIM, hidden_dim=8, num_experts=4, top_k=2)
+    torch.manual_seed(4)
+    x = torch.randn(sum(counts), MODEL_DIM, dtype=torch.float64)
+    upstream = torch.randn_like(x)
+    outputs, input_grads, router_grads, expert_grads = reference_grads(reference, x, upstream, counts)
+    mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("dp",))
+    sharded = distribute_tensor(x, mesh, [Shard(0)]).requires_grad_(True)
+    out = layer(sharded)
+    assert isinstance(out, DTensor) and out.placements == (Shard(0),) and out.shape == x.shape
+    (out * distribute_tensor(upstream, mesh, [Shard(0)])).sum().backward()
+    torch.testing.assert_close(out.to_local(), outputs[rank])
+    torch.testing.assert_close(sharded.grad.to_local(), input_grads[rank])
+    for name, param in layer.router.named_parameters():
+        torch.testing.assert_close(param.grad, router_grads[rank][name])
+    for name, param in layer.experts.expert_parameters().items():
+        expected = layer.layout.shard(expert_grads[name], HIDDEN_AXIS[name])
+        torch.testing.assert_close(local_tensor(param.grad), expected, msg=name)
+    # Replicated: every rank computes every token, the output is replicated.
+    replicated = layer(distribute_tensor(x, mesh, [Replicate()]))
+    assert replicated.placements == (Replicate(),)
+    torch.testing.assert_close(replicated.to_local(), torch.cat(outputs))
+    with pytest.raises(TypeError, match="token dimensions"):
+        layer(distribute_tensor(x, mesh, [Shard(1)]))
+
+
+def check_optimizer_groups(rank: int, world_size: int) -> None:
+    """Multi-tensor optimizers (foreach, CUDA's default, and fused) over DTensor experts and plain
+    parameters: parameter_groups steps as the plain per-parameter loop does."""
+    reference = reference_net()
+    x = global_batch(world_size)
+    steps = {}
+    for kind in ("loop", "foreach", "fused"):
+        net = twin(reference, dist.group.WORLD).float()
+        loss_of(net(mine(x, rank).float())).backward()
+        flags = {"foreach": kind == "foreach", "fused": kind == "fused"}
+        if kind != "loop":
+            with pytest.raises(RuntimeError, match=r"mixed torch\.Tensor and DTensor"):
+                torch.optim.AdamW(net.parameters(), lr=0.1, **flags).step()
+        torch.optim.AdamW(parameter_groups(net), lr=0.1, **flags).step()
+        steps[kind] = [local_tensor(param).detach() for param in net.parameters()]
+    for kind in ("foreach", "fused"):
+        torch.testing.assert_close(steps[kind], steps["loop"])
 
 
 # --- DCP -----------------------------------------------------------------------------------------
@@ -125,9 +180,9 @@ def _trained(group, num_experts, rank: int, ranks: int, distribute: bool = True)
     batch; its experts DTensors or (``distribute=False``) plain local shards."""
     reference = reference_net(num_experts)
     net = twin(reference, group, num_experts)
-    if distribute:
-        distribute_experts(net)
-    optimizer = torch.optim.Adam(net.parameters(), lr=0.01)
+    if not distribute:
+        _as_plain_shards(net)
+    optimizer = torch.optim.Adam(parameter_groups(net), lr=0.01)
     loss_of(net(mine(global_batch(ranks), rank))).backward()
     if ranks > 1:
         allreduce_non_expert_grads(net, group)
@@ -135,11 +190,20 @@ def _trained(group, num_experts, rank: int, ranks: int, distribute: bool = True)
     return net, optimizer
 
 
+def _as_plain_shards(net: nn.Module) -> nn.Module:
+    """Replace every DTensor expert parameter by a plain one holding its local shard (as a
+    ``load_state_dict(..., assign=True)`` of local shards would)."""
+    for module in list(net.modules()):
+        for name, param in list(module._parameters.items()):
+            if isinstance(param, DTensor):
+                setattr(module, name, nn.Parameter(param.to_local().detach().clone()))
+    return net
+
+
 def _fresh(group, num_experts, seed: int):
     torch.manual_seed(seed)
     net = Net(group, num_experts).double()
-    distribute_experts(net)  # or not: the plain shards load as well (tested below)
-    return net, torch.optim.Adam(net.parameters(), lr=0.5)
+    return net, torch.optim.Adam(parameter_groups(net), lr=0.5)
 
 
 def _global_state(net: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
@@ -204,8 +268,8 @@ def check_dcp_resharding(rank: int, world_size: int, directory: str) -> None:
         dist.barrier()
     # Plain local expert shards load as well (viewed as the DTensors they are): the same local
     # tensors as a model with DTensor experts gets.
-    plain = Net(dist.group.WORLD, experts).double()
-    plain_optimizer = torch.optim.Adam(plain.parameters(), lr=0.5)
+    plain = _as_plain_shards(Net(dist.group.WORLD, experts).double())
+    plain_optimizer = torch.optim.Adam(parameter_groups(plain), lr=0.5)
     load_checkpoint(f"{directory}/w1", plain, plain_optimizer)
     fresh, fresh_optimizer = _fresh(dist.group.WORLD, experts, seed=11)
     load_checkpoint(f"{directory}/w1", fresh, fresh_optimizer)
@@ -223,6 +287,20 @@ def _from_rank_0(state: dict | None) -> dict:
     return box[0]
 
 
+def check_clip_grad_norm(rank: int, world_size: int) -> None:
+    """flexmoe.parallel.clip_grad_norm_ takes the single-process model's norm, also with experts
+    split over ranks (2 experts at world 4: b2 replicated on both shards of an expert)."""
+    reference = reference_net()
+    x = global_batch(world_size)
+    loss_of(reference(x)).backward()
+    expected = torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.1)
+    net = twin(reference, dist.group.WORLD)
+    loss_of(net(mine(x, rank))).backward()
+    allreduce_non_expert_grads(net)
+    torch.testing.assert_close(clip_grad_norm_(net, 0.1).double(), expected, rtol=1e-6, atol=0)
+    assert_matches_reference(net, reference, "clipped")
+
+
 # --- FSDP2 -----------------------------------------------------------------------------------------
 
 
@@ -234,7 +312,6 @@ def check_fsdp_2d(rank: int, world_size: int) -> None:
     x = global_batch(world_size)
     loss_of(reference(x)).backward()
     net = twin(reference, mesh)  # the layers take the mesh: its "ep" dimension
-    distribute_experts(net, mesh["ep"])
     apply_fsdp(net, mesh)
     loss = loss_of(net(mine(x, rank)))
     loss.backward()
@@ -242,18 +319,20 @@ def check_fsdp_2d(rank: int, world_size: int) -> None:
     dist.all_reduce(mean_loss)
     torch.testing.assert_close(mean_loss / world_size, loss_of(reference(x)).detach())
     assert_matches_reference(net, reference, "FSDP2 on (dp, ep)")
-    # A second step through the sharded parameters: the optimizer works on the DTensors.
-    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
-    optimizer.step()
+    # A step through the sharded parameters: a multi-tensor optimizer works on the DTensors of
+    # both meshes, one group each.
+    torch.optim.AdamW(parameter_groups(net), lr=0.1, foreach=True).step()
 
     # Experts given to FSDP2 as plain local shards: refused, not mixed up across ranks.
-    plain = twin(reference, mesh["ep"].get_group())
     with pytest.raises(ValueError, match="distribute_experts"):
-        apply_fsdp(plain, mesh)
+        apply_fsdp(_as_plain_shards(twin(reference, mesh)), mesh)
+    # Layers built on the ep process group hold their experts on a mesh of their own: refused.
+    with pytest.raises(ValueError, match="group=mesh"):
+        apply_fsdp(twin(reference, mesh["ep"].get_group()), mesh)
     # fully_shard over the whole world on DTensor experts fails loudly too (meshes do not combine).
     world_mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("world",))
-    other = distribute_experts(twin(reference, mesh["ep"].get_group()), mesh["ep"])
-    with pytest.raises((RuntimeError, AssertionError, ValueError)):
+    other = twin(reference, mesh)
+    with pytest.raises((RuntimeError, AssertionError, ValueError, TypeError)):
         fully_shard(other, mesh=world_mesh)
         loss_of(other(mine(x, rank))).backward()
 
@@ -262,21 +341,40 @@ def check_fsdp_2d(rank: int, world_size: int) -> None:
 
 
 def check_ddp(rank: int, world_size: int) -> None:
-    """DDP on expert-parallel layers: refused (naming the fix) unless the experts are excluded;
-    with them excluded, every gradient equals the single-process model's."""
+    """``DistributedDataParallel(model)`` leaves the experts out with no extra step: every gradient
+    equals the single-process model's. A layer put into a model built before reaches the root's
+    exclusion list only through exclude_experts_from_ddp: without it DDP fails loudly (DTensor
+    experts) or flexmoe refuses naming it (plain experts)."""
     reference = reference_net()
     x = global_batch(world_size)
     loss_of(reference(x)).backward()
+    net = twin(reference, dist.group.WORLD)
+    ddp = nn.parallel.DistributedDataParallel(net)
+    loss_of(ddp(mine(x, rank))).backward()
+    assert_matches_reference(net, reference, "DDP with no extra step")
 
-    plain = twin(reference, dist.group.WORLD)
-    wrapped = nn.parallel.DistributedDataParallel(plain)
+    def late(plain: bool) -> Net:
+        model = Net(SINGLE_PROCESS).double()
+        layer = MoELayer(num_experts=4, group=dist.group.WORLD, **Net.OPTIONS).double()
+        model.moe[1] = _as_plain_shards(layer) if plain else layer
+        return model
+
+    with pytest.raises(RuntimeError, match="DTensor"):
+        nn.parallel.DistributedDataParallel(late(plain=False))
     with pytest.raises(ValueError, match="exclude_experts_from_ddp"):
-        wrapped(mine(x, rank))
-
-    for distribute in (False, True):
-        net = twin(reference, dist.group.WORLD)
-        if distribute:
-            distribute_experts(net)
-        ddp = nn.parallel.DistributedDataParallel(exclude_experts_from_ddp(net))
+        nn.parallel.DistributedDataParallel(late(plain=True))(mine(x, rank))
+    for plain in (False, True):
+        model = late(plain)
+        before = local_tensor(model.moe[1].experts.w1).detach().clone()
+        ddp = nn.parallel.DistributedDataParallel(exclude_experts_from_ddp(model))
         loss_of(ddp(mine(x, rank))).backward()
-        assert_matches_reference(net, reference, f"DDP, DTensor experts={distribute}")
+        torch.testing.assert_close(local_tensor(model.moe[1].experts.w1), before, rtol=0, atol=0)
+
+
+def check_plain_fully_shard(rank: int, world_size: int) -> None:
+    """Plain ``fully_shard(model)`` (no apply_fsdp) on expert-parallel layers fails loudly."""
+    reference = reference_net()
+    mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("ep",))
+    for group in (dist.group.WORLD, mesh):
+        with pytest.raises(TypeError):
+            fully_shard(twin(reference, group))

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from flexmoe import MoELayer, ParallelConfig
+from flexmoe.distributed.ddp import mark_experts_for_ddp
 from flexmoe.parallel import ExpertLayout, ParallelChoice, expert_parameters, non_expert_parameters
 from tests.conftest import make_layer
 
@@ -94,3 +95,28 @@ def test_a_layer_pickled_without_an_executor_loads():
     clone.__setstate__(state)
     x = torch.randn(5, 8, dtype=torch.float64)
     torch.testing.assert_close(clone(x), layer(x), rtol=0, atol=0)
+
+
+class _MarkedLayer(nn.Module):
+    """Stands for an expert-parallel layer (which needs a process group to build)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.router = nn.Linear(2, 2)
+        self.experts = nn.Linear(2, 2)
+        mark_experts_for_ddp(self)
+
+
+def test_ddp_exclusion_climbs_to_every_module_the_layer_is_built_into():
+    ignored = "_ddp_params_and_buffers_to_ignore"
+    root = nn.Sequential(nn.Linear(2, 2), nn.ModuleList([_MarkedLayer(), nn.Linear(2, 2)]))
+    assert getattr(root, ignored) == ["1.0.experts.bias", "1.0.experts.weight"]
+    assert all(param._ddp_ignored for param in root[1][0].experts.parameters())
+    # Names set by others stay; a replaced layer's names leave its parent.
+    setattr(root[1], ignored, [*getattr(root[1], ignored), "1.weight"])
+    root[1][0] = nn.Linear(2, 2)
+    assert getattr(root[1], ignored) == ["1.weight"]
+    root[1][1] = _MarkedLayer()
+    assert getattr(root[1], ignored) == ["1.experts.bias", "1.experts.weight", "1.weight"]
+    # A copy keeps the marks.
+    assert getattr(copy.deepcopy(root[1]), ignored) == getattr(root[1], ignored)

@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 from flexmoe import MoELayer, Tuner
+from flexmoe.distributed import local_tensor
 from flexmoe.parallel import ParallelChoice
 from tests.distributed.parity_checks import TIGHT
 
@@ -33,7 +34,7 @@ def _step(layer: MoELayer, x: torch.Tensor, upstream: torch.Tensor) -> tuple[tor
     x = x.clone().requires_grad_(True)
     out = layer(x)
     (out * upstream).sum().backward()
-    return (out.detach(), x.grad, *(p.grad for p in layer.experts.parameters()))
+    return (out.detach(), x.grad, *(local_tensor(p.grad) for p in layer.experts.parameters()))
 
 
 def _same_over_ranks(values: list) -> bool:
