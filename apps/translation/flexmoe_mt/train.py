@@ -242,7 +242,12 @@ class Trainer:
         return device
 
     def _optimizer(self, model: TranslationModel) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(model.parameters(), lr=self.config.lr, weight_decay=self.config.weight_decay)
+        # Under torchrun the experts are DTensors beside plain tensors in one group: the multi-tensor
+        # (foreach) kernels, CUDA's default, refuse such a mix, so they are off there.
+        foreach = False if self.ranks.distributed else None
+        return torch.optim.AdamW(
+            model.parameters(), lr=self.config.lr, weight_decay=self.config.weight_decay, foreach=foreach
+        )
 
     def _init_from_teacher(self) -> None:
         """Copy every teacher tensor whose name and shape the student shares (all but the experts)."""
