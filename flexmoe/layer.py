@@ -330,27 +330,40 @@ class MoELayer(nn.Module):
             a ``tuner``, passing none of them lets the tuner choose; passing any fixes the choice.
         """
         config = self.config
-        choice = self._choice_for_call(parallel_degree, overlap_degree, a2a_algorithm, exact)
-        top_k = config.top_k if top_k is None else check_top_k(top_k, config.selectable_experts)
-        fixed_capacity = config.expert_capacity if capacity_factor is None else None
-        capacity_factor = config.capacity_factor if capacity_factor is None else check_capacity_factor(capacity_factor)
-        all_tokens = self._flatten_input(x)
-        check_padding_mask(padding_mask, x)
-        routed_positions = None if padding_mask is None else torch.nonzero(~padding_mask.reshape(-1)).squeeze(1)
-        tokens = all_tokens if routed_positions is None else all_tokens.index_select(0, routed_positions)
-
-        routing = self.routing.route(
-            x,
-            tokens,
-            routed_positions,
-            top_k=top_k,
-            capacity_factor=capacity_factor,
-            capacity=fixed_capacity,
-            padding_mask=padding_mask,
-            task_ids=task_ids,
-            sentence_inputs=sentence_inputs,
-            training=self.training,
-        )
+        # The argument being checked: an invalid one on one rank is refused on every rank.
+        argument = "parallel choice"
+        try:
+            choice = self._choice_for_call(parallel_degree, overlap_degree, a2a_algorithm, exact)
+            argument = "top_k"
+            top_k = config.top_k if top_k is None else check_top_k(top_k, config.selectable_experts)
+            argument = "capacity_factor"
+            fixed_capacity = config.expert_capacity if capacity_factor is None else None
+            capacity_factor = (
+                config.capacity_factor if capacity_factor is None else check_capacity_factor(capacity_factor)
+            )
+            argument = "x"
+            all_tokens = self._flatten_input(x)
+            argument = "padding_mask"
+            check_padding_mask(padding_mask, x)
+            routed_positions = None if padding_mask is None else torch.nonzero(~padding_mask.reshape(-1)).squeeze(1)
+            tokens = all_tokens if routed_positions is None else all_tokens.index_select(0, routed_positions)
+            argument = "routing inputs"
+            routing = self.routing.route(
+                x,
+                tokens,
+                routed_positions,
+                top_k=top_k,
+                capacity_factor=capacity_factor,
+                capacity=fixed_capacity,
+                padding_mask=padding_mask,
+                task_ids=task_ids,
+                sentence_inputs=sentence_inputs,
+                training=self.training,
+            )
+        except (ValueError, TypeError) as error:
+            if self.groups is None:
+                raise
+            self.executor.refuse_call(argument, error)
         out = self.executor.run(_autocast_dtype(tokens), routing.plan, choice, top_k)
         if self.shared_experts is not None:
             out = out + self.shared_experts(tokens).to(out.dtype)
