@@ -44,15 +44,46 @@ def check_top_k(top_k: object, num_experts: int, limit: str = "num_experts") -> 
     return top_k
 
 
-def check_capacity_factor(capacity_factor: object) -> float:
-    """Validate a capacity factor (any finite float: > 0 fixed, 0 dropless, < 0 capped dropless)."""
+def check_capacity_factor(capacity_factor: object, num_experts: int | None = None) -> float:
+    """Validate a capacity factor: finite, ``> 0`` fixed, ``0`` dropless, ``< 0`` capped dropless,
+    and ``|capacity_factor| <= num_experts`` when given (at ``num_experts`` every choice of every
+    token fits; a larger factor only allocates more padding, and an absurd one fails in the forward)."""
     if isinstance(capacity_factor, bool) or not isinstance(capacity_factor, (int, float)):
         raise TypeError(f"capacity_factor must be a float, got {type(capacity_factor).__name__}")
     if not math.isfinite(capacity_factor):
         raise ValueError(
             f"capacity_factor must be finite (> 0 fixed, 0 dropless, < 0 capped dropless), got {capacity_factor!r}"
         )
+    if num_experts is not None and abs(capacity_factor) > num_experts:
+        raise ValueError(
+            f"capacity_factor must be in -num_experts..num_experts ({num_experts}): at {num_experts} every token's "
+            f"choices fit and a larger factor only adds padding; use 0 for dropless routing, got {capacity_factor!r}"
+        )
     return float(capacity_factor)
+
+
+def check_activation(activation: object) -> None:
+    """Validate an activation: a built-in name, or a callable that maps a tensor to one of the
+    same shape (checked on a small tensor: a shape-changing one would fail deep in a forward)."""
+    if not callable(activation):
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS} or a callable, got {activation!r}")
+        return
+    probe = torch.linspace(-2.0, 2.0, 6).reshape(2, 3)
+    try:
+        with torch.no_grad():
+            result = activation(probe)
+    except Exception as error:
+        raise ValueError(
+            f"activation raised {type(error).__name__}: {error} (on a float32 tensor of shape (2, 3)); "
+            f"pass one of {ACTIVATIONS} or an elementwise callable"
+        ) from error
+    shape = tuple(result.shape) if isinstance(result, torch.Tensor) else type(result).__name__
+    if shape != (2, 3):
+        raise ValueError(
+            f"activation must be elementwise (a tensor in, a tensor of the same shape out), but it maps shape "
+            f"(2, 3) to {shape}; pass one of {ACTIVATIONS} or a callable such as torch.nn.functional.silu"
+        )
 
 
 @dataclass(frozen=True)
@@ -218,7 +249,7 @@ class MoEConfig:
         if self.hidden_dim is not None:
             _check_positive_int("hidden_dim", self.hidden_dim)
         check_top_k(self.top_k, self.num_experts)
-        check_capacity_factor(self.capacity_factor)
+        check_capacity_factor(self.capacity_factor, self.num_experts)
         if self.router not in ROUTERS:
             raise ValueError(f"router must be one of {ROUTERS}, got {self.router!r}")
         _check_finite_nonneg("gate_noise", self.gate_noise)
@@ -226,8 +257,7 @@ class MoEConfig:
         _check_finite_nonneg("z_loss", self.z_loss)
         if self.aux_loss not in AUX_LOSSES:
             raise ValueError(f"aux_loss must be one of {AUX_LOSSES}, got {self.aux_loss!r}")
-        if not callable(self.activation) and self.activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {ACTIVATIONS} or a callable, got {self.activation!r}")
+        check_activation(self.activation)
         if self.expert_kernel not in EXPERT_KERNELS:
             raise ValueError(f"expert_kernel must be one of {EXPERT_KERNELS}, got {self.expert_kernel!r}")
         _check_positive_int("cosine_proj_dim", self.cosine_proj_dim)

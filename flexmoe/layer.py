@@ -340,7 +340,9 @@ class MoELayer(nn.Module):
             argument = "capacity_factor"
             fixed_capacity = config.expert_capacity if capacity_factor is None else None
             capacity_factor = (
-                config.capacity_factor if capacity_factor is None else check_capacity_factor(capacity_factor)
+                config.capacity_factor
+                if capacity_factor is None
+                else check_capacity_factor(capacity_factor, config.num_experts)
             )
             argument = "x"
             all_tokens = self._flatten_input(x)
