@@ -2,8 +2,9 @@
 
 A checkpoint is a DCP directory (``.metadata`` and one ``__<rank>_0.distcp`` file per writing
 rank) holding ``{"model": ..., "optimizer": ...}`` as ``get_state_dict`` returns them, plus
-``extra.json`` (what the caller passed as ``extra``). Expert parameters of expert-parallel
-layers are stored as the global DTensors they are (as parameters after
+``extra.json`` (what the caller passed as ``extra``) and ``flexmoe.json`` (the MoE layers'
+options and the optimizer's class, checked on load: :mod:`flexmoe.checkpoint_options`). Expert
+parameters of expert-parallel layers are stored as the global DTensors they are (as parameters after
 :func:`flexmoe.distributed.distribute_experts`, else viewed as such while saving and loading),
 so a checkpoint loads at any world size, FSDP2 or not: DCP reads each rank's part of every
 tensor, and of Adam's state. Saving is atomic: the ranks write into a staging directory beside
@@ -31,6 +32,13 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
+from flexmoe.checkpoint_options import (
+    DESCRIPTION_FILE,
+    OptionsMismatch,
+    check_description,
+    check_options_mismatch,
+    describe,
+)
 from flexmoe.distributed.experts import plain_shard_placements
 from flexmoe.files import write_text_atomically
 
@@ -123,6 +131,7 @@ def save_checkpoint(
     dcp.save(state, checkpoint_id=staging, process_group=process_group, no_dist=not collective)
     if first:
         write_text_atomically(staging / EXTRA_FILE, extra_text)
+        write_text_atomically(staging / DESCRIPTION_FILE, json.dumps(describe(model, optimizer), indent=1))
         _replace(directory, staging)
     if collective:
         dist.barrier(process_group)  # no rank returns before the checkpoint is in place
@@ -149,15 +158,24 @@ def load_checkpoint(
     *,
     process_group: dist.ProcessGroup | None = None,
     no_dist: bool | None = None,
+    options_mismatch: OptionsMismatch = "error",
 ) -> dict[str, Any] | None:
     """Load a checkpoint saved at any world size into ``model`` (and ``optimizer``), resharded to
     this rank's layout. Who calls it: as :func:`save_checkpoint`. Raises ``ValueError`` when the
-    architecture does not match. Returns the ``extra`` given to :func:`save_checkpoint`.
+    architecture does not match, and when an MoE layer's options that change its computation
+    (top-k, activation, granularity, capacity factor...) or the optimizer's class differ from the
+    saved ones; ``options_mismatch="warn"`` loads those anyway with a warning. Returns the
+    ``extra`` given to :func:`save_checkpoint`.
     """
+    check_options_mismatch(options_mismatch)
     directory = Path(directory)
     if not (directory / METADATA_FILE).is_file():
         raise FileNotFoundError(f"{directory} holds no checkpoint (no {METADATA_FILE})")
     _check_keys(directory, model, optimizer)
+    description_path = directory / DESCRIPTION_FILE
+    if description_path.is_file():  # checkpoints saved without one load unchecked
+        saved = json.loads(description_path.read_text())
+        check_description(directory, saved, describe(model, optimizer), options_mismatch)
     collective = _collective(model, no_dist)
     state, replaced = _state(model, optimizer)
     try:

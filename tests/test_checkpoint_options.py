@@ -1,0 +1,90 @@
+"""A checkpoint remembers the MoE layers' options and the optimizer's class: loading it into a
+model that computes differently, or an optimizer of another kind, is refused (or warned about)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from flexmoe import MoELayer, load_checkpoint, save_checkpoint
+
+BASE = dict(model_dim=8, hidden_dim=8, num_experts=4)
+
+
+def _model(**options) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 8), MoELayer(**{**BASE, **options}))
+
+
+@pytest.fixture
+def saved(tmp_path):
+    model = _model()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model(torch.randn(3, 8)).sum().backward()
+    optimizer.step()
+    save_checkpoint(tmp_path / "ckpt", model, optimizer)
+    SAVED_ROUTER[:] = [model[1].router.weight.detach().clone()]
+    return tmp_path / "ckpt"
+
+
+SAVED_ROUTER: list[torch.Tensor] = []
+
+
+@pytest.mark.parametrize(
+    "options,named",
+    [
+        (dict(top_k=1), r"1.top_k: 2 \(saved\) vs 1 \(model\)"),
+        (dict(activation="relu"), r"1.activation: 'gelu' \(saved\) vs 'relu' \(model\)"),
+        (dict(granularity="sentence"), r"1.granularity: 'token' \(saved\) vs 'sentence'"),
+        (dict(capacity_factor=1.0), r"1.capacity_factor: 0.0 \(saved\) vs 1.0"),
+        (dict(score_function="sigmoid"), r"1.score_function"),
+        (dict(normalize_gate=False), r"1.normalize_gate: True \(saved\) vs False"),
+    ],
+)
+def test_other_routing_options_are_refused_or_warned(saved, options, named):
+    model = _model(**options)
+    with pytest.raises(ValueError, match=rf"saved with other MoE layer options: {named}.*options_mismatch='warn'"):
+        load_checkpoint(saved, model)
+    with pytest.warns(UserWarning, match=named):
+        load_checkpoint(saved, model, options_mismatch="warn")
+    torch.testing.assert_close(model[1].router.weight, SAVED_ROUTER[0], rtol=0, atol=0)
+
+
+def test_other_expert_count_names_the_option(saved):
+    with pytest.raises(ValueError, match=r"1.num_experts: 4 \(saved\) vs 8 \(model\)"):
+        load_checkpoint(saved, _model(num_experts=8))
+
+
+def test_options_that_do_not_change_the_computation_load_silently(saved, recwarn):
+    model = _model(check_finite=True, aux_loss_weight=0.5, expert_kernel="per_expert")
+    load_checkpoint(saved, model, torch.optim.Adam(model.parameters()))
+    assert not [str(w.message) for w in recwarn if "options" in str(w.message)]
+
+
+def test_adam_state_into_sgd_is_refused(saved):
+    model = _model()
+    with pytest.raises(ValueError, match=r"optimizer state of Adam.*the optimizer is a SGD.*optimizer=None"):
+        load_checkpoint(saved, model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
+    # One optimizer's state cannot fill another's: refused also when option changes are allowed.
+    with pytest.raises(ValueError, match="optimizer state of Adam"):
+        load_checkpoint(saved, model, torch.optim.SGD(model.parameters(), lr=0.1), options_mismatch="warn")
+    load_checkpoint(saved, model)  # the model alone
+
+
+def test_a_checkpoint_without_a_description_loads(saved):
+    (saved / "flexmoe.json").unlink()
+    load_checkpoint(saved, _model(top_k=1))
+
+
+def test_bad_options_mismatch_value(saved):
+    with pytest.raises(ValueError, match="options_mismatch must be one of"):
+        load_checkpoint(saved, _model(), options_mismatch="ignore")
+
+
+def test_the_description_is_json(saved):
+    description = json.loads((saved / "flexmoe.json").read_text())
+    assert description["layers"]["1"]["top_k"] == 2
+    assert description["optimizer"] == "Adam"
