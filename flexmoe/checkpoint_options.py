@@ -56,7 +56,15 @@ def describe(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[
                 for field in dataclasses.fields(config)
                 if field.name not in _FREE_OPTIONS
             }
-    return {"layers": layers, "optimizer": None if optimizer is None else type(optimizer).__name__}
+    return {"layers": layers, "optimizer": None if optimizer is None else _algorithm(optimizer)}
+
+
+def _algorithm(optimizer: torch.optim.Optimizer) -> str:
+    """The class name of the optimizer that holds the state, inside wrappers (accelerate's
+    ``AcceleratedOptimizer`` holds an ``AdamW`` as ``.optimizer``)."""
+    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
+        optimizer = optimizer.optimizer
+    return type(optimizer).__name__
 
 
 def check_options_mismatch(options_mismatch: object) -> OptionsMismatch:
