@@ -3,7 +3,7 @@
 A checkpoint is a DCP directory (``.metadata`` and one ``__<rank>_0.distcp`` file per writing
 rank) holding ``{"model": ..., "optimizer": ...}`` as ``get_state_dict`` returns them, plus
 ``extra.json`` (what the caller passed as ``extra``) and ``flexmoe.json`` (the MoE layers'
-options and the optimizer's class, checked on load: :mod:`flexmoe.checkpoint_options`). Expert
+options and the optimizer's class, checked on load: :mod:`flexmoe.checkpoint_description`). Expert
 parameters of expert-parallel layers are stored as the global DTensors they are (as parameters after
 :func:`flexmoe.distributed.distribute_experts`, else viewed as such while saving and loading),
 so a checkpoint loads at any world size, FSDP2 or not: DCP reads each rank's part of every
@@ -32,12 +32,15 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
-from flexmoe.checkpoint_options import (
+from flexmoe.checkpoint_description import (
     DESCRIPTION_FILE,
     OptionsMismatch,
     check_description,
+    check_files,
     check_options_mismatch,
     describe,
+    file_digests,
+    read_description,
 )
 from flexmoe.distributed.experts import plain_shard_placements
 from flexmoe.files import write_text_atomically
@@ -131,7 +134,9 @@ def save_checkpoint(
     dcp.save(state, checkpoint_id=staging, process_group=process_group, no_dist=not collective)
     if first:
         write_text_atomically(staging / EXTRA_FILE, extra_text)
-        write_text_atomically(staging / DESCRIPTION_FILE, json.dumps(describe(model, optimizer), indent=1))
+        # Every rank's file is complete once dcp.save returns on the first rank (it wrote .metadata last).
+        description = {**describe(model, optimizer), "files": file_digests(staging)}
+        write_text_atomically(staging / DESCRIPTION_FILE, json.dumps(description, indent=1))
         _replace(directory, staging)
     if collective:
         dist.barrier(process_group)  # no rank returns before the checkpoint is in place
@@ -171,10 +176,11 @@ def load_checkpoint(
     directory = Path(directory)
     if not (directory / METADATA_FILE).is_file():
         raise FileNotFoundError(f"{directory} holds no checkpoint (no {METADATA_FILE})")
+    saved = read_description(directory)
+    if saved is not None:  # checkpoints saved without a description load unchecked
+        check_files(directory, saved.get("files", {}))
     _check_keys(directory, model, optimizer)
-    description_path = directory / DESCRIPTION_FILE
-    if description_path.is_file():  # checkpoints saved without one load unchecked
-        saved = json.loads(description_path.read_text())
+    if saved is not None:
         check_description(directory, saved, describe(model, optimizer), options_mismatch)
     collective = _collective(model, no_dist)
     state, replaced = _state(model, optimizer)

@@ -88,3 +88,47 @@ def test_the_description_is_json(saved):
     description = json.loads((saved / "flexmoe.json").read_text())
     assert description["layers"]["1"]["top_k"] == 2
     assert description["optimizer"] == "Adam"
+
+
+# --- every file of the checkpoint is checked against the description -----------------------
+
+
+def _rank_file(directory):
+    return next(directory.glob("*.distcp"))
+
+
+def _flip_byte(path, position):
+    data = bytearray(path.read_bytes())
+    data[position] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_flipped_bytes_in_a_rank_file_are_refused(saved):
+    rank_file = _rank_file(saved)
+    _flip_byte(rank_file, rank_file.stat().st_size // 2)
+    with pytest.raises(ValueError, match=rf"{rank_file.name} .*corrupted \(its SHA-256 differs"):
+        load_checkpoint(saved, _model())
+
+
+def test_truncated_or_missing_files_are_refused(saved):
+    rank_file = _rank_file(saved)
+    rank_file.write_bytes(rank_file.read_bytes()[:-10])
+    with pytest.raises(ValueError, match=rf"{rank_file.name} is truncated or corrupted \(\d+ bytes, \d+ saved\)"):
+        load_checkpoint(saved, _model())
+    rank_file.unlink()
+    with pytest.raises(ValueError, match=rf"{rank_file.name} is missing"):
+        load_checkpoint(saved, _model())
+
+
+def test_a_rank_file_from_another_save_is_refused(saved, tmp_path):
+    model = _model()
+    other = save_checkpoint(tmp_path / "other", model, torch.optim.Adam(model.parameters()))
+    _rank_file(saved).write_bytes(_rank_file(other).read_bytes())
+    with pytest.raises(ValueError, match="corrupted"):
+        load_checkpoint(saved, _model())
+
+
+def test_a_damaged_description_is_named(saved):
+    (saved / "flexmoe.json").write_text('{"layers": ')
+    with pytest.raises(ValueError, match=r"flexmoe.json is damaged"):
+        load_checkpoint(saved, _model())

@@ -1,22 +1,27 @@
-"""What a checkpoint was saved with: each MoE layer's options and the optimizer's class.
+"""What a checkpoint holds, in ``flexmoe.json`` beside it: each MoE layer's options, the
+optimizer's class, and the size and SHA-256 of every file.
 
 Weights and optimizer state fit a model of the same shapes whatever its routing options, so a
-checkpoint loads into a model with another top-k, activation or granularity without a shape
-error, and Adam's state into SGD (which has none to receive) without any: a wrong model, or a
-wrong optimizer, and no error. :func:`describe` records what changes the computation in
-``flexmoe.json`` beside the checkpoint; :func:`check_description` compares it on load.
+checkpoint would load into a model with another top-k, activation or granularity without a shape
+error: a wrong model and no error. DCP checks no checksums either, so flipped bytes, or a rank
+file copied in from another save, would load silently. :func:`describe` records what changes the
+computation and :func:`file_digests` the files; on load :func:`check_files` and
+:func:`check_description` compare them.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import warnings
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from flexmoe.config import MoEConfig
+from flexmoe.files import sha256_of
 
 DESCRIPTION_FILE = "flexmoe.json"
 OptionsMismatch = Literal["error", "warn"]
@@ -65,6 +70,53 @@ def _algorithm(optimizer: torch.optim.Optimizer) -> str:
     while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
         optimizer = optimizer.optimizer
     return type(optimizer).__name__
+
+
+def file_digests(directory: Path) -> dict[str, dict[str, Any]]:
+    """``{file name: {"bytes": size, "sha256": hex}}`` of every file in ``directory`` but the
+    description itself."""
+    return {
+        path.name: {"bytes": path.stat().st_size, "sha256": sha256_of(path)}
+        for path in sorted(directory.iterdir())
+        if path.is_file() and path.name != DESCRIPTION_FILE
+    }
+
+
+def read_description(directory: Path) -> dict[str, Any] | None:
+    """The description of the checkpoint in ``directory``; None for one saved without."""
+    path = directory / DESCRIPTION_FILE
+    if not path.is_file():
+        return None
+    try:
+        description = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        description = error
+    if not isinstance(description, dict):
+        raise ValueError(
+            f"{path} is damaged (not a JSON object: {description}); restore the checkpoint from a copy or save it again"
+        )
+    return description
+
+
+def check_files(directory: Path, files: dict[str, dict[str, Any]]) -> None:
+    """ValueError naming the first file of ``files`` (:func:`file_digests` at save time) that is
+    missing, of another size or of another SHA-256 in ``directory``."""
+    fix = "restore the checkpoint from a copy or save it again"
+    for name, saved in files.items():
+        path = directory / name
+        if not path.is_file():
+            raise ValueError(f"checkpoint {directory}: {name} is missing; {fix}")
+        size = path.stat().st_size
+        if size != saved["bytes"]:
+            raise ValueError(
+                f"checkpoint {directory}: {name} is truncated or corrupted ({size} bytes, {saved['bytes']} "
+                f"saved); {fix}"
+            )
+        if sha256_of(path) != saved["sha256"]:
+            raise ValueError(
+                f"checkpoint {directory}: {name} is corrupted (its SHA-256 differs from the one saved: damaged bytes, "
+                f"or a file of another save); {fix}"
+            )
 
 
 def check_options_mismatch(options_mismatch: object) -> OptionsMismatch:
