@@ -44,20 +44,28 @@ def check_top_k(top_k: object, num_experts: int, limit: str = "num_experts") -> 
     return top_k
 
 
+# A fixed capacity factor fits every token's choices at num_experts; padding studies go beyond
+# it, up to this many times num_experts. Larger values are typos that would fail in the forward.
+CAPACITY_FACTOR_LIMIT = 4
+
+
 def check_capacity_factor(capacity_factor: object, num_experts: int | None = None) -> float:
     """Validate a capacity factor: finite, ``> 0`` fixed, ``0`` dropless, ``< 0`` capped dropless,
-    and ``|capacity_factor| <= num_experts`` when given (at ``num_experts`` every choice of every
-    token fits; a larger factor only allocates more padding, and an absurd one fails in the forward)."""
+    and ``|capacity_factor| <= 4 * num_experts`` when ``num_experts`` is given (at
+    ``num_experts`` every choice of every token fits; beyond, a factor only adds padding, and an
+    absurd one such as ``1e300`` fails in the forward)."""
     if isinstance(capacity_factor, bool) or not isinstance(capacity_factor, (int, float)):
         raise TypeError(f"capacity_factor must be a float, got {type(capacity_factor).__name__}")
     if not math.isfinite(capacity_factor):
         raise ValueError(
             f"capacity_factor must be finite (> 0 fixed, 0 dropless, < 0 capped dropless), got {capacity_factor!r}"
         )
-    if num_experts is not None and abs(capacity_factor) > num_experts:
+    limit = None if num_experts is None else CAPACITY_FACTOR_LIMIT * num_experts
+    if limit is not None and abs(capacity_factor) > limit:
         raise ValueError(
-            f"capacity_factor must be in -num_experts..num_experts ({num_experts}): at {num_experts} every token's "
-            f"choices fit and a larger factor only adds padding; use 0 for dropless routing, got {capacity_factor!r}"
+            f"capacity_factor must be in -{limit}..{limit} ({CAPACITY_FACTOR_LIMIT} x num_experts): at num_experts "
+            f"({num_experts}) every token's choices fit and a larger factor only adds padding; use 0 for dropless "
+            f"routing, got {capacity_factor!r}"
         )
     return float(capacity_factor)
 
