@@ -43,7 +43,7 @@ from flexmoe.checkpoint_description import (
     read_description,
 )
 from flexmoe.distributed.experts import plain_shard_placements
-from flexmoe.files import write_text_atomically
+from flexmoe.files import write_atomically, write_text_atomically
 
 METADATA_FILE = ".metadata"  # written by DCP; its presence marks a checkpoint directory
 EXTRA_FILE = "extra.json"
@@ -98,6 +98,13 @@ def _as_local(replaced: list[tuple[dict, str]]) -> None:
         holder[name] = holder[name].to_local()
 
 
+def _check_arguments(model: object, optimizer: object) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
+
+
 def save_checkpoint(
     directory: str | Path,
     model: nn.Module,
@@ -116,6 +123,7 @@ def save_checkpoint(
     (True: this process alone). ``extra``: JSON-serialisable data (step, epoch...) that
     :func:`load_checkpoint` returns. An interrupted save leaves the previous checkpoint.
     """
+    _check_arguments(model, optimizer)
     try:
         extra_text = json.dumps(extra)
     except TypeError as error:
@@ -172,6 +180,7 @@ def load_checkpoint(
     saved ones; ``options_mismatch="warn"`` loads those anyway with a warning. Returns the
     ``extra`` given to :func:`save_checkpoint`.
     """
+    _check_arguments(model, optimizer)
     check_options_mismatch(options_mismatch)
     directory = Path(directory)
     if not (directory / METADATA_FILE).is_file():
@@ -216,10 +225,17 @@ def _check_keys(directory: Path, model: nn.Module, optimizer: torch.optim.Optimi
 def export_safetensors(directory: str | Path, file: str | Path) -> Path:
     """Write the model of the checkpoint in ``directory`` as one safetensors file of global
     tensors (state_dict keys), e.g. to load a single-process model for serving. No model needed;
-    holds the model's tensors in memory once. Returns ``file``."""
+    holds the model's tensors in memory once. Written atomically (an interrupted export leaves
+    the previous file); a file inside the checkpoint is refused. Returns ``file``."""
     directory, file = Path(directory), Path(file)
     if not (directory / METADATA_FILE).is_file():
         raise FileNotFoundError(f"{directory} holds no checkpoint (no {METADATA_FILE})")
+    if file.resolve().parent == directory.resolve():
+        raise ValueError(f"file {file} is inside the checkpoint {directory}: writing it would damage it; name another")
+    if file.is_dir():
+        raise ValueError(
+            f"file {file} is a directory; name the safetensors file to write, e.g. {file}/model.safetensors"
+        )
     metadata = dcp.FileSystemReader(directory).read_metadata().state_dict_metadata
     prefix = MODEL_KEY + "."
     tensors = {
@@ -228,6 +244,6 @@ def export_safetensors(directory: str | Path, file: str | Path) -> Path:
         if key.startswith(prefix) and isinstance(entry, TensorStorageMetadata)
     }
     dcp.load(tensors, checkpoint_id=directory, no_dist=True)
-    file.parent.mkdir(parents=True, exist_ok=True)
-    save_file({key.removeprefix(prefix): tensor for key, tensor in tensors.items()}, str(file))
+    tensors = {key.removeprefix(prefix): tensor for key, tensor in tensors.items()}
+    write_atomically(file, lambda temporary: save_file(tensors, str(temporary)))  # creates the parent
     return file

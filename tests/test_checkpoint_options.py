@@ -4,12 +4,13 @@ model that computes differently, or an optimizer of another kind, is refused (or
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from flexmoe import MoELayer, load_checkpoint, save_checkpoint
+from flexmoe import MoELayer, export_safetensors, load_checkpoint, save_checkpoint
 
 BASE = dict(model_dim=8, hidden_dim=8, num_experts=4)
 
@@ -132,3 +133,40 @@ def test_a_damaged_description_is_named(saved):
     (saved / "flexmoe.json").write_text('{"layers": ')
     with pytest.raises(ValueError, match=r"flexmoe.json is damaged"):
         load_checkpoint(saved, _model())
+
+
+# --- export and argument mistakes -------------------------------------------------------------
+
+
+def test_export_refuses_to_write_into_the_checkpoint_or_a_directory(saved, tmp_path):
+    metadata = (saved / ".metadata").read_bytes()
+    with pytest.raises(ValueError, match=r"file .*inside the checkpoint .*would damage it"):
+        export_safetensors(saved, saved / ".metadata")
+    assert (saved / ".metadata").read_bytes() == metadata
+    load_checkpoint(saved, _model())  # still whole
+    (tmp_path / "adir").mkdir()
+    with pytest.raises(ValueError, match=r"file .*is a directory"):
+        export_safetensors(saved, tmp_path / "adir")
+
+
+def test_export_is_atomic(saved, tmp_path, monkeypatch):
+    target = tmp_path / "model.safetensors"
+    target.write_bytes(b"previous")
+
+    def interrupted(tensors, path):
+        Path(path).write_bytes(b"part")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("flexmoe.checkpoint.save_file", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        export_safetensors(saved, target)
+    assert target.read_bytes() == b"previous"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".model")] == []
+
+
+def test_arguments_of_the_wrong_type_are_named(saved, tmp_path):
+    with pytest.raises(TypeError, match=r"model must be a torch\.nn\.Module, got NoneType"):
+        load_checkpoint(saved, None)
+    with pytest.raises(TypeError, match=r"optimizer must be a torch\.optim\.Optimizer or None, got str"):
+        save_checkpoint(tmp_path / "x", _model(), "adam")
+    assert not (tmp_path / "x").exists()
