@@ -296,6 +296,8 @@ class MoEConfig:
         if self.score_function not in SCORE_FUNCTIONS:
             raise ValueError(f"score_function must be one of {SCORE_FUNCTIONS}, got {self.score_function!r}")
         _check_finite_nonneg("route_scale", self.route_scale)
+        if self.route_scale == 0:  # every gate times 0: zero outputs, a router that learns nothing
+            raise ValueError(f"route_scale must be finite and > 0 (1.0: gates as routed), got {self.route_scale!r}")
         _check_finite_nonneg("balance_update_rate", self.balance_update_rate)
         _check_positive_int("num_groups", self.num_groups)
         if self.num_experts % self.num_groups:

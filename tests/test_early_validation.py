@@ -50,3 +50,9 @@ def test_elementwise_callables_are_accepted():
     for activation in (torch.tanh, torch.nn.GELU(), lambda t: t * torch.sigmoid(t)):
         layer = MoELayer(**BASE, activation=activation)
         assert layer(torch.randn(3, 8)).shape == (3, 8)
+
+
+def test_zero_route_scale_is_refused():
+    # Every gate times 0: the layer would output zeros and its router would learn nothing.
+    with pytest.raises(ValueError, match=r"route_scale must be finite and > 0 .*got 0.0"):
+        MoEConfig(**BASE, route_scale=0.0)
