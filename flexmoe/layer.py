@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from typing import Any
 
 import torch
@@ -434,16 +433,15 @@ class MoELayer(nn.Module):
     def compute_aux_loss(
         self, logits: torch.Tensor, noisy_logits: torch.Tensor | None, scores: torch.Tensor, top_k: int
     ) -> torch.Tensor:
-        """``aux_loss_weight * balance + z_loss * z`` (0 for an empty batch). Tokens whose
-        logits or scores are not finite (a NaN or inf in the input) are left out of both, with a
-        warning once per layer: one bad token would otherwise make the loss, and through it
-        every router gradient, NaN."""
+        """``aux_loss_weight * balance + z_loss * z`` (0 for an empty batch). Routing units
+        whose logits or scores are not finite (a NaN or inf in the input) are left out of both
+        (``layer.stats.non_finite_units`` counts them): one bad token would otherwise make the
+        loss, and through it every token's gradient, NaN."""
         config = self.config
         total = scores.new_zeros(())
         if scores.shape[0] == 0 or (config.aux_loss is None and config.z_loss <= 0):
             return total
-        valid = torch.isfinite(logits).all(dim=1) & torch.isfinite(scores).all(dim=1)
-        self._warn_non_finite(valid)
+        valid = torch.isfinite(logits).all(dim=1) & torch.isfinite(scores).all(dim=1)  # no host read
         if config.aux_loss == "gshard":
             total = total + config.aux_loss_weight * gshard_balance_loss(scores, scores.argmax(dim=1), valid)
         elif config.aux_loss == "load_importance":
@@ -454,20 +452,6 @@ class MoELayer(nn.Module):
         if config.z_loss > 0:
             total = total + config.z_loss * router_z_loss(logits, valid)
         return total
-
-    def _warn_non_finite(self, valid: torch.Tensor) -> None:
-        """Warn once per layer when ``valid`` ([units] bool) marks some routing unit non-finite
-        (one host read per call until then; none under ``torch.compile``)."""
-        if self.__dict__.get("_warned_non_finite") or torch.compiler.is_compiling():
-            return
-        bad = int(valid.numel() - valid.sum())
-        if bad:
-            self.__dict__["_warned_non_finite"] = True
-            warnings.warn(
-                f"MoELayer: {bad} token(s) with NaN or inf router scores were left out of the balance and z "
-                "losses (their outputs are not finite); set check_finite=True to raise at the first such input",
-                stacklevel=3,
-            )
 
     def _record_stats(self, plan: RoutingPlan, scores: torch.Tensor, top_k: int) -> RoutingStats:
         return RoutingStats(
