@@ -64,7 +64,8 @@ def load_corpus(data: DataConfig) -> Corpus:
     if data.source == "cldr_demo":
         from flexmoe_mt.data.cldr import CorpusConfig, build_corpus  # heavy: babel data; only when used
 
-        return build_corpus(CorpusConfig.demo(), cache_dir=Path(data.cache_dir) / "corpus", progress=True)
+        preset = CorpusConfig.demo(**({"languages": data.languages} if data.languages else {}))
+        return build_corpus(preset, cache_dir=Path(data.cache_dir) / "corpus", progress=True)
     files = {name: path for name, path in (("train", data.train), ("valid", data.valid), ("test", data.test)) if path}
     return load_tsv(files)
 
@@ -276,9 +277,7 @@ class Trainer:
         if self.device.type == "cuda" and state.get("cuda_rng") is not None:
             torch.cuda.set_rng_state(state["cuda_rng"], self.device)
         self.step, self.elapsed_s = state["step"], state["elapsed_s"]
-        # Checkpoints written before the logging window was saved resume with an empty window
-        # (the first logged loss then averages only the steps since the checkpoint).
-        self.log_window = state.get("log_window", {"loss": [], "aux_loss": []})
+        self.log_window = state["log_window"]
 
     def _check_same_data(self, state: dict[str, Any]) -> None:
         """Refuse to resume on another corpus: the sampler state and the tokenizer belong to the
@@ -291,7 +290,13 @@ class Trainer:
                 f"{self.run_dir} holds a checkpoint trained on other data ({changes}); restore the run file, "
                 "or use another train.run_dir or --fresh"
             )
-        if state.get("data_fingerprint", self.data_fingerprint) != self.data_fingerprint:
+        if "data_fingerprint" not in state:
+            raise ValueError(
+                f"{self.run_dir}'s checkpoint records no fingerprint of its training pairs, so flexmoe-mt "
+                "cannot tell whether today's corpus is the one it trained on; use --fresh (or another "
+                "train.run_dir) to train again"
+            )
+        if state["data_fingerprint"] != self.data_fingerprint:
             source = self.run_config.data.train or "the corpus"
             raise ValueError(
                 f"the training pairs in {source} changed since {self.run_dir}'s checkpoint; restore them, "

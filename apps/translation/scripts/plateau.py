@@ -9,10 +9,12 @@ then, from the repository root:
 
     python apps/translation/scripts/plateau.py runs/curves/dense runs/curves/token_token
 
-For each run it prints the validation chrF curve, the first step after which chrF rises by less
-than --min-gain over the next --window steps (the plateau), and the CPU seconds per training
-step; then the step budget for the table (the latest plateau, doubled so the half-budget rows
-reach it too, rounded up to 500) and the hours the table takes at that budget.
+For each run it prints the validation chrF curve, the first step after which the smoothed curve
+(mean of a point and its two neighbours, as validation chrF on a few hundred sentences is noisy)
+rises by less than --min-gain over the next --window steps (the plateau), and the CPU seconds
+per training step; then the step budget for the table (the latest plateau, rounded up to 500:
+every full-budget row trains to the plateau; the half-budget rows of the equal-compute
+distillation share one such budget) and the hours the table takes at that budget.
 """
 
 from __future__ import annotations
@@ -37,13 +39,20 @@ def read_curve(run_dir: Path) -> tuple[list[tuple[int, float]], float | None]:
     return curve, seconds
 
 
+def smoothed(curve: list[tuple[int, float]]) -> list[tuple[int, float]]:
+    """Each inner point's chrF averaged with its two neighbours' (the ends, with one neighbour,
+    are left out: their mean would lag)."""
+    return [(curve[i][0], sum(c for _, c in curve[i - 1 : i + 2]) / 3) for i in range(1, len(curve) - 1)]
+
+
 def plateau_step(curve: list[tuple[int, float]], window: int, min_gain: float) -> int | None:
-    """The first validated step after which chrF gains less than ``min_gain`` within the next
-    ``window`` steps (over the points validated there); None when the curve is still rising or
-    too short to tell."""
-    for i, (step, chrf) in enumerate(curve):
-        ahead = [c for s, c in curve[i + 1 :] if s <= step + window]
-        if curve[-1][0] < step + window or not ahead:
+    """The first validated step after which the smoothed chrF gains less than ``min_gain``
+    within the next ``window`` steps (over the points validated there); None when the curve is
+    still rising or too short to tell."""
+    smooth = smoothed(curve)
+    for i, (step, chrf) in enumerate(smooth):
+        ahead = [c for s, c in smooth[i + 1 :] if s <= step + window]
+        if smooth[-1][0] < step + window or not ahead:
             return None
         if max(ahead) - chrf < min_gain:
             return step
@@ -73,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     if any(step is None for step in plateaus):
         print("no step budget: a curve has not flattened; train the curve runs longer (raise max_steps)")
         return
-    steps = math.ceil(2 * max(plateaus) / 500) * 500
+    steps = math.ceil(max(plateaus) / 500) * 500
     hours = args.seeds * RUNS_PER_SEED * steps * max(per_step) / args.processes / 3600 if per_step else math.nan
     print(
         f"table: --steps {steps} (set train.max_steps in every apps/translation/configs/table/*.toml); "

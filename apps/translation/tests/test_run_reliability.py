@@ -288,3 +288,23 @@ def test_damaged_tokenizer_missing_device_and_teacher_path(tmp_path, capsys):
     gpu = write_run_file(tmp_path, "gpu", train={"max_steps": 1, "device": "cuda:99"})
     line = error_line(["train", "--config", str(gpu), "--quiet"], capsys)
     assert "train.device 'cuda:99'" in line
+
+
+def test_resume_refuses_a_checkpoint_that_cannot_tell_its_corpus(tmp_path, capsys):
+    """A checkpoint written before checkpoints recorded their corpus (no fingerprint, no logging
+    window) resumed on whatever corpus the code builds today: a rebuilt corpus silently changed
+    a learning curve mid-run. It is refused, naming --fresh."""
+    import torch
+
+    config = write_run_file(tmp_path, "run", train={"max_steps": 1})
+    assert flexmoe_mt(["train", "--config", str(config), "--quiet"]) == 0
+    checkpoint = tmp_path / "run" / "checkpoint.pt"
+    state = torch.load(checkpoint, weights_only=False)
+    for key in ("data_fingerprint", "log_window"):
+        state.pop(key)
+    torch.save(state, checkpoint)
+    (tmp_path / "run" / "finished.json").unlink(missing_ok=True)
+    longer = write_run_file(tmp_path, "run", train={"max_steps": 2})
+    capsys.readouterr()
+    line = error_line(["train", "--config", str(longer), "--quiet"], capsys)
+    assert "cannot tell" in line and "--fresh" in line

@@ -202,3 +202,27 @@ def test_train_command_reports_config_errors_without_traceback(tmp_path, capsys)
         flexmoe_mt(["train", "--config", str(path)])
     assert exit_info.value.code == 2
     assert "unknown key(s) ['max_step'] in [train]" in capsys.readouterr().err
+
+
+def test_data_languages_pick_the_embedded_corpus_languages(monkeypatch):
+    """``[data] languages`` builds the embedded corpus for those languages only (a smaller
+    corpus for the results table); bad values name the option."""
+    import flexmoe_mt.data.cldr as cldr
+    from flexmoe_mt.runconfig import DataConfig
+    from flexmoe_mt.train import load_corpus
+
+    built = []
+    monkeypatch.setattr(cldr, "build_corpus", lambda config, **kwargs: built.append(config) or "corpus")
+    assert load_corpus(DataConfig(languages=["de", "ja"])) == "corpus"
+    assert load_corpus(DataConfig()) == "corpus"
+    assert built[0].languages == ("de", "ja") and built[1].languages == cldr.DEMO_LANGUAGES
+    assert DataConfig(languages=["de", "ja"]) == DataConfig(languages=("de", "ja"))
+    for bad, message in (
+        ("de", "must be a list"),
+        (["de", "de"], "must be distinct"),
+        (["de", 5], "must be distinct"),
+    ):
+        with pytest.raises(ValueError, match=rf"data\.languages {message}"):
+            DataConfig(languages=bad)
+    with pytest.raises(ValueError, match=r"data\.languages picks languages of the embedded corpus"):
+        DataConfig(source="tsv", train="train.tsv", languages=["de"])
