@@ -2,9 +2,10 @@
 
 A checkpoint is a DCP directory (``.metadata`` and one ``__<rank>_0.distcp`` file per writing
 rank) holding ``{"model": ..., "optimizer": ...}`` as ``get_state_dict`` returns them, plus
-``extra.json`` (what the caller passed as ``extra``). Expert parameters of expert-parallel
-layers are stored as the global DTensors they are (plain local shards, e.g. of custom experts,
-are viewed as such while saving and loading),
+``extra.json`` (what the caller passed as ``extra``) and ``flexmoe.json`` (the MoE layers'
+options and the optimizer's class, checked on load: :mod:`flexmoe.checkpoint_description`). Expert
+parameters of expert-parallel layers are stored as the global DTensors they are (plain local
+shards, e.g. of custom experts, are viewed as such while saving and loading),
 so a checkpoint loads at any world size, FSDP2 or not: DCP reads each rank's part of every
 tensor, and of Adam's state. Saving is atomic: the ranks write into a staging directory beside
 ``directory`` that the first rank renames into place once every rank has written.
@@ -31,8 +32,18 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
+from flexmoe.checkpoint_description import (
+    DESCRIPTION_FILE,
+    OptionsMismatch,
+    check_description,
+    check_files,
+    check_options_mismatch,
+    describe,
+    file_digests,
+    read_description,
+)
 from flexmoe.distributed.experts import plain_shard_placements
-from flexmoe.files import write_text_atomically
+from flexmoe.files import write_atomically, write_text_atomically
 
 METADATA_FILE = ".metadata"  # written by DCP; its presence marks a checkpoint directory
 EXTRA_FILE = "extra.json"
@@ -87,6 +98,13 @@ def _as_local(replaced: list[tuple[dict, str]]) -> None:
         holder[name] = holder[name].to_local()
 
 
+def _check_arguments(model: object, optimizer: object) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
+
+
 def save_checkpoint(
     directory: str | Path,
     model: nn.Module,
@@ -105,6 +123,7 @@ def save_checkpoint(
     (True: this process alone). ``extra``: JSON-serialisable data (step, epoch...) that
     :func:`load_checkpoint` returns. An interrupted save leaves the previous checkpoint.
     """
+    _check_arguments(model, optimizer)
     try:
         extra_text = json.dumps(extra)
     except TypeError as error:
@@ -123,6 +142,9 @@ def save_checkpoint(
     dcp.save(state, checkpoint_id=staging, process_group=process_group, no_dist=not collective)
     if first:
         write_text_atomically(staging / EXTRA_FILE, extra_text)
+        # Every rank's file is complete once dcp.save returns on the first rank (it wrote .metadata last).
+        description = {**describe(model, optimizer), "files": file_digests(staging)}
+        write_text_atomically(staging / DESCRIPTION_FILE, json.dumps(description, indent=1))
         _replace(directory, staging)
     if collective:
         dist.barrier(process_group)  # no rank returns before the checkpoint is in place
@@ -149,15 +171,26 @@ def load_checkpoint(
     *,
     process_group: dist.ProcessGroup | None = None,
     no_dist: bool | None = None,
+    options_mismatch: OptionsMismatch = "error",
 ) -> dict[str, Any] | None:
     """Load a checkpoint saved at any world size into ``model`` (and ``optimizer``), resharded to
     this rank's layout. Who calls it: as :func:`save_checkpoint`. Raises ``ValueError`` when the
-    architecture does not match. Returns the ``extra`` given to :func:`save_checkpoint`.
+    architecture does not match, and when an MoE layer's options that change its computation
+    (top-k, activation, granularity, capacity factor...) or the optimizer's class differ from the
+    saved ones; ``options_mismatch="warn"`` loads those anyway with a warning. Returns the
+    ``extra`` given to :func:`save_checkpoint`.
     """
+    _check_arguments(model, optimizer)
+    check_options_mismatch(options_mismatch)
     directory = Path(directory)
     if not (directory / METADATA_FILE).is_file():
         raise FileNotFoundError(f"{directory} holds no checkpoint (no {METADATA_FILE})")
+    saved = read_description(directory)
+    if saved is not None:  # checkpoints saved without a description load unchecked
+        check_files(directory, saved.get("files", {}))
     _check_keys(directory, model, optimizer)
+    if saved is not None:
+        check_description(directory, saved, describe(model, optimizer), options_mismatch)
     collective = _collective(model, no_dist)
     state, replaced = _state(model, optimizer)
     try:
@@ -192,10 +225,17 @@ def _check_keys(directory: Path, model: nn.Module, optimizer: torch.optim.Optimi
 def export_safetensors(directory: str | Path, file: str | Path) -> Path:
     """Write the model of the checkpoint in ``directory`` as one safetensors file of global
     tensors (state_dict keys), e.g. to load a single-process model for serving. No model needed;
-    holds the model's tensors in memory once. Returns ``file``."""
+    holds the model's tensors in memory once. Written atomically (an interrupted export leaves
+    the previous file); a file inside the checkpoint is refused. Returns ``file``."""
     directory, file = Path(directory), Path(file)
     if not (directory / METADATA_FILE).is_file():
         raise FileNotFoundError(f"{directory} holds no checkpoint (no {METADATA_FILE})")
+    if file.resolve().parent == directory.resolve():
+        raise ValueError(f"file {file} is inside the checkpoint {directory}: writing it would damage it; name another")
+    if file.is_dir():
+        raise ValueError(
+            f"file {file} is a directory; name the safetensors file to write, e.g. {file}/model.safetensors"
+        )
     metadata = dcp.FileSystemReader(directory).read_metadata().state_dict_metadata
     prefix = MODEL_KEY + "."
     tensors = {
@@ -204,6 +244,6 @@ def export_safetensors(directory: str | Path, file: str | Path) -> Path:
         if key.startswith(prefix) and isinstance(entry, TensorStorageMetadata)
     }
     dcp.load(tensors, checkpoint_id=directory, no_dist=True)
-    file.parent.mkdir(parents=True, exist_ok=True)
-    save_file({key.removeprefix(prefix): tensor for key, tensor in tensors.items()}, str(file))
+    tensors = {key.removeprefix(prefix): tensor for key, tensor in tensors.items()}
+    write_atomically(file, lambda temporary: save_file(tensors, str(temporary)))  # creates the parent
     return file

@@ -56,6 +56,25 @@ def int_at_least(minimum: int) -> Callable[[str], int]:
     return parse
 
 
+def ints_at_least(minimum: int) -> Callable[[str], list[int]]:
+    """An argparse ``type``: comma-separated ints, each >= ``minimum`` (``"1,8,32"``), else a
+    usage error naming the accepted values."""
+
+    def parse(text: str) -> list[int]:
+        try:
+            values = [int(part) for part in text.split(",")]
+        except ValueError:
+            values = []
+        if not values or min(values) < minimum:
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated integers >= {minimum} (e.g. 1,8,32), got {text!r}"
+            )
+        return values
+
+    parse.__name__ = f"comma-separated integers >= {minimum}"
+    return parse
+
+
 def run_command(
     prog: str,
     commands: dict[str, tuple[str, str]],

@@ -44,15 +44,54 @@ def check_top_k(top_k: object, num_experts: int, limit: str = "num_experts") -> 
     return top_k
 
 
-def check_capacity_factor(capacity_factor: object) -> float:
-    """Validate a capacity factor (any finite float: > 0 fixed, 0 dropless, < 0 capped dropless)."""
+# A fixed capacity factor fits every token's choices at num_experts; padding studies go beyond
+# it, up to this many times num_experts. Larger values are typos that would fail in the forward.
+CAPACITY_FACTOR_LIMIT = 4
+
+
+def check_capacity_factor(capacity_factor: object, num_experts: int | None = None) -> float:
+    """Validate a capacity factor: finite, ``> 0`` fixed, ``0`` dropless, ``< 0`` capped dropless,
+    and ``|capacity_factor| <= 4 * num_experts`` when ``num_experts`` is given (at
+    ``num_experts`` every choice of every token fits; beyond, a factor only adds padding, and an
+    absurd one such as ``1e300`` fails in the forward)."""
     if isinstance(capacity_factor, bool) or not isinstance(capacity_factor, (int, float)):
         raise TypeError(f"capacity_factor must be a float, got {type(capacity_factor).__name__}")
     if not math.isfinite(capacity_factor):
         raise ValueError(
             f"capacity_factor must be finite (> 0 fixed, 0 dropless, < 0 capped dropless), got {capacity_factor!r}"
         )
+    limit = None if num_experts is None else CAPACITY_FACTOR_LIMIT * num_experts
+    if limit is not None and abs(capacity_factor) > limit:
+        raise ValueError(
+            f"capacity_factor must be in -{limit}..{limit} ({CAPACITY_FACTOR_LIMIT} x num_experts): at num_experts "
+            f"({num_experts}) every token's choices fit and a larger factor only adds padding; use 0 for dropless "
+            f"routing, got {capacity_factor!r}"
+        )
     return float(capacity_factor)
+
+
+def check_activation(activation: object) -> None:
+    """Validate an activation: a built-in name, or a callable that maps a tensor to one of the
+    same shape (checked on a small tensor: a shape-changing one would fail deep in a forward)."""
+    if not callable(activation):
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS} or a callable, got {activation!r}")
+        return
+    probe = torch.linspace(-2.0, 2.0, 6).reshape(2, 3)
+    try:
+        with torch.no_grad():
+            result = activation(probe)
+    except Exception as error:
+        raise ValueError(
+            f"activation raised {type(error).__name__}: {error} (on a float32 tensor of shape (2, 3)); "
+            f"pass one of {ACTIVATIONS} or an elementwise callable"
+        ) from error
+    shape = tuple(result.shape) if isinstance(result, torch.Tensor) else type(result).__name__
+    if shape != (2, 3):
+        raise ValueError(
+            f"activation must be elementwise (a tensor in, a tensor of the same shape out), but it maps shape "
+            f"(2, 3) to {shape}; pass one of {ACTIVATIONS} or a callable such as torch.nn.functional.silu"
+        )
 
 
 @dataclass(frozen=True)
@@ -218,7 +257,7 @@ class MoEConfig:
         if self.hidden_dim is not None:
             _check_positive_int("hidden_dim", self.hidden_dim)
         check_top_k(self.top_k, self.num_experts)
-        check_capacity_factor(self.capacity_factor)
+        check_capacity_factor(self.capacity_factor, self.num_experts)
         if self.router not in ROUTERS:
             raise ValueError(f"router must be one of {ROUTERS}, got {self.router!r}")
         _check_finite_nonneg("gate_noise", self.gate_noise)
@@ -226,8 +265,7 @@ class MoEConfig:
         _check_finite_nonneg("z_loss", self.z_loss)
         if self.aux_loss not in AUX_LOSSES:
             raise ValueError(f"aux_loss must be one of {AUX_LOSSES}, got {self.aux_loss!r}")
-        if not callable(self.activation) and self.activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {ACTIVATIONS} or a callable, got {self.activation!r}")
+        check_activation(self.activation)
         if self.expert_kernel not in EXPERT_KERNELS:
             raise ValueError(f"expert_kernel must be one of {EXPERT_KERNELS}, got {self.expert_kernel!r}")
         _check_positive_int("cosine_proj_dim", self.cosine_proj_dim)
@@ -258,6 +296,8 @@ class MoEConfig:
         if self.score_function not in SCORE_FUNCTIONS:
             raise ValueError(f"score_function must be one of {SCORE_FUNCTIONS}, got {self.score_function!r}")
         _check_finite_nonneg("route_scale", self.route_scale)
+        if self.route_scale == 0:  # every gate times 0: zero outputs, a router that learns nothing
+            raise ValueError(f"route_scale must be finite and > 0 (1.0: gates as routed), got {self.route_scale!r}")
         _check_finite_nonneg("balance_update_rate", self.balance_update_rate)
         _check_positive_int("num_groups", self.num_groups)
         if self.num_experts % self.num_groups:

@@ -348,27 +348,42 @@ class MoELayer(nn.Module):
             call.update(overlap_degree=overlap_degree, a2a_algorithm=a2a_algorithm)
             return run_on_local_shard(self.forward, x, call)
         config = self.config
-        choice = self._choice_for_call(parallel_degree, overlap_degree, a2a_algorithm, exact)
-        top_k = config.top_k if top_k is None else check_top_k(top_k, config.selectable_experts)
-        fixed_capacity = config.expert_capacity if capacity_factor is None else None
-        capacity_factor = config.capacity_factor if capacity_factor is None else check_capacity_factor(capacity_factor)
-        all_tokens = self._flatten_input(x)
-        check_padding_mask(padding_mask, x)
-        routed_positions = None if padding_mask is None else torch.nonzero(~padding_mask.reshape(-1)).squeeze(1)
-        tokens = all_tokens if routed_positions is None else all_tokens.index_select(0, routed_positions)
-
-        routing = self.routing.route(
-            x,
-            tokens,
-            routed_positions,
-            top_k=top_k,
-            capacity_factor=capacity_factor,
-            capacity=fixed_capacity,
-            padding_mask=padding_mask,
-            task_ids=task_ids,
-            sentence_inputs=sentence_inputs,
-            training=self.training,
-        )
+        # The argument being checked: an invalid one on one rank is refused on every rank.
+        argument = "parallel choice"
+        try:
+            choice = self._choice_for_call(parallel_degree, overlap_degree, a2a_algorithm, exact)
+            argument = "top_k"
+            top_k = config.top_k if top_k is None else check_top_k(top_k, config.selectable_experts)
+            argument = "capacity_factor"
+            fixed_capacity = config.expert_capacity if capacity_factor is None else None
+            capacity_factor = (
+                config.capacity_factor
+                if capacity_factor is None
+                else check_capacity_factor(capacity_factor, config.num_experts)
+            )
+            argument = "x"
+            all_tokens = self._flatten_input(x)
+            argument = "padding_mask"
+            check_padding_mask(padding_mask, x)
+            routed_positions = None if padding_mask is None else torch.nonzero(~padding_mask.reshape(-1)).squeeze(1)
+            tokens = all_tokens if routed_positions is None else all_tokens.index_select(0, routed_positions)
+            argument = "routing inputs"
+            routing = self.routing.route(
+                x,
+                tokens,
+                routed_positions,
+                top_k=top_k,
+                capacity_factor=capacity_factor,
+                capacity=fixed_capacity,
+                padding_mask=padding_mask,
+                task_ids=task_ids,
+                sentence_inputs=sentence_inputs,
+                training=self.training,
+            )
+        except (ValueError, TypeError) as error:
+            if self.groups is None:
+                raise
+            self.executor.refuse_call(argument, error)
         out = self.executor.run(_autocast_dtype(tokens), routing.plan, choice, top_k)
         if self.shared_experts is not None:
             out = out + self.shared_experts(tokens).to(out.dtype)
@@ -437,20 +452,24 @@ class MoELayer(nn.Module):
     def compute_aux_loss(
         self, logits: torch.Tensor, noisy_logits: torch.Tensor | None, scores: torch.Tensor, top_k: int
     ) -> torch.Tensor:
-        """``aux_loss_weight * balance + z_loss * z`` (0 for an empty batch)."""
+        """``aux_loss_weight * balance + z_loss * z`` (0 for an empty batch). Routing units
+        whose logits or scores are not finite (a NaN or inf in the input) are left out of both
+        (``layer.stats.non_finite_units`` counts them): one bad token would otherwise make the
+        loss, and through it every token's gradient, NaN."""
         config = self.config
         total = scores.new_zeros(())
-        if scores.shape[0] == 0:
+        if scores.shape[0] == 0 or (config.aux_loss is None and config.z_loss <= 0):
             return total
+        valid = torch.isfinite(logits).all(dim=1) & torch.isfinite(scores).all(dim=1)  # no host read
         if config.aux_loss == "gshard":
-            total = total + config.aux_loss_weight * gshard_balance_loss(scores, scores.argmax(dim=1))
+            total = total + config.aux_loss_weight * gshard_balance_loss(scores, scores.argmax(dim=1), valid)
         elif config.aux_loss == "load_importance":
             clean_scores = scores if noisy_logits is None else routing_scores(logits, config.score_function)
             chosen = scores.topk(top_k, dim=1).indices
-            balance = load_importance_loss(clean_scores, logits, noisy_logits, chosen, config.gate_noise)
+            balance = load_importance_loss(clean_scores, logits, noisy_logits, chosen, config.gate_noise, valid)
             total = total + config.aux_loss_weight * balance
         if config.z_loss > 0:
-            total = total + config.z_loss * router_z_loss(logits)
+            total = total + config.z_loss * router_z_loss(logits, valid)
         return total
 
     def _record_stats(self, plan: RoutingPlan, scores: torch.Tensor, top_k: int) -> RoutingStats:

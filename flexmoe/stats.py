@@ -24,6 +24,7 @@ class RoutingStats:
         ``router_entropy`` is computed only when read.
     router_entropy: mean entropy of the routing distribution (nats; log(num_experts) = uniform),
         computed on first access.
+    non_finite_units: routing units whose scores are not finite (computed on read).
     """
 
     tokens_per_expert: torch.Tensor
@@ -40,6 +41,12 @@ class RoutingStats:
         if self._capacity is None:
             self._capacity = expert_capacity(0.0, self.tokens_per_expert, self.num_tokens, self.top_k)
         return self._capacity
+
+    @property
+    def non_finite_units(self) -> torch.Tensor:
+        """Scalar count of the routing units (tokens; sentences or tasks when routed so) whose
+        scores hold a NaN or inf, computed on read. The balance and z losses leave them out."""
+        return (~torch.isfinite(self.routing_scores).all(dim=1)).sum()
 
     @property
     def dropped(self) -> torch.Tensor:

@@ -28,15 +28,16 @@ import torch
 import torch.distributed as dist
 
 from flexmoe import MoELayer, Tuner
+from flexmoe.cli import CommandParser, int_at_least
 from flexmoe.distributed import parameter_groups
 from flexmoe.parallel import A2A_ALGORITHMS, ParallelConfig, allreduce_non_expert_grads
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--batch-tokens", type=int, default=1024)
-    p.add_argument("--model-dim", type=int, default=64)
+def build_parser() -> CommandParser:
+    p = CommandParser("flexmoe helloworld", description=__doc__)
+    p.add_argument("--steps", type=int_at_least(1), default=200)
+    p.add_argument("--batch-tokens", type=int_at_least(1), default=1024)
+    p.add_argument("--model-dim", type=int_at_least(1), default=64)
     p.add_argument("--hidden-dim", type=int, default=128)
     p.add_argument("--num-experts", type=int, default=8)
     p.add_argument("--top-k", type=int, default=2)
@@ -45,7 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--aux-loss", choices=["gshard", "load_importance", "none"], default="gshard")
     p.add_argument("--batch-prioritized-routing", action="store_true")
     p.add_argument("--gated", action="store_true")
-    p.add_argument("--clusters", type=int, default=16)
+    p.add_argument("--clusters", type=int_at_least(1), default=16)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -55,9 +56,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--local-world-size", type=int, default=None, help="ranks per node for 2dh (default torchrun's)")
     p.add_argument("--tune", action="store_true", help="pick r, d and a2a per capacity bucket with a run-time tuner")
     p.add_argument("--tune-cache", default=None, help="JSON file of tuner decisions, read and written (with --tune)")
-    p.add_argument("--tune-trials", type=int, default=2, help="timed steps per candidate and capacity bucket")
+    p.add_argument(
+        "--tune-trials", type=int_at_least(1), default=2, help="timed steps per candidate and capacity bucket"
+    )
     p.add_argument("--timeout", type=float, default=300.0, help="seconds before a collective fails (torchrun)")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def init_distributed(args: argparse.Namespace) -> bool:
@@ -86,19 +93,9 @@ def sample_batch(centres, maps, batch_tokens: int, generator: torch.Generator):
     return x, target
 
 
-def main(argv: list[str] | None = None) -> float:
-    args = parse_args(argv)
-    distributed = init_distributed(args)
-    rank = dist.get_rank() if distributed else 0
-    torch.manual_seed(args.seed)
-    generator = torch.Generator().manual_seed(args.seed)
-    centres, maps = make_task(args.clusters, args.model_dim, generator)
-    if distributed:
-        generator.manual_seed(args.seed + 1000 * (rank + 1))  # same task, a different batch per rank
-    if args.tune_cache and not args.tune:
-        raise ValueError("--tune-cache needs --tune")
-    tuner = Tuner(args.tune_trials, args.tune_cache) if args.tune else None
-    layer = MoELayer(
+def build_layer(args: argparse.Namespace, tuner: Tuner | None, distributed: bool) -> MoELayer:
+    """The layer the options describe (expert parallel over every rank under torchrun)."""
+    return MoELayer(
         model_dim=args.model_dim,
         num_experts=args.num_experts,
         hidden_dim=args.hidden_dim,
@@ -112,6 +109,25 @@ def main(argv: list[str] | None = None) -> float:
         tuner=tuner,
         group=dist.group.WORLD if distributed else None,  # expert parallel over every rank
     ).to(args.device)
+
+
+def main(argv: list[str] | None = None) -> float:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.tune_cache and not args.tune:
+        parser.error("--tune-cache needs --tune")
+    distributed = init_distributed(args)
+    rank = dist.get_rank() if distributed else 0
+    torch.manual_seed(args.seed)
+    generator = torch.Generator().manual_seed(args.seed)
+    centres, maps = make_task(args.clusters, args.model_dim, generator)
+    if distributed:
+        generator.manual_seed(args.seed + 1000 * (rank + 1))  # same task, a different batch per rank
+    tuner = Tuner(args.tune_trials, args.tune_cache) if args.tune else None
+    try:
+        layer = build_layer(args, tuner, distributed)
+    except (ValueError, TypeError) as error:  # an option the layer refuses: one line, exit status 2
+        parser.error(str(error))
     optimizer = torch.optim.Adam(parameter_groups(layer), lr=args.lr)  # DTensor experts in a group of their own
     if rank == 0:
         print(layer, f"layout: {layer.layout}", sep="\n")

@@ -11,6 +11,7 @@ run-time tuner the choice comes from the tuner, which times the expert step forw
 from __future__ import annotations
 
 import time
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -20,7 +21,7 @@ from flexmoe.config import ACTIVATIONS, GRANULARITIES, ROUTERS, SCORE_FUNCTIONS,
 from flexmoe.executors.kernels import grouped_unsupported_reason, prefers_per_expert
 from flexmoe.experts import FFNExperts
 from flexmoe.ops import combine, dispatch
-from flexmoe.parallel.checks import dtype_code
+from flexmoe.parallel.checks import CallRefused, dtype_code, refusal_code
 from flexmoe.parallel.choices import check_choice, valid_choices
 from flexmoe.parallel.config import A2A_ALGORITHMS, ParallelChoice, ParallelConfig
 from flexmoe.parallel.counts import CountTable, exchange_counts
@@ -166,10 +167,25 @@ class ExpertParallelExecutor:
         )
         settings = layer_settings(self.config, self.groups, choice, top_k, tokens.dtype, needs_grad, tuned)
         settings["layer"] = self.layer_id  # layers called in another order on another rank meet here
+        settings["refused"] = 0
         table = exchange_counts(settings, plan, self.layout, self.groups, tokens.device)
         if tuned:
             return self.run_tuned(tokens, plan, table, self.tuning_key(table.capacity, top_k, tokens))
         return self.expert_step(tokens, plan, table, choice)
+
+    def refuse_call(self, argument: str, error: ValueError | TypeError) -> NoReturn:
+        """Raise ``error`` (``argument``, one of :data:`~flexmoe.parallel.checks.CALL_ARGUMENTS`,
+        is invalid on this rank) on every rank of the group: this rank meets its peers' count
+        exchange with the argument marked, so they raise :class:`CallRefused` naming it instead
+        of waiting for a rank that will not come."""
+        settings = layer_settings(self.config, self.groups, self.default_choice(self.parallel))
+        settings["layer"] = self.layer_id
+        settings["refused"] = refusal_code(argument)
+        try:
+            exchange_counts(settings, None, self.layout, self.groups, self.groups.collective_device)
+        except CallRefused as refused:
+            raise type(error)(f"{refused}; on this rank: {error}") from error
+        raise AssertionError("a refused call passed the count exchange")  # the exchange always raises
 
     def expert_step(
         self, tokens: torch.Tensor, plan: RoutingPlan, table: CountTable, choice: ParallelChoice

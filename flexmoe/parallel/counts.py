@@ -67,18 +67,22 @@ def experts_of_ranks(layout: ExpertLayout, device: torch.device) -> torch.Tensor
 
 def exchange_counts(
     settings: dict[str, int],
-    plan: RoutingPlan,
+    plan: RoutingPlan | None,
     layout: ExpertLayout,
     groups: ParallelGroups,
     device: torch.device,
 ) -> CountTable:
     """Exchange ``settings``, this rank's capacity and its per-expert kept counts over the
-    layer's group; check the settings agree (ValueError on every rank otherwise)."""
+    layer's group; check the settings agree (ValueError on every rank otherwise). ``plan`` None:
+    a refused call (nothing routed, zero counts)."""
     names = list(settings)
     world = layout.world_size
-    counts = plan.kept_per_expert.to(device=device, dtype=torch.int64)
-    # Fixed capacity is a host int; dropless capacity is the largest load, left on the device.
-    capacity = counts.max().reshape(1) if plan._capacity is None else host_ints([plan._capacity], device)
+    if plan is None:
+        counts, capacity = torch.zeros(layout.num_experts, dtype=torch.int64, device=device), host_ints([0], device)
+    else:
+        counts = plan.kept_per_expert.to(device=device, dtype=torch.int64)
+        # Fixed capacity is a host int; dropless capacity is the largest load, left on the device.
+        capacity = counts.max().reshape(1) if plan._capacity is None else host_ints([plan._capacity], device)
     head = host_ints(list(settings.values()), device)
     send = torch.cat(
         [head.expand(world, -1), capacity.expand(world, 1), counts[experts_of_ranks(layout, device)]], dim=1

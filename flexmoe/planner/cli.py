@@ -141,6 +141,8 @@ def run(args: argparse.Namespace) -> None:
             args.save_cluster.write_text(json.dumps(cluster.to_json(), indent=1))
             print(f"wrote {args.save_cluster}")
         return
+    if args.save_cluster:
+        raise ValueError("--save-cluster writes the constants --calibrate fits: pass --calibrate RECORDS too")
     overlap = _overlap_degrees(args.overlap)
     shape = _shape(args)
     if args.load_trace:

@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from flexmoe.config import CAPACITY_FACTOR_LIMIT
 from flexmoe.parallel.config import check_int
 
 DTYPE_BYTES: dict[str, int] = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -175,8 +176,12 @@ class LayerShape:
         if self.top_k > self.num_experts:
             raise ValueError(f"top_k must be <= num_experts ({self.num_experts}), got {self.top_k}")
         factor = self.capacity_factor
-        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 <= factor < math.inf:
-            raise ValueError(f"capacity_factor must be a finite number >= 0 (0 = dropless), got {factor!r}")
+        limit = CAPACITY_FACTOR_LIMIT * self.num_experts  # as the layer accepts
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 <= factor <= limit:
+            raise ValueError(
+                f"capacity_factor must be a number in 0..{limit} ({CAPACITY_FACTOR_LIMIT} x num_experts; 0 = "
+                f"dropless, at num_experts every token fits), got {factor!r}"
+            )
         _check_dtype("dtype", self.dtype)
         if not isinstance(self.gated, bool):
             raise TypeError(f"gated must be a bool, got {type(self.gated).__name__}")

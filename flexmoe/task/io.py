@@ -9,7 +9,6 @@ save's description, is refused with the file named, never loaded.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -18,21 +17,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from flexmoe.files import read_json_document, write_atomically, write_text_atomically
+from flexmoe.files import read_json_document, sha256_of, write_atomically, write_text_atomically
 from flexmoe.task.dense import DenseFFN
 
 WEIGHTS_FILE = "model.safetensors"
 DESCRIPTION_FILE = "flexmoe_subnetwork.json"
 FORMAT = "flexmoe-subnetwork"
 VERSION = 2
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def save_subnetwork(model: nn.Module, directory: str | Path) -> Path:
@@ -50,7 +41,7 @@ def save_subnetwork(model: nn.Module, directory: str | Path) -> Path:
         "version": VERSION,
         "dense_blocks": blocks,
         "task_id": getattr(report, "task_id", None),
-        "weights": {"file": WEIGHTS_FILE, "bytes": weights.stat().st_size, "sha256": _sha256(weights)},
+        "weights": {"file": WEIGHTS_FILE, "bytes": weights.stat().st_size, "sha256": sha256_of(weights)},
     }
     write_text_atomically(directory / DESCRIPTION_FILE, json.dumps(description, indent=2))
     return directory
@@ -83,7 +74,7 @@ def _check_weights(directory: Path, description: dict) -> None:
             f"{weights} has {size} bytes, its description says {expected['bytes']} (wrong size: truncated, or "
             "from another save); save the sub-network again"
         )
-    if _sha256(weights) != expected["sha256"]:
+    if sha256_of(weights) != expected["sha256"]:
         raise ValueError(
             f"{weights} does not match the checksum in {DESCRIPTION_FILE} (corrupted, or from another save); "
             "save the sub-network again"

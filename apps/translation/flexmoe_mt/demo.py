@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from flexmoe.cli import CommandParser
+from flexmoe.cli import CommandParser, int_at_least
 from flexmoe.task.extract import count_parameters
 from flexmoe_mt.compare import peak_throughputs, served_pairs
 from flexmoe_mt.data.corpus import Pair
@@ -95,7 +95,9 @@ def main(argv: list[str] | None = None) -> None:
         "--seed", type=int, help="train with this seed (its own run directories; default: the configs')"
     )
     parser.add_argument("--language", default="fr", help="target language to extract (default fr)")
-    parser.add_argument("--per-direction", type=int, default=25, help="test sentences per direction (default 25)")
+    parser.add_argument(
+        "--per-direction", type=int_at_least(1), default=25, help="test sentences per direction (default 25)"
+    )
     parser.add_argument("--tsv-dir", help="use DIR/{train,valid,test}.tsv instead of the embedded corpus")
     parser.add_argument("--fresh", action="store_true", help="retrain even if runs/demo holds finished runs")
     args = parser.parse_args(argv)
@@ -118,7 +120,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"flexmoe demo: torch {torch.__version__}, {platform.machine()}, {os.cpu_count()} CPUs; {versions}")
 
     print("\n== corpus ==")
-    corpus = load_corpus(runs["demo_task_moe"].data)
+    try:
+        corpus = load_corpus(runs["demo_task_moe"].data)
+    except (FileNotFoundError, ValueError) as error:  # a missing or empty --tsv-dir file
+        parser.error(str(error))
     print(
         f"{len(corpus['train']):,} training pairs, {len(corpus.target_languages)} target languages "
         f"(corpus SHA-256 {corpus_digest(corpus)[:16]})"

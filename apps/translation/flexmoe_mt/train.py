@@ -282,7 +282,9 @@ class Trainer:
         if self.device.type == "cuda" and state.get("cuda_rng") is not None:
             torch.cuda.set_rng_state(state["cuda_rng"], self.device)
         self.step, self.elapsed_s = state["step"], state["elapsed_s"]
-        self.log_window = state["log_window"]
+        # Checkpoints written before the logging window was saved resume with an empty window
+        # (the first logged loss then averages only the steps since the checkpoint).
+        self.log_window = state.get("log_window", {"loss": [], "aux_loss": []})
 
     def _check_same_data(self, state: dict[str, Any]) -> None:
         """Refuse to resume on another corpus: the sampler state and the tokenizer belong to the
