@@ -38,14 +38,23 @@ def grouped_ffn(
     b2: torch.Tensor | None,
     gate_up: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Expert FFNs by ``grouped_mm``: x [rows, M] sorted by expert, counts [E] (sums to rows)
-    -> [rows, M]. Weights as :class:`~flexmoe.FFNExperts` (w1/w3 [E, M, H], w2 [E, H, M], b1 [E, H],
-    b2 [E, M]) in x's dtype; ``gate_up`` [E, M, 2H]: w1 and w3 fused, computed by one GEMM."""
+    """Expert FFNs by ``grouped_mm``: x [rows, M] sorted by expert, counts [E] (sums to at most
+    rows; the rows past the sum get unspecified values) -> [rows, M]. Weights as
+    :class:`~flexmoe.FFNExperts` (w1/w3 [E, M, H], w2 [E, H, M], b1 [E, H], b2 [E, M]) in x's dtype; ``gate_up`` [E, M, 2H]: w1 and w3 fused, computed by one GEMM."""
     offsets = torch.cumsum(counts, 0, dtype=torch.int32)
-    rows, hidden_dim = x.shape[0], w1.shape[2]
+    hidden_dim = w1.shape[2]
+    expert_of_row = None
 
     def per_row(bias: torch.Tensor | None) -> torch.Tensor | None:
-        return None if bias is None else bias.repeat_interleave(counts, dim=0, output_size=rows)
+        # A gather rather than repeat_interleave: rows past sum(counts) (a static-shape plan's
+        # dropped entries, whose results the caller discards) keep the output size static.
+        nonlocal expert_of_row
+        if bias is None:
+            return None
+        if expert_of_row is None:
+            rows = torch.arange(x.shape[0], device=x.device, dtype=offsets.dtype)
+            expert_of_row = torch.searchsorted(offsets, rows, right=True).clamp_(max=counts.numel() - 1)
+        return bias[expert_of_row]
 
     if gate_up is not None:
         both = F.grouped_mm(x, gate_up, offs=offsets)

@@ -138,6 +138,8 @@ class PerExpertFFN(torch.autograd.Function):
                 del hidden
                 saved += [pre, activated] if gate_in is None else [pre, activated, gate_in]
                 start = end
+            if not routed:
+                out[start:].zero_()  # rows past sum(counts) (a static-shape plan's dropped entries)
         # Handed to setup_context (torch.func's form: no ctx in forward); not part of the result.
         return out, saved
 
@@ -233,6 +235,11 @@ class PerExpertFFN(torch.autograd.Function):
                     del grad_piece
                 del grad_pre, grad_gate
                 start = end
+            # Entries past sum(counts): no gradient.
+            if gx is not None and not routed:
+                gx[start:].zero_()
+            if grad_gates is not None:
+                grad_gates[start:].zero_()
         return gx, None, None, None, None, grad_gates, gw1, gb1, gw3, gw2, gb2
 
 
@@ -261,15 +268,17 @@ def per_expert_ffn(
     """See :class:`PerExpertFFN`. Without routing: x [rows, M] sorted by expert,
     ``sum(counts) == rows`` -> [rows, M]. With ``token_index`` and ``gates`` ([kept], sorted by
     expert, ``sum(counts) == kept``): x [tokens, M] -> [tokens, M], dispatch and combine included.
+    Rows (entries) past ``sum(counts)``, as a static-shape plan's dropped entries, are ignored:
+    zero output and zero gradient.
     cache: where the weight gradients and, when this call records a backward, the large
     activations and temporaries are allocated (reused from step to step, see
     :mod:`flexmoe.ops.buffers`); None allocates new ones each time."""
     if (token_index is None) != (gates is None):
         raise ValueError("token_index and gates go together: pass both or neither")
     rows = x.shape[0] if token_index is None else token_index.shape[0]
-    if sum(counts) != rows:
+    if sum(counts) > rows:
         what = "rows of x" if token_index is None else "entries of token_index"
-        raise ValueError(f"counts must sum to the {rows} {what}, got {sum(counts)}")
+        raise ValueError(f"counts must sum to at most the {rows} {what}, got {sum(counts)}")
     tensors = [t for t in (x, gates, w1, b1, w3, w2, b2) if t is not None]
     if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
         cache = None  # nothing is saved for a backward: the temporaries die within the call
