@@ -46,15 +46,16 @@ def grouped_ffn(
     expert_of_row = None
 
     def per_row(bias: torch.Tensor | None) -> torch.Tensor | None:
-        # A gather rather than repeat_interleave: rows past sum(counts) (a static-shape plan's
-        # dropped entries, whose results the caller discards) keep the output size static.
+        # A gather rather than repeat_interleave, so that rows past sum(counts) (a static-shape
+        # plan's dropped entries, whose results the caller discards) keep the size static. They
+        # read an extra zero row: their (unspecified) gradient lands there, not in the bias's.
         nonlocal expert_of_row
         if bias is None:
             return None
         if expert_of_row is None:
             rows = torch.arange(x.shape[0], device=x.device, dtype=offsets.dtype)
-            expert_of_row = torch.searchsorted(offsets, rows, right=True).clamp_(max=counts.numel() - 1)
-        return bias[expert_of_row]
+            expert_of_row = torch.searchsorted(offsets, rows, right=True)
+        return F.pad(bias, (0, 0, 0, 1))[expert_of_row]
 
     if gate_up is not None:
         both = F.grouped_mm(x, gate_up, offs=offsets)
