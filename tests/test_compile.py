@@ -84,9 +84,7 @@ def test_fixed_capacity_layer_compiles_fullgraph(kernel, train):
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize(
-    ("kernel", "max_breaks"), [("padded", 1), ("per_expert", 0), ("grouped", 0), ("auto", 0)]
-)
+@pytest.mark.parametrize(("kernel", "max_breaks"), [("padded", 1), ("per_expert", 0), ("grouped", 0), ("auto", 0)])
 def test_dropless_graph_breaks(kernel, max_breaks):
     """Dropless: the exact-count kernels need no host read; the padded layout reads its capacity
     (the largest load) once, in the layer's forward."""

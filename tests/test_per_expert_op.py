@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
@@ -246,3 +247,28 @@ def test_reused_buffers_never_overwrite_what_a_pending_backward_needs(reuse_all_
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     for a, b in zip(kept, reference(xs[0])):  # gradients handed out earlier are not overwritten
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_buffer_cache_shrinks_after_a_large_step(reuse_all_rows):
+    """One long batch must not keep its memory for the short ones after it: the cache holds about
+    what the last step used (buffers more than twice too large or unused are dropped)."""
+    from flexmoe.experts import FFNExperts
+
+    experts = FFNExperts(4, 16, 32)
+
+    def step(rows_per_expert: list[int]) -> int:
+        x = torch.randn(sum(rows_per_expert), 16)
+        experts.forward_per_expert(x, torch.tensor(rows_per_expert)).sum().backward()
+        experts.zero_grad(set_to_none=True)
+        return experts.buffer_cache.nbytes()
+
+    small = step([4, 4, 4, 4])
+    large = step([400, 4, 4, 0])
+    assert large > 10 * small
+    step([4, 4, 4, 4])
+    assert step([4, 4, 4, 4]) <= 2 * small
+
+
+def test_buffer_cache_uses_no_private_torch_api():
+    source = (Path(per_expert.__file__).parent / "buffers.py").read_text()
+    assert "torch._" not in source

@@ -40,7 +40,8 @@ def grouped_ffn(
 ) -> torch.Tensor:
     """Expert FFNs by ``grouped_mm``: x [rows, M] sorted by expert, counts [E] (sums to at most
     rows; the rows past the sum get unspecified values) -> [rows, M]. Weights as
-    :class:`~flexmoe.FFNExperts` (w1/w3 [E, M, H], w2 [E, H, M], b1 [E, H], b2 [E, M]) in x's dtype; ``gate_up`` [E, M, 2H]: w1 and w3 fused, computed by one GEMM."""
+    :class:`~flexmoe.FFNExperts` (w1/w3 [E, M, H], w2 [E, H, M], b1 [E, H], b2 [E, M]) in x's
+    dtype; ``gate_up`` [E, M, 2H]: w1 and w3 fused, computed by one GEMM."""
     offsets = torch.cumsum(counts, 0, dtype=torch.int32)
     hidden_dim = w1.shape[2]
     expert_of_row = None

@@ -167,7 +167,7 @@ class PerExpertFFN(torch.autograd.Function):
             # Every busy expert's slice is overwritten below; experts with no rows get zeros.
             if like is None or not wanted:
                 return None
-            grad = torch.empty_like(like) if cache is None else cache.take(name, like)
+            grad = torch.empty_like(like) if cache is None else cache.take(name, like, grad_of=like)
             for e in empty_experts:
                 grad[e].zero_()
             return grad
@@ -282,10 +282,6 @@ def per_expert_ffn(
     tensors = [t for t in (x, gates, w1, b1, w3, w2, b2) if t is not None]
     if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
         cache = None  # nothing is saved for a backward: the temporaries die within the call
-    if any(_is_functorch_wrapped(t) for t in tensors):
-        cache = None  # torch.func: the cache's storage check cannot see through functorch's wrappers
+    if cache is not None:
+        cache.new_step()
     return PerExpertFFN.apply(x.contiguous(), counts, activation, cache, token_index, gates, w1, b1, w3, w2, b2)[0]
-
-
-def _is_functorch_wrapped(tensor: torch.Tensor) -> bool:
-    return torch._C._functorch.is_functorch_wrapped_tensor(tensor)
