@@ -110,7 +110,7 @@ class PerExpertFFN(torch.autograd.Function):
         routed = token_index is not None
         out = x.new_zeros(x.shape[0], w2.shape[2]) if routed else x.new_empty(x.shape[0], w2.shape[2])
         gate_rows = gates.to(x.dtype).unsqueeze(1) if routed else None
-        rows_out = _Rows(cache)
+        rows_out = cache if isinstance(cache, _Rows) else _Rows(cache)
         saved, start = [], 0
         with torch.autocast(x.device.type, enabled=False):
             for e, count in enumerate(counts):
