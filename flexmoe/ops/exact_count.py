@@ -231,7 +231,7 @@ def _(grad_out, x, counts, token_index, gates, w1, b1, w3, w2, b2, pre, act, gat
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    *tensors, activation, kernel, _ = inputs
+    *tensors, activation, _kernel, _save = inputs
     _, *parts = output
     ctx.save_for_backward(*tensors, *parts)
     ctx.activation = activation
