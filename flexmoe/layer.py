@@ -241,10 +241,7 @@ class MoELayer(nn.Module):
         return isinstance(self.executor, LocalExecutor) and self.executor.uses_grouped_layout(dtype)
 
     def expert_kernel(self, tokens: torch.Tensor, plan: RoutingPlan) -> str:
-        """Single process: the kernel this call runs (``"grouped"``, ``"per_expert"`` or ``"padded"``);
-        expert-parallel: ``"expert_parallel"``."""
-        if not isinstance(self.executor, LocalExecutor):
-            return "expert_parallel"
+        """Single process: the kernel this call runs (``"grouped"``, ``"per_expert"`` or ``"padded"``)."""
         return self.executor.kernel(tokens, plan)
 
     def _choice_for_call(
@@ -388,7 +385,13 @@ class MoELayer(nn.Module):
                 raise
             self.executor.refuse_call(argument, error)
         plan, expert_tokens = routing.plan, _autocast_dtype(tokens)
-        if plan.num_tokens and not plan.has_capacity and self.expert_kernel(expert_tokens, plan) == "padded":
+        executor = self.executor
+        if (
+            plan.num_tokens
+            and not plan.has_capacity
+            and isinstance(executor, LocalExecutor)
+            and executor.runs_padded(expert_tokens.dtype)
+        ):
             # Dropless on the padded layout: the buffer is as large as the largest load. Read here,
             # in forward itself, torch.compile breaks the graph once (deeper, once per call level).
             plan.capacity = int(plan.tokens_per_expert.max())

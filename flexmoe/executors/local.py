@@ -48,15 +48,21 @@ class LocalExecutor:
             raise ValueError(f"expert_kernel='grouped' cannot run here: {reason}; use 'auto' or 'padded'")
         return reason is None
 
+    def runs_padded(self, dtype: torch.dtype) -> bool:
+        """Whether every call in ``dtype`` runs the padded layout (then a dropless call needs the
+        capacity, its largest load)."""
+        kernel = self.config.expert_kernel
+        return kernel == "padded" or (kernel != "per_expert" and not self.uses_grouped_layout(dtype))
+
     def kernel(self, tokens: torch.Tensor, plan: RoutingPlan) -> str:
         """How the experts run this call: ``"grouped"`` (exact counts, ``grouped_mm``),
         ``"per_expert"`` (exact counts, one GEMM pair per expert) or ``"padded"``
         (``[experts, capacity, model_dim]``, ``bmm``). See ``MoEConfig.expert_kernel``."""
         kernel = self.config.expert_kernel
-        if kernel in ("padded", "per_expert"):
-            return kernel
-        if not self.uses_grouped_layout(tokens.dtype):
+        if self.runs_padded(tokens.dtype):
             return "padded"
+        if kernel == "per_expert":
+            return kernel
         if (
             kernel == "auto"
             and tokens.device.type == "cpu"
