@@ -130,3 +130,13 @@ def test_static_plan_runs_as_the_eager_plan(kernel):
     torch.testing.assert_close(static_out, eager_out)
     for eager_grad, static_grad in zip(eager_grads, static_grads):
         torch.testing.assert_close(static_grad, eager_grad)
+
+
+def test_layers_with_different_capacity_factors_compile_fullgraph():
+    """A second compiled layer with another factor makes dynamo trace the factor as a symbolic
+    float; the capacity (a shape) must still come out as a plain int of the input's size."""
+    torch._dynamo.reset()
+    for capacity_factor, tokens in [(1.0, 16), (1.25, 16), (1.5, 24), (2.0, 32)]:
+        layer = _layer("padded", capacity_factor)
+        x = torch.randn(tokens, 16)
+        torch.testing.assert_close(torch.compile(layer, fullgraph=True)(x), layer(x))
