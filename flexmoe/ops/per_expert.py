@@ -27,8 +27,8 @@ REUSE_MIN_BYTES = 1 << 20
 
 # activation -> (its input, out) -> its output written into ``out``, for the built-in ones.
 _ACTIVATIONS_INTO: dict[Callable, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
-    F.gelu: lambda pre, out: torch._C._nn.gelu(pre, out=out),
-    F.silu: lambda pre, out: torch._C._nn.silu(pre, out=out),
+    F.gelu: lambda pre, out: torch.ops.aten.gelu.out(pre, out=out),
+    F.silu: lambda pre, out: torch.ops.aten.silu.out(pre, out=out),
     F.relu: lambda pre, out: torch.clamp_min(pre, 0, out=out),
 }
 
