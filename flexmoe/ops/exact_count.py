@@ -7,8 +7,9 @@ So under ``torch.compile`` they run as one registered custom op, ``flexmoe::exac
 dynamo and AOTAutograd see its output shape (``[x.shape[0], model_dim]``) and nothing inside.
 When a backward will follow, the op also returns what its backward reads (the pre-activation,
 activation and gate input, as [rows, hidden] tensors; the routed per-expert kernel also its
-gathered input rows and expert outputs), and its backward is a second op running the
-per-expert kernel's hand-written backward on them: no expert GEMM is computed twice.
+gathered input rows and expert outputs), and its backward is a second op computing the
+gradients from them (grouped_mm's for the grouped kernel, the per-expert kernel's hand-written
+backward for the per-expert one): no expert GEMM is computed twice.
 Eager calls run the kernels directly.
 """
 
@@ -20,7 +21,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from flexmoe.ops.per_expert import PerExpertFFN, _Rows, per_expert_ffn
+from flexmoe.ops.per_expert import PerExpertFFN, _activation_backward, _Rows, per_expert_ffn
 
 KERNELS = ("grouped", "per_expert")
 
@@ -191,9 +192,14 @@ def _exact_count_ffn_backward(
     x_rows: torch.Tensor,
     y: torch.Tensor,
     activation: str,
+    kernel: str,
 ) -> list[torch.Tensor]:
-    """Gradients of (x, gates, w1, b1, w3, w2, b2), an empty tensor for each absent one: the
-    per-expert kernel's hand-written backward on the parts the forward saved (no recompute)."""
+    """Gradients of (x, gates, w1, b1, w3, w2, b2), an empty tensor for each absent one, from
+    the parts the forward saved (no recompute): grouped_mm's for the grouped kernel, the
+    per-expert kernel's hand-written backward for the per-expert one."""
+    if kernel == "grouped":
+        grads = _grouped_backward(grad_out, x, counts, w1, b1, w3, w2, b2, pre, act, gate, activation)
+        return [x.new_empty(0) if g is None else g for g in grads]
     counts_list = counts.tolist()
     routed = token_index is not None
     saved = []
@@ -225,16 +231,48 @@ def _exact_count_ffn_backward(
     return [x.new_empty(0) if g is None else g for g in (grad_x, grad_gates, *grad_weights)]
 
 
+def _grouped_backward(grad_out, x, counts, w1, b1, w3, w2, b2, pre, act, gate, activation):
+    """The grouped kernel's gradients of (x, gates=None, w1, b1, w3, w2, b2) by grouped_mm, as
+    autograd through :func:`grouped_ffn` computes them, from the saved pre-activation, activation
+    and gate input. Rows past ``sum(counts)`` get unspecified input gradients (the caller
+    discards them) and add nothing to the weights' and biases' gradients."""
+    offsets = torch.cumsum(counts, 0, dtype=torch.int32)
+    num_experts = counts.numel()
+    rows = torch.arange(x.shape[0], device=x.device, dtype=offsets.dtype)
+    expert_of_row = torch.searchsorted(offsets, rows, right=True)  # num_experts past sum(counts)
+
+    def per_expert_sum(grad_rows: torch.Tensor) -> torch.Tensor:  # [rows, n] -> [E, n]
+        sums = grad_rows.new_zeros(num_experts + 1, grad_rows.shape[1])
+        return sums.index_add_(0, expert_of_row, grad_rows)[:num_experts]
+
+    gated = w3 is not None
+    hidden = act * gate if gated else act
+    grad_w2 = F.grouped_mm(hidden.t(), grad_out, offs=offsets)
+    grad_b2 = None if b2 is None else per_expert_sum(grad_out)
+    grad_hidden = F.grouped_mm(grad_out, w2.transpose(1, 2), offs=offsets)
+    grad_gate = grad_hidden * act if gated else None
+    grad_act = grad_hidden * gate if gated else grad_hidden
+    grad_pre = _activation_backward(ACTIVATION_FUNCTIONS[activation], pre, grad_act)
+    x_t = x.t()
+    grad_w1 = F.grouped_mm(x_t, grad_pre, offs=offsets)
+    grad_b1 = None if b1 is None else per_expert_sum(grad_pre)
+    grad_w3 = F.grouped_mm(x_t, grad_gate, offs=offsets) if gated else None
+    grad_x = F.grouped_mm(grad_pre, w1.transpose(1, 2), offs=offsets)
+    if gated:
+        grad_x = grad_x + F.grouped_mm(grad_gate, w3.transpose(1, 2), offs=offsets)
+    return grad_x, None, grad_w1, grad_b1, grad_w3, grad_w2, grad_b2
+
+
 @_exact_count_ffn_backward.register_fake
-def _(grad_out, x, counts, token_index, gates, w1, b1, w3, w2, b2, pre, act, gate, x_rows, y, activation):
+def _(grad_out, x, counts, token_index, gates, w1, b1, w3, w2, b2, pre, act, gate, x_rows, y, activation, kernel):
     return [x.new_empty(0) if t is None else torch.empty_like(t) for t in (x, gates, w1, b1, w3, w2, b2)]
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    *tensors, activation, _kernel, _save = inputs
+    *tensors, activation, kernel, _save = inputs
     _, *parts = output
     ctx.save_for_backward(*tensors, *parts)
-    ctx.activation = activation
+    ctx.activation, ctx.kernel = activation, kernel
     ctx.present = [t is not None for t in tensors]
 
 
@@ -243,7 +281,7 @@ def _backward(ctx, grad_out, *_grad_parts):
     if parts[0].numel() == 0 and x.shape[0] > 0:
         raise RuntimeError("flexmoe::exact_count_ffn ran without save=True: it has no backward")
     grads = _exact_count_ffn_backward(
-        grad_out.contiguous(), x, counts, token_index, gates, w1, b1, w3, w2, b2, *parts, ctx.activation
+        grad_out.contiguous(), x, counts, token_index, gates, w1, b1, w3, w2, b2, *parts, ctx.activation, ctx.kernel
     )
     grad_x, grad_gates, *grad_weights = grads
     present = ctx.present
