@@ -324,7 +324,7 @@ def test_exact_count_op_matches_float64_reference_without_recompute(kernel, rout
 def test_exact_count_op_registration_passes_opcheck():
     w = weights(gated=True, bias=True)
     x = torch.randn(sum(COUNTS), M, dtype=torch.float64, requires_grad=True)
-    args = (x, torch.tensor(COUNTS), None, None, *w.values(), "gelu", "per_expert", True)
+    args = ("per_expert", x, torch.tensor(COUNTS), None, None, *w.values(), "gelu", True)
     torch.library.opcheck(torch.ops.flexmoe.exact_count_ffn.default, args)
 
 

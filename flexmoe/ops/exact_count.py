@@ -138,6 +138,7 @@ class _Slices(_Rows):
 
 @torch.library.custom_op("flexmoe::exact_count_ffn", mutates_args=())
 def _exact_count_ffn(
+    kernel: str,
     x: torch.Tensor,
     counts: torch.Tensor,
     token_index: torch.Tensor | None,
@@ -148,14 +149,13 @@ def _exact_count_ffn(
     w2: torch.Tensor,
     b2: torch.Tensor | None,
     activation: str,
-    kernel: str,
     save: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return _forward(kernel, x, counts, token_index, gates, [w1, b1, w3, w2, b2], activation, save)
 
 
 @_exact_count_ffn.register_fake
-def _(x, counts, token_index, gates, w1, b1, w3, w2, b2, activation, kernel, save):
+def _(kernel, x, counts, token_index, gates, w1, b1, w3, w2, b2, activation, save):
     out = x.new_empty(x.shape[0], w2.shape[2])
     entries = x.shape[0] if token_index is None else token_index.shape[0]
     hidden_dim = w1.shape[2]
@@ -176,6 +176,7 @@ def _(x, counts, token_index, gates, w1, b1, w3, w2, b2, activation, kernel, sav
 
 @torch.library.custom_op("flexmoe::exact_count_ffn_backward", mutates_args=())
 def _exact_count_ffn_backward(
+    kernel: str,
     grad_out: torch.Tensor,
     x: torch.Tensor,
     counts: torch.Tensor,
@@ -192,7 +193,6 @@ def _exact_count_ffn_backward(
     x_rows: torch.Tensor,
     y: torch.Tensor,
     activation: str,
-    kernel: str,
 ) -> list[torch.Tensor]:
     """Gradients of (x, gates, w1, b1, w3, w2, b2), an empty tensor for each absent one, from
     the parts the forward saved (no recompute): grouped_mm's for the grouped kernel, the
@@ -264,12 +264,12 @@ def _grouped_backward(grad_out, x, counts, w1, b1, w3, w2, b2, pre, act, gate, a
 
 
 @_exact_count_ffn_backward.register_fake
-def _(grad_out, x, counts, token_index, gates, w1, b1, w3, w2, b2, pre, act, gate, x_rows, y, activation, kernel):
+def _(kernel, grad_out, x, counts, token_index, gates, w1, b1, w3, w2, b2, pre, act, gate, x_rows, y, activation):
     return [x.new_empty(0) if t is None else torch.empty_like(t) for t in (x, gates, w1, b1, w3, w2, b2)]
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    *tensors, activation, kernel, _save = inputs
+    kernel, *tensors, activation, _save = inputs
     _, *parts = output
     ctx.save_for_backward(*tensors, *parts)
     ctx.activation, ctx.kernel = activation, kernel
@@ -281,13 +281,13 @@ def _backward(ctx, grad_out, *_grad_parts):
     if parts[0].numel() == 0 and x.shape[0] > 0:
         raise RuntimeError("flexmoe::exact_count_ffn ran without save=True: it has no backward")
     grads = _exact_count_ffn_backward(
-        grad_out.contiguous(), x, counts, token_index, gates, w1, b1, w3, w2, b2, *parts, ctx.activation, ctx.kernel
+        ctx.kernel, grad_out.contiguous(), x, counts, token_index, gates, w1, b1, w3, w2, b2, *parts, ctx.activation
     )
     grad_x, grad_gates, *grad_weights = grads
     present = ctx.present
     grad_gates = grad_gates if present[3] else None
     grad_weights = [g if present[4 + i] else None for i, g in enumerate(grad_weights)]
-    return (grad_x, None, None, grad_gates, *grad_weights, None, None, None)
+    return (None, grad_x, None, None, grad_gates, *grad_weights, None, None)
 
 
 _exact_count_ffn.register_autograd(_backward, setup_context=_setup_context)
@@ -319,7 +319,7 @@ def exact_count_ffn(
         return _eager_outside_graph(kernel, x, counts, activation, w1, b1, w3, w2, b2, token_index, gates)
     differentiable = [t for t in (x, gates, w1, b1, w3, w2, b2) if t is not None]
     save = torch.is_grad_enabled() and any(t.requires_grad for t in differentiable)
-    return _exact_count_ffn(x, counts, token_index, gates, w1, b1, w3, w2, b2, name, kernel, save)[0]
+    return _exact_count_ffn(kernel, x, counts, token_index, gates, w1, b1, w3, w2, b2, name, save)[0]
 
 
 @torch.compiler.disable
