@@ -177,6 +177,9 @@ class FFNExperts(nn.Module):
         ``kernel``: ``"grouped"`` (``grouped_mm``) or ``"per_expert"`` (any dtype)."""
         weights = {name: w.to(x.dtype) for name, w in weights.items()}
         w1, w3, b1, w2, b2 = (weights.get(name) for name in ("w1", "w3", "b1", "w2", "b2"))
+        if torch.compiler.is_compiling():  # the registered op, as forward_grouped / forward_per_expert
+            counts = torch.tensor(tokens_per_expert, device=x.device)
+            return exact_count_ffn(kernel, x, counts, self.activation, w1, b1, w3, w2, b2)
         if kernel == "per_expert":
             # No buffer cache: several calls of one step (pipelined parts) keep their activations.
             return per_expert_ffn(x, tokens_per_expert, self.activation, w1, b1, w3, w2, b2)

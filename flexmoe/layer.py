@@ -384,7 +384,18 @@ class MoELayer(nn.Module):
             if self.groups is None:
                 raise
             self.executor.refuse_call(argument, error)
-        out = self.executor.run(_autocast_dtype(tokens), routing.plan, choice, top_k)
+        plan, expert_tokens = routing.plan, _autocast_dtype(tokens)
+        executor = self.executor
+        if (
+            plan.num_tokens
+            and not plan.has_capacity
+            and isinstance(executor, LocalExecutor)
+            and executor.runs_padded(expert_tokens.dtype)
+        ):
+            # Dropless on the padded layout: the buffer is as large as the largest load. Read here,
+            # in forward itself, torch.compile breaks the graph once (deeper, once per call level).
+            plan.capacity = int(plan.tokens_per_expert.max())
+        out = self.executor.run(expert_tokens, plan, choice, top_k)
         if self.shared_experts is not None:
             out = out + self.shared_experts(tokens).to(out.dtype)
         if routed_positions is not None:
@@ -410,7 +421,7 @@ class MoELayer(nn.Module):
             # Nothing can differentiate it: compute it only if read (inference seldom does).
             state["_pending_aux_loss"] = pending
         state["stats"] = self._record_stats(plan, routing.scores, top_k)
-        state["last_plan"] = plan if self.record_plan else None
+        state["last_plan"] = plan.compact() if self.record_plan else None
         return out
 
     def update_load_balance_bias(self, process_group: Any = None) -> torch.Tensor:

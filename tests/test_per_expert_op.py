@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import copy
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from flexmoe.ops import per_expert
+from flexmoe.ops import exact_count, per_expert
 from flexmoe.ops.buffers import BufferCache
 from flexmoe.ops.per_expert import per_expert_ffn
 
@@ -246,3 +247,89 @@ def test_reused_buffers_never_overwrite_what_a_pending_backward_needs(reuse_all_
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     for a, b in zip(kept, reference(xs[0])):  # gradients handed out earlier are not overwritten
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_buffer_cache_shrinks_after_a_large_step(reuse_all_rows):
+    """One long batch must not keep its memory for the short ones after it: the cache holds about
+    what the last step used (buffers more than twice too large or unused are dropped)."""
+    from flexmoe.experts import FFNExperts
+
+    experts = FFNExperts(4, 16, 32)
+
+    def step(rows_per_expert: list[int]) -> int:
+        x = torch.randn(sum(rows_per_expert), 16)
+        experts.forward_per_expert(x, torch.tensor(rows_per_expert)).sum().backward()
+        experts.zero_grad(set_to_none=True)
+        return experts.buffer_cache.nbytes()
+
+    small = step([4, 4, 4, 4])
+    large = step([400, 4, 4, 0])
+    assert large > 10 * small
+    step([4, 4, 4, 4])
+    assert step([4, 4, 4, 4]) <= 2 * small
+
+
+# --- the torch.compile form: the flexmoe::exact_count_ffn custom op --------------------------
+
+
+@pytest.mark.parametrize("kernel", ["per_expert", "grouped"])
+@pytest.mark.parametrize("routed", [False, True])
+@pytest.mark.parametrize("gated", [False, True])
+def test_exact_count_op_matches_float64_reference_without_recompute(kernel, routed, gated, monkeypatch):
+    """The op's forward and its backward against plain float64 autograd (float32 for grouped_mm,
+    which has no float64); backward reads what the forward saved: the kernel runs once."""
+    if kernel == "grouped" and routed:
+        pytest.skip("the grouped kernel takes dispatched rows")
+    dtype = torch.float64 if kernel == "per_expert" else torch.float32
+    g = torch.Generator().manual_seed(5)
+    model_dim, hidden_dim = 8, 12  # rows of 16-byte multiples: grouped_mm's alignment
+
+    def make(*shape):
+        return (torch.randn(*shape, dtype=dtype, generator=g) / 3).requires_grad_()
+
+    w = {
+        "w1": make(E, model_dim, hidden_dim),
+        "b1": make(E, hidden_dim),
+        "w3": make(E, model_dim, hidden_dim) if gated else None,
+        "w2": make(E, hidden_dim, model_dim),
+        "b2": make(E, model_dim),
+    }
+    token_index = torch.tensor([0, 2, 5, 1, 2, 3, 4, 0])  # sorted by expert: COUNTS
+    x = torch.randn(6 if routed else sum(COUNTS), model_dim, dtype=dtype, generator=g, requires_grad=True)
+    gates = torch.rand(token_index.numel(), dtype=dtype, generator=g, requires_grad=True) if routed else None
+    upstream = torch.randn(x.shape, dtype=dtype, generator=g)
+    present = [v for v in w.values() if v is not None]
+    wanted = [x, *present] + ([gates] if routed else [])
+
+    calls = []
+    forward = exact_count._forward
+    monkeypatch.setattr(exact_count, "_forward", lambda *args: calls.append(1) or forward(*args))
+    routing = {"token_index": token_index, "gates": gates} if routed else {}
+    out = exact_count.exact_count_ffn(kernel, x, torch.tensor(COUNTS), F.silu, *w.values(), **routing)
+    got = torch.autograd.grad(out, wanted, upstream)
+    assert len(calls) == 1
+
+    if routed:
+        expert_out = loop_reference(x[token_index], COUNTS, F.silu, w) * gates.unsqueeze(1)
+        expected_out = torch.zeros_like(x).index_add(0, token_index, expert_out)
+    else:
+        expected_out = loop_reference(x, COUNTS, F.silu, w)
+    expected = torch.autograd.grad(expected_out, wanted, upstream)
+    tol = {"rtol": 1e-12, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 1e-4, "atol": 1e-4}
+    torch.testing.assert_close(out, expected_out, **tol)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, **tol)
+
+
+def test_exact_count_op_registration_passes_opcheck():
+    w = weights(gated=True, bias=True)
+    x = torch.randn(sum(COUNTS), M, dtype=torch.float64, requires_grad=True)
+    args = ("per_expert", x, torch.tensor(COUNTS), None, None, *w.values(), "gelu", True)
+    torch.library.opcheck(torch.ops.flexmoe.exact_count_ffn.default, args)
+
+
+def test_forward_kernels_use_no_private_torch_api():
+    """Only public torch calls in the kernels (a private one may change without notice)."""
+    for path in (per_expert.__file__, exact_count.__file__, Path(per_expert.__file__).parent / "buffers.py"):
+        source = Path(path).read_text()
+        assert "torch._" not in source, path

@@ -157,6 +157,7 @@ class ExpertParallelExecutor:
         included). ``plan``: this rank's own (as a single-process layer would route these
         tokens). ``choice`` None: the tuner's (with a tuner), else the default. Collective:
         every rank calls it with the same choice and top_k."""
+        plan = plan.compact()  # the exchanges count kept entries only
         tuned = choice is None and self.tuner is not None
         choice = choice or self.default_choice(self.parallel)
         grad_mode = torch.is_grad_enabled()

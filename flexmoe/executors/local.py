@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from flexmoe.config import MoEConfig
@@ -47,24 +48,33 @@ class LocalExecutor:
             raise ValueError(f"expert_kernel='grouped' cannot run here: {reason}; use 'auto' or 'padded'")
         return reason is None
 
+    def runs_padded(self, dtype: torch.dtype) -> bool:
+        """Whether every call in ``dtype`` runs the padded layout (then a dropless call needs the
+        capacity, its largest load)."""
+        kernel = self.config.expert_kernel
+        return kernel == "padded" or (kernel != "per_expert" and not self.uses_grouped_layout(dtype))
+
     def kernel(self, tokens: torch.Tensor, plan: RoutingPlan) -> str:
         """How the experts run this call: ``"grouped"`` (exact counts, ``grouped_mm``),
         ``"per_expert"`` (exact counts, one GEMM pair per expert) or ``"padded"``
         (``[experts, capacity, model_dim]``, ``bmm``). See ``MoEConfig.expert_kernel``."""
         kernel = self.config.expert_kernel
-        if kernel in ("padded", "per_expert"):
-            return kernel
-        if not self.uses_grouped_layout(tokens.dtype):
+        if self.runs_padded(tokens.dtype):
             return "padded"
+        if kernel == "per_expert":
+            return kernel
         if (
             kernel == "auto"
             and tokens.device.type == "cpu"
-            and plan.num_kept >= PER_EXPERT_MIN_ROWS  # cheap test first: counting busy experts syncs
+            and plan.num_entries >= PER_EXPERT_MIN_ROWS  # cheap test first: counting busy experts syncs
             and hasattr(self.experts, "forward_per_expert")
         ):
-            # Rows per expert that got any (a task-routed batch fills only its k experts).
-            busy_experts = int(torch.count_nonzero(plan.kept_per_expert))
-            if prefers_per_expert(tokens.device, plan.num_kept, busy_experts):
+            if torch.compiler.is_compiling():
+                # Decided from shapes alone (no host read, no graph break): every expert counted busy.
+                busy_experts = plan.num_experts
+            else:  # rows per expert that got any (a task-routed batch fills only its k experts)
+                busy_experts = int(torch.count_nonzero(plan.kept_per_expert))
+            if prefers_per_expert(tokens.device, plan.num_entries, busy_experts):
                 return "per_expert"
         return "grouped"
 
@@ -75,20 +85,37 @@ class LocalExecutor:
         choices. ``choice`` and ``top_k`` play no part in a single process."""
         num_tokens, model_dim = tokens.shape
         kernel = self.kernel(tokens, plan)
+        # A static-shape plan (see RoutingPlan.kept) keeps its dropped entries, with gate 0, after
+        # the kept ones: the exact-count kernels run the first sum(counts) rows, the padded layout
+        # sends the dropped entries to one extra row past the experts' buffer.
+        kept = plan.kept
         if kernel == "per_expert":  # dispatch and combine inside, one expert at a time
             counts, token_index, gates = plan.kept_per_expert, plan.token_index, plan.gates
             return self.experts.forward_per_expert(tokens, counts, token_index=token_index, gates=gates)
         if kernel == "grouped":
             buffer = dispatch(tokens, plan.token_index)
+            if kept is not None:  # grouped_mm leaves rows past the last group unwritten, both ways
+                buffer = _zero_dropped(buffer, kept)
             expert_out = self.experts.forward_grouped(buffer, plan.kept_per_expert)
+            if kept is not None:
+                expert_out = _zero_dropped(expert_out, kept)
             return combine(expert_out, plan.gates, plan.token_index, None, num_tokens)
         rows = plan.padded_rows()
         num_rows = plan.num_experts * plan.capacity
-        buffer = dispatch(tokens, plan.token_index, rows, num_rows)
+        extra_row = 0 if kept is None else 1
+        buffer = dispatch(tokens, plan.token_index, rows, num_rows + extra_row)[:num_rows]
         expert_out = self.experts(buffer.view(plan.num_experts, plan.capacity, model_dim))
         if expert_out.shape != (plan.num_experts, plan.capacity, model_dim):
             raise ValueError(
                 f"experts must map [num_experts, capacity, model_dim] to the same shape; "
                 f"got {tuple(expert_out.shape)} for input {(plan.num_experts, plan.capacity, model_dim)}"
             )
-        return combine(expert_out.reshape(num_rows, model_dim), plan.gates, plan.token_index, rows, num_tokens)
+        expert_out = expert_out.reshape(num_rows, model_dim)
+        if kept is not None:  # the dropped entries' row: zeros
+            expert_out = F.pad(expert_out, (0, 0, 0, 1))
+        return combine(expert_out, plan.gates, plan.token_index, rows, num_tokens)
+
+
+def _zero_dropped(rows: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """rows [entries, dim] with the dropped entries' rows (``kept`` [entries] False) set to zero."""
+    return torch.where(kept.unsqueeze(1), rows, rows.new_zeros(()))

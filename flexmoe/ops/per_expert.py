@@ -27,8 +27,8 @@ REUSE_MIN_BYTES = 1 << 20
 
 # activation -> (its input, out) -> its output written into ``out``, for the built-in ones.
 _ACTIVATIONS_INTO: dict[Callable, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
-    F.gelu: lambda pre, out: torch._C._nn.gelu(pre, out=out),
-    F.silu: lambda pre, out: torch._C._nn.silu(pre, out=out),
+    F.gelu: lambda pre, out: torch.ops.aten.gelu.out(pre, out=out),
+    F.silu: lambda pre, out: torch.ops.aten.silu.out(pre, out=out),
     F.relu: lambda pre, out: torch.clamp_min(pre, 0, out=out),
 }
 
@@ -110,7 +110,7 @@ class PerExpertFFN(torch.autograd.Function):
         routed = token_index is not None
         out = x.new_zeros(x.shape[0], w2.shape[2]) if routed else x.new_empty(x.shape[0], w2.shape[2])
         gate_rows = gates.to(x.dtype).unsqueeze(1) if routed else None
-        rows_out = _Rows(cache)
+        rows_out = cache if isinstance(cache, _Rows) else _Rows(cache)
         saved, start = [], 0
         with torch.autocast(x.device.type, enabled=False):
             for e, count in enumerate(counts):
@@ -138,6 +138,8 @@ class PerExpertFFN(torch.autograd.Function):
                 del hidden
                 saved += [pre, activated] if gate_in is None else [pre, activated, gate_in]
                 start = end
+            if not routed:
+                out[start:].zero_()  # rows past sum(counts) (a static-shape plan's dropped entries)
         # Handed to setup_context (torch.func's form: no ctx in forward); not part of the result.
         return out, saved
 
@@ -165,7 +167,7 @@ class PerExpertFFN(torch.autograd.Function):
             # Every busy expert's slice is overwritten below; experts with no rows get zeros.
             if like is None or not wanted:
                 return None
-            grad = torch.empty_like(like) if cache is None else cache.take(name, like)
+            grad = torch.empty_like(like) if cache is None else cache.take(name, like, grad_of=like)
             for e in empty_experts:
                 grad[e].zero_()
             return grad
@@ -233,6 +235,11 @@ class PerExpertFFN(torch.autograd.Function):
                     del grad_piece
                 del grad_pre, grad_gate
                 start = end
+            # Entries past sum(counts): no gradient.
+            if gx is not None and not routed:
+                gx[start:].zero_()
+            if grad_gates is not None:
+                grad_gates[start:].zero_()
         return gx, None, None, None, None, grad_gates, gw1, gb1, gw3, gw2, gb2
 
 
@@ -261,22 +268,20 @@ def per_expert_ffn(
     """See :class:`PerExpertFFN`. Without routing: x [rows, M] sorted by expert,
     ``sum(counts) == rows`` -> [rows, M]. With ``token_index`` and ``gates`` ([kept], sorted by
     expert, ``sum(counts) == kept``): x [tokens, M] -> [tokens, M], dispatch and combine included.
+    Rows (entries) past ``sum(counts)``, as a static-shape plan's dropped entries, are ignored:
+    zero output and zero gradient.
     cache: where the weight gradients and, when this call records a backward, the large
     activations and temporaries are allocated (reused from step to step, see
     :mod:`flexmoe.ops.buffers`); None allocates new ones each time."""
     if (token_index is None) != (gates is None):
         raise ValueError("token_index and gates go together: pass both or neither")
     rows = x.shape[0] if token_index is None else token_index.shape[0]
-    if sum(counts) != rows:
+    if sum(counts) > rows:
         what = "rows of x" if token_index is None else "entries of token_index"
-        raise ValueError(f"counts must sum to the {rows} {what}, got {sum(counts)}")
+        raise ValueError(f"counts must sum to at most the {rows} {what}, got {sum(counts)}")
     tensors = [t for t in (x, gates, w1, b1, w3, w2, b2) if t is not None]
     if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
         cache = None  # nothing is saved for a backward: the temporaries die within the call
-    if any(_is_functorch_wrapped(t) for t in tensors):
-        cache = None  # torch.func: the cache's storage check cannot see through functorch's wrappers
+    if cache is not None:
+        cache.new_step()
     return PerExpertFFN.apply(x.contiguous(), counts, activation, cache, token_index, gates, w1, b1, w3, w2, b2)[0]
-
-
-def _is_functorch_wrapped(tensor: torch.Tensor) -> bool:
-    return torch._C._functorch.is_functorch_wrapped_tensor(tensor)

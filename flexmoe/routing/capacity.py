@@ -19,7 +19,11 @@ def count_per_expert(expert_ids: torch.Tensor, num_experts: int, dtype: torch.dt
 
 def capacity_bound(capacity_factor: float, num_tokens: int, num_experts: int, top_k: int) -> int:
     """``top_k * ceil(|capacity_factor| * num_tokens / num_experts)``: the fixed capacity a factor gives."""
-    return top_k * math.ceil(abs(capacity_factor) * num_tokens / num_experts)
+    # Under torch.compile a factor that differs between two compiled layers becomes a symbolic
+    # float, which shapes cannot depend on; taking its exact ratio fixes it to its value (a guard).
+    numerator, denominator = float(capacity_factor).as_integer_ratio()
+    factor = abs(numerator / denominator)  # == |capacity_factor|, as a plain float
+    return top_k * math.ceil(factor * num_tokens / num_experts)
 
 
 def expert_capacity(capacity_factor: float, tokens_per_expert: torch.Tensor, num_tokens: int, top_k: int) -> int:

@@ -9,11 +9,16 @@ Placement semantics (GShard convention):
 
 The plan is computed with one stable sort of the ``tokens * top_k`` expert ids, so its cost
 is O(tokens * k * log), independent of the number of experts and of the capacity.
+
+A fixed-capacity plan drops a data-dependent number of entries. Eager plans hold the kept ones
+only; under ``torch.compile`` (or with ``static_shapes=True``) the plan keeps all
+``tokens * top_k`` entries, the kept ones first, and marks the dropped ones (``kept``), so that
+every shape is known from the input's: the compiled step needs no host read and no graph break.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -35,6 +40,10 @@ class RoutingPlan:
     slot:         [kept] position inside the expert's buffer, ``< capacity`` (computed on first
                   use: the grouped layout never needs it).
     choice_index: [kept] which of the token's top-k choices it is (0 = best; on first use).
+    kept: None when every entry is kept (the eager form). A static-shape plan: [tokens * top_k]
+        bool, True for the first ``sum(kept_per_expert)`` entries; every field above then has
+        ``tokens * top_k`` entries, the dropped ones after the kept ones with gate 0 (their slot is
+        ``>= capacity``). Executors run it as it is; :meth:`compact` gives the eager form.
     """
 
     token_index: torch.Tensor
@@ -46,6 +55,7 @@ class RoutingPlan:
     claim_index: torch.Tensor = field(repr=False)  # [kept] position of each entry in the choice-major claims
     _capacity: int | None = field(default=None, repr=False)  # None: dropless, the largest load
     _slot: torch.Tensor | None = field(default=None, repr=False)
+    kept: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def capacity(self) -> int:
@@ -53,13 +63,28 @@ class RoutingPlan:
             self._capacity = expert_capacity(0.0, self.tokens_per_expert, self.num_tokens, 1)
         return self._capacity
 
+    @capacity.setter
+    def capacity(self, capacity: int) -> None:
+        self._capacity = capacity
+
+    @property
+    def has_capacity(self) -> bool:
+        """Whether :attr:`capacity` is known without reading the counts (fixed, or already read)."""
+        return self._capacity is not None
+
     @property
     def num_experts(self) -> int:
         return self.tokens_per_expert.numel()
 
     @property
-    def num_kept(self) -> int:
+    def num_entries(self) -> int:
+        """Entries in the plan's tensors: the kept ones, plus the dropped ones in a static-shape plan."""
         return self.token_index.numel()
+
+    @property
+    def num_kept(self) -> int:
+        """Kept (token, choice) pairs (a host read for a static-shape plan)."""
+        return self.num_entries if self.kept is None else int(self.kept.sum())
 
     @property
     def slot(self) -> torch.Tensor:
@@ -72,8 +97,27 @@ class RoutingPlan:
         return self.claim_index // self.num_tokens if self.num_tokens else self.claim_index
 
     def padded_rows(self) -> torch.Tensor:
-        """[kept] row of each entry in the flattened ``[num_experts * capacity, dim]`` buffer."""
-        return self.expert_index * self.capacity + self.slot
+        """[entries] row of each entry in the flattened ``[num_experts * capacity, dim]`` buffer;
+        a dropped entry of a static-shape plan gets row ``num_experts * capacity``, one past the end."""
+        rows = self.expert_index * self.capacity + self.slot
+        if self.kept is None:
+            return rows
+        return torch.where(self.kept, rows, self.num_experts * self.capacity)
+
+    def compact(self) -> RoutingPlan:
+        """This plan with the kept entries only (itself when it has no dropped entries)."""
+        if self.kept is None:
+            return self
+        n = self.num_kept
+        return replace(
+            self,
+            token_index=self.token_index[:n],
+            expert_index=self.expert_index[:n],
+            gates=self.gates[:n],
+            claim_index=self.claim_index[:n],
+            _slot=self.slot[:n],
+            kept=None,
+        )
 
 
 def rank_within_expert(sorted_expert: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -137,6 +181,7 @@ def plan_routes(
     top_groups: int | None = None,
     route_scale: float = 1.0,
     capacity: int | None = None,
+    static_shapes: bool | None = None,
 ) -> RoutingPlan:
     """Assign each token's top-k choices to expert slots.
 
@@ -144,6 +189,8 @@ def plan_routes(
     selection_bias, num_groups, top_groups, route_scale: see :func:`top_k_gates`.
     capacity: a fixed number of slots per expert (overrides ``capacity_factor``; overflowing
         choices are dropped), as Switch Transformers' ``expert_capacity``.
+    static_shapes: with a capacity, keep the dropped entries (marked, see :attr:`RoutingPlan.kept`)
+        so that no shape depends on the data; None: when ``torch.compile`` traces the call.
     """
     num_tokens, num_experts = scores.shape
     gates, experts = top_k_gates(
@@ -172,21 +219,31 @@ def plan_routes(
         if capacity is None:
             capacity = expert_capacity(capacity_factor, tokens_per_expert, num_tokens, top_k)
         slot = rank_within_expert(sorted_expert, tokens_per_expert)
-        kept = torch.nonzero(slot < capacity).squeeze(1)
+        if static_shapes is None:
+            static_shapes = torch.compiler.is_compiling()
+        if static_shapes:  # kept entries first, in (expert, slot) order; the dropped ones after
+            kept = torch.sort((slot >= capacity).to(torch.uint8), stable=True).indices
+        else:
+            kept = torch.nonzero(slot < capacity).squeeze(1)
         by_expert, sorted_expert, slot = by_expert[kept], sorted_expert[kept], slot[kept]
         kept_per_expert = tokens_per_expert.clamp(max=capacity)
+        kept_mask = slot < capacity if static_shapes else None
     else:
-        kept_per_expert = tokens_per_expert
+        kept_per_expert, kept_mask = tokens_per_expert, None
 
+    gates = claim_gate[by_expert]
+    if kept_mask is not None:
+        gates = torch.where(kept_mask, gates, 0.0)
     position = by_expert % num_tokens if top_k > 1 else by_expert
     return RoutingPlan(
         token_index=position if order is None else order[position],
         expert_index=sorted_expert,
-        gates=claim_gate[by_expert],
+        gates=gates,
         tokens_per_expert=tokens_per_expert,
         kept_per_expert=kept_per_expert,
         num_tokens=num_tokens,
         claim_index=by_expert,
         _capacity=capacity,
         _slot=slot,
+        kept=kept_mask,
     )
