@@ -170,7 +170,8 @@ class MoEConfig:
             ``[experts, capacity, model_dim]`` buffer (``bmm``). ``"auto"``: on CPU,
             per_expert when the experts that got rows average at least ``PER_EXPERT_MIN_ROWS`` (where
             plain GEMMs beat CPU ``grouped_mm``), else grouped; on other devices grouped;
-            padded where grouped cannot run (float64, custom experts). Under expert parallelism
+            per_expert where grouped cannot run (float64), padded for custom experts without a
+            per-expert kernel. Under expert parallelism
             the exact-count path runs grouped or per_expert by the same rule (per_expert where
             grouped cannot run), and ``"padded"`` makes the padded blocks the default there.
             (``expert_layout``, its former name, is still accepted with a DeprecationWarning.)

@@ -19,7 +19,7 @@ from flexmoe.ops.exact_count import ACTIVATION_FUNCTIONS as _ACTIVATIONS
 from flexmoe.ops.exact_count import exact_count_ffn, grouped_ffn
 from flexmoe.ops.per_expert import per_expert_ffn
 
-# grouped_mm refuses float64; those dtypes take the padded path.
+# grouped_mm refuses float64; expert_kernel="auto" runs those dtypes per expert (exact counts).
 GROUPED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # expert_kernel="auto" on CPU: from this many rows per busy expert on average, one plain GEMM pair per

@@ -52,7 +52,12 @@ class LocalExecutor:
         """Whether every call in ``dtype`` runs the padded layout (then a dropless call needs the
         capacity, its largest load)."""
         kernel = self.config.expert_kernel
-        return kernel == "padded" or (kernel != "per_expert" and not self.uses_grouped_layout(dtype))
+        if kernel != "auto":
+            return kernel == "padded"
+        # auto where grouped_mm cannot run (float64, some shapes): exact counts per expert when the
+        # experts have that kernel (a dropless padded buffer is [experts, largest load, dim]: on a
+        # skewed batch several times the routed rows), the padded layout for custom experts.
+        return not self.uses_grouped_layout(dtype) and not hasattr(self.experts, "forward_per_expert")
 
     def kernel(self, tokens: torch.Tensor, plan: RoutingPlan) -> str:
         """How the experts run this call: ``"grouped"`` (exact counts, ``grouped_mm``),
@@ -61,8 +66,8 @@ class LocalExecutor:
         kernel = self.config.expert_kernel
         if self.runs_padded(tokens.dtype):
             return "padded"
-        if kernel == "per_expert":
-            return kernel
+        if kernel == "per_expert" or not self.uses_grouped_layout(tokens.dtype):
+            return "per_expert"
         if (
             kernel == "auto"
             and tokens.device.type == "cpu"
