@@ -1,0 +1,64 @@
+"""What wrapping the grouped expert kernel as the ``flexmoe::exact_count_ffn`` custom op costs per
+call, as the ratio op / the kernel called directly (eager, no_grad, one thread, decode-sized rows:
+where a fixed per-call cost shows). The compiled layer calls the op, the eager layer calls the
+kernel directly, so this overhead is part of compiled / eager in benchmarks/compile.py.
+
+    python benchmarks/op_overhead.py [--rows 16] [--experts 8] [--model-dim 128] [--hidden 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from flexmoe.ops import exact_count as ec
+
+
+def per_call_us(fn, calls: int) -> float:
+    for _ in range(50):
+        fn()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - start) / calls * 1e6
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, default=16)
+    parser.add_argument("--experts", type=int, default=8)
+    parser.add_argument("--model-dim", type=int, default=128)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--calls", type=int, default=2000)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    experts, rows = args.experts, args.rows
+    x = torch.randn(rows, args.model_dim)
+    counts = torch.full((experts,), rows // experts)
+    counts[: rows % experts] += 1
+    w1 = torch.randn(experts, args.model_dim, args.hidden)
+    w2 = torch.randn(experts, args.hidden, args.model_dim)
+    gelu = ec.ACTIVATION_FUNCTIONS["gelu"]
+
+    def direct() -> None:
+        ec.grouped_ffn(x, counts, gelu, w1, None, None, w2, None)
+
+    def op() -> None:
+        torch.ops.flexmoe.exact_count_ffn("grouped", x, counts, None, None, w1, None, None, w2, None, "gelu", False)
+
+    direct_us, op_us = [], []
+    with torch.no_grad():
+        for _ in range(args.repeats):  # interleaved
+            direct_us.append(per_call_us(direct, args.calls))
+            op_us.append(per_call_us(op, args.calls))
+    d, o = statistics.median(direct_us), statistics.median(op_us)
+    print(f"torch {torch.__version__}, 1 thread, {rows} rows, {experts} experts, M={args.model_dim}, H={args.hidden}")
+    print(f"kernel called directly: {d:.0f} us; as the custom op: {o:.0f} us; op / direct {o / d:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
