@@ -1,5 +1,6 @@
-"""What wrapping the grouped expert kernel as the ``flexmoe::exact_count_ffn`` custom op costs per
-call, as the ratio op / the kernel called directly (eager, no_grad, one thread, decode-sized rows:
+"""What wrapping the grouped expert kernel as the ``flexmoe::exact_count_ffn`` custom op (and as
+``exact_count_ffn_no_grad``, used when no backward follows) costs per call, as the ratio op / the
+kernel called directly (eager, no_grad, one thread, decode-sized rows:
 where a fixed per-call cost shows). The compiled layer calls the op, the eager layer calls the
 kernel directly, so this overhead is part of compiled / eager in benchmarks/compile.py.
 
@@ -47,17 +48,25 @@ def main() -> None:
     def direct() -> None:
         ec.grouped_ffn(x, counts, gelu, w1, None, None, w2, None)
 
-    def op() -> None:
+    def op() -> None:  # the op a training step calls (an autograd kernel)
         torch.ops.flexmoe.exact_count_ffn("grouped", x, counts, None, None, w1, None, None, w2, None, "gelu", False)
 
-    direct_us, op_us = [], []
+    def op_no_grad() -> None:  # the op with no backward to follow (no autograd kernel)
+        torch.ops.flexmoe.exact_count_ffn_no_grad("grouped", x, counts, None, None, w1, None, None, w2, None, "gelu")
+
+    timings: dict[str, list[float]] = {"direct": [], "op": [], "op_no_grad": []}
+    calls = {"direct": direct, "op": op, "op_no_grad": op_no_grad}
     with torch.no_grad():
         for _ in range(args.repeats):  # interleaved
-            direct_us.append(per_call_us(direct, args.calls))
-            op_us.append(per_call_us(op, args.calls))
-    d, o = statistics.median(direct_us), statistics.median(op_us)
+            for name, fn in calls.items():
+                timings[name].append(per_call_us(fn, args.calls))
+    median = {name: statistics.median(values) for name, values in timings.items()}
+    d = median["direct"]
     print(f"torch {torch.__version__}, 1 thread, {rows} rows, {experts} experts, M={args.model_dim}, H={args.hidden}")
-    print(f"kernel called directly: {d:.0f} us; as the custom op: {o:.0f} us; op / direct {o / d:.2f}x")
+    print(f"kernel called directly: {d:.0f} us")
+    for name in ("op", "op_no_grad"):
+        print(f"as flexmoe::exact_count_ffn{'' if name == 'op' else '_no_grad'}: {median[name]:.0f} us; "
+              f"{name} / direct {median[name] / d:.2f}x")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -333,3 +333,28 @@ def test_forward_kernels_use_no_private_torch_api():
     for path in (per_expert.__file__, exact_count.__file__, Path(per_expert.__file__).parent / "buffers.py"):
         source = Path(path).read_text()
         assert "torch._" not in source, path
+
+
+@pytest.mark.parametrize("kernel", ["per_expert", "grouped"])
+def test_no_grad_op_matches_the_kernel_and_passes_opcheck(kernel):
+    """Without a backward the wrapper calls ``flexmoe::exact_count_ffn_no_grad`` (no autograd
+    kernel: cheaper per call); it computes what the kernel computes."""
+    # grouped_mm: float32 and 16-byte-aligned rows (8 floats)
+    dtype, dim = (torch.float64, M) if kernel == "per_expert" else (torch.float32, 8)
+    g = torch.Generator().manual_seed(2)
+    w = [
+        torch.randn(*shape, dtype=dtype, generator=g)
+        for shape in ((E, dim, 8), (E, 8), (E, dim, 8), (E, 8, dim), (E, dim))
+    ]
+    x = torch.randn(sum(COUNTS), dim, dtype=dtype, generator=g)
+    counts = torch.tensor(COUNTS)
+    torch.library.opcheck(
+        torch.ops.flexmoe.exact_count_ffn_no_grad.default, (kernel, x, counts, None, None, *w, "gelu")
+    )
+    with torch.no_grad():
+        got = exact_count.exact_count_ffn(kernel, x, counts, F.gelu, *w)
+    if kernel == "grouped":
+        expected = exact_count.grouped_ffn(x, counts, F.gelu, *w)
+    else:
+        expected = per_expert.per_expert_ffn(x, COUNTS, F.gelu, *w)
+    torch.testing.assert_close(got, expected)

@@ -292,6 +292,27 @@ def _backward(ctx, grad_out, *_grad_parts):
 
 _exact_count_ffn.register_autograd(_backward, setup_context=_setup_context)
 
+# The same kernels when no backward follows (eval, no_grad, frozen weights), as an op with no
+# autograd kernel: a custom_op's Python wrapping costs ~150 us a call (benchmarks/op_overhead.py),
+# a plain op without autograd ~30 us, which at decode sizes decides whether compiling pays.
+_LIBRARY = torch.library.Library("flexmoe", "FRAGMENT")
+_LIBRARY.define(
+    "exact_count_ffn_no_grad(str kernel, Tensor x, Tensor counts, Tensor? token_index, Tensor? gates, "
+    "Tensor w1, Tensor? b1, Tensor? w3, Tensor w2, Tensor? b2, str activation) -> Tensor"
+)
+
+
+def _no_grad_forward(kernel, x, counts, token_index, gates, w1, b1, w3, w2, b2, activation):
+    return _forward(kernel, x, counts, token_index, gates, [w1, b1, w3, w2, b2], activation, False)[0]
+
+
+_LIBRARY.impl("exact_count_ffn_no_grad", _no_grad_forward, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("flexmoe::exact_count_ffn_no_grad")
+def _(kernel, x, counts, token_index, gates, w1, b1, w3, w2, b2, activation):
+    return x.new_empty(x.shape[0], w2.shape[2])
+
 
 def exact_count_ffn(
     kernel: str,
@@ -318,8 +339,11 @@ def exact_count_ffn(
     if name is None:
         return _eager_outside_graph(kernel, x, counts, activation, w1, b1, w3, w2, b2, token_index, gates)
     differentiable = [t for t in (x, gates, w1, b1, w3, w2, b2) if t is not None]
-    save = torch.is_grad_enabled() and any(t.requires_grad for t in differentiable)
-    return _exact_count_ffn(kernel, x, counts, token_index, gates, w1, b1, w3, w2, b2, name, save)[0]
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in differentiable)):
+        return torch.ops.flexmoe.exact_count_ffn_no_grad(
+            kernel, x, counts, token_index, gates, w1, b1, w3, w2, b2, name
+        )
+    return _exact_count_ffn(kernel, x, counts, token_index, gates, w1, b1, w3, w2, b2, name, True)[0]
 
 
 @torch.compiler.disable
