@@ -71,3 +71,14 @@ def test_expert_layout_is_taken_at_construction_with_a_warning():
     with pytest.warns(DeprecationWarning, match="expert_kernel"):
         assert dataclasses.replace(config, expert_layout="grouped").expert_kernel == "grouped"
     assert dataclasses.replace(config, top_k=1).expert_kernel == "per_expert"
+
+
+def test_section_defaults_are_the_flat_config_defaults():
+    """The section dataclasses repeat MoEConfig's fields; their defaults must not drift apart."""
+    import dataclasses
+
+    flat = {f.name: f.default for f in dataclasses.fields(MoEConfig)}
+    for section in (RoutingConfig, ExpertsConfig, SharedExpertsConfig):
+        for field in dataclasses.fields(section):
+            if field.name in flat and field.default is not dataclasses.MISSING:
+                assert field.default == flat[field.name], (section.__name__, field.name)
