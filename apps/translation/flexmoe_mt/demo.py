@@ -32,7 +32,7 @@ from flexmoe_mt.runfiles import clear_run, files_to_clear
 from flexmoe_mt.train import TrainedModel, load_corpus, load_trained, train
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-MAX_BATCH = 512  # the throughput sweep doubles the batch up to here, or until tokens/s stops rising
+MAX_BATCH = 2048  # the throughput sweep doubles the batch up to here, or until tokens/s stops rising
 
 
 def per_direction_sample(pairs: list[Pair], per_direction: int, seed: int = 0) -> list[Pair]:
@@ -170,7 +170,8 @@ def main(argv: list[str] | None = None) -> None:
     }
     print(f"\n{'model':<22} {'steps':>6} {'parameters':>10} {'chrF':>6} {'BLEU':>6} {'tokens/s':>9}")
     for name, parameters, chrf, bleu, peak in rows:
-        speed = f"{peak:9.0f} (batch {sweeps[name].batch})" if peak else f"{'':>9}"
+        rising = ", still rising at the sweep's limit" if peak and sweeps[name].stopped == "limit" else ""
+        speed = f"{peak:9.0f} (batch {sweeps[name].batch}{rising})" if peak else f"{'':>9}"
         trained_steps = steps.get(name.split(",")[0], "")
         print(f"{name:<22} {trained_steps:>6} {parameters:>10,} {chrf:6.1f} {bleu:6.1f} {speed}")
     same = sum(a == b for a, b in zip(outputs[f"task-MoE, into {language}"], outputs[f"extracted {language}"]))
