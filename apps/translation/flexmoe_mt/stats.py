@@ -99,7 +99,8 @@ class Comparison:
     def describe(self) -> str:
         if math.isnan(self.p):
             return f"{self.difference:+.1f} (one seed: no interval)"
-        return f"{self.difference:+.1f} [{self.low:+.1f}, {self.high:+.1f}], p = {self.p:.3f} ({self.test})"
+        p = "p < 0.001" if self.p < 0.0005 else f"p = {self.p:.3f}"  # never "p = 0.000"
+        return f"{self.difference:+.1f} [{self.low:+.1f}, {self.high:+.1f}], {p} ({self.test})"
 
 
 def _from_t(difference: float, se: float, df: float, test: Literal["Welch", "paired"]) -> Comparison:

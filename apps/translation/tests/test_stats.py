@@ -62,3 +62,10 @@ def test_gain_ratio_is_the_share_of_the_teachers_gain_and_undefined_without_a_ga
     assert result.high - result.ratio == pytest.approx(t_quantile(0.975, 2) * se)
     assert gain_ratio(student, [9.0, 10.5, 9.9], dense).ratio is None
     assert "undefined" in gain_ratio(student, [9.0, 10.5, 9.9], dense).describe()
+
+
+def test_describe_never_prints_a_p_value_of_zero():
+    tiny = welch([10.0, 10.1, 10.2, 10.1], [1.0, 1.1, 1.2, 1.1])
+    assert tiny.p < 0.0005
+    assert "p < 0.001 (Welch)" in tiny.describe() and "p = 0.000" not in tiny.describe()
+    assert "p = 0.2" in welch([1.0, 2.0, 3.0], [2.0, 4.0, 6.0]).describe()
