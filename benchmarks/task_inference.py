@@ -11,7 +11,8 @@ self-attention with a KV cache, an FFN in every layer, an MoE FFN in every other
 
 and greedily decodes ``--new-tokens`` tokens after a ``--prompt``-token prompt, one task per
 batch (the serving scenario), at batch sizes 1, 2, 4, ..., doubling until each model's decoding
-tokens/s stops rising (by less than ``--min-gain``), memory runs out, or ``--max-batch``; a
+tokens/s stops rising (by less than ``--min-gain`` over its best, at ``--patience`` batch sizes
+in a row, so one noisy point does not end a sweep), memory runs out, or ``--max-batch``; a
 model that has stopped is not timed further. Throughput is new tokens per second
 (prefill included in the time) and, from the same runs, decoding tokens per second (the steps
 after the prefill only, the paper's measure), timed by process CPU time (``--clock cpu``, one
@@ -72,7 +73,7 @@ SHAPES = {"paper": FULL, "moe-heavy": MOE_HEAVY}
 QUICK = DecoderSize(
     vocab=64, model_dim=32, heads=2, layers=2, hidden_dim=32, num_experts=32, top_k=2, num_tasks=4, max_len=16
 )
-MAX_BATCH, QUICK_MAX_BATCH = 1024, 8
+MAX_BATCH, QUICK_MAX_BATCH = 4096, 8
 MODEL_NAMES = ("(a) token-MoE", "(b) task-MoE whole", "(c) task subnet", "(d) dense same size")
 TASK = 3
 Clock = Callable[[], float]
@@ -141,12 +142,15 @@ def measure_throughput(
     clock: Clock,
     max_batch: int = MAX_BATCH,
     min_gain: float = 0.03,
+    patience: int = 2,
 ) -> tuple[dict[str, dict[int, float]], dict[str, dict[int, float]]]:
     """(whole generation, decoding steps only): tokens/s[model][batch]. The batch doubles from 1;
-    a model leaves the sweep once its decoding tokens/s rises by less than ``min_gain`` over its
-    best so far (its peak is behind it), when memory runs out, or past ``max_batch``."""
+    a model leaves the sweep once its decoding tokens/s has risen by less than ``min_gain`` over
+    its best so far at ``patience`` batch sizes in a row (its peak is behind it; one noisy point
+    does not end a sweep), when memory runs out, or past ``max_batch``."""
     whole: dict[str, dict[int, float]] = {name: {} for name in models}
     decoding: dict[str, dict[int, float]] = {name: {} for name in models}
+    misses = dict.fromkeys(models, 0)
     rising, batch = dict(models), 1
     while rising and batch <= max_batch:
         try:
@@ -156,7 +160,8 @@ def measure_throughput(
         for name, (all_steps, decode_steps) in speeds.items():
             best = max(decoding[name].values(), default=0.0)
             whole[name][batch], decoding[name][batch] = all_steps, decode_steps
-            if best and decode_steps < best * (1 + min_gain):
+            misses[name] = misses[name] + 1 if best and decode_steps < best * (1 + min_gain) else 0
+            if misses[name] >= patience:
                 del rising[name]
         batch *= 2
     return whole, decoding
@@ -264,6 +269,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--new-tokens", type=int, default=32, help="tokens decoded per sequence")
     parser.add_argument("--max-batch", type=int, default=MAX_BATCH, help="largest batch of the sweep")
     parser.add_argument("--min-gain", type=float, default=0.03, help="a model's sweep stops below this rise")
+    parser.add_argument(
+        "--patience", type=int, default=2, help="batch sizes in a row below --min-gain before a model's sweep stops"
+    )
     parser.add_argument("--quick", action="store_true", help="tiny sizes, batches up to 8: a smoke run")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--clock", choices=tuple(CLOCKS), default="cpu", help="cpu needs --threads 1")
@@ -271,8 +279,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.clock == "cpu" and args.threads != 1:
         parser.error("--clock cpu sums the CPU time of all threads: use it with --threads 1, else --clock wall")
     torch.set_num_threads(args.threads)
-    if args.max_batch < 1 or not 0 <= args.min_gain < 1:
-        parser.error("--max-batch must be >= 1 and --min-gain in [0, 1)")
+    if args.max_batch < 1 or not 0 <= args.min_gain < 1 or args.patience < 1:
+        parser.error("--max-batch and --patience must be >= 1 and --min-gain in [0, 1)")
     size, max_batch = SHAPES[args.shape], args.max_batch
     if args.quick:
         size, max_batch = dataclasses.replace(QUICK, moe_every=size.moe_every), QUICK_MAX_BATCH
@@ -287,7 +295,15 @@ def main(argv: list[str] | None = None) -> None:
 
     clock = CLOCKS[args.clock]
     whole, decoding = measure_throughput(
-        models, size, prompt_len, new_tokens, repeats, clock, max_batch, 0.0 if args.quick else args.min_gain
+        models,
+        size,
+        prompt_len,
+        new_tokens,
+        repeats,
+        clock,
+        max_batch,
+        0.0 if args.quick else args.min_gain,
+        args.patience,
     )
     print_throughput("\nwhole generation (prefill included)", whole)
     print_throughput("\ndecoding only (the steps after the prefill)", decoding)

@@ -207,16 +207,21 @@ def peak_decoding_throughput(
     min_gain: float = 0.03,
     max_new_tokens: int = 64,
     repeats: int = 3,
+    patience: int = 2,
 ) -> dict[str, PeakThroughput]:
     """Each model's peak decoding tokens/s: the batch doubles from 1 until the model's tokens/s
-    rises by less than ``min_gain`` (a fraction) over its best so far, memory runs out, or
-    ``max_batch`` is passed. Models still rising are timed in turn at every batch size (see
+    has risen by less than ``min_gain`` (a fraction) over its best so far at ``patience`` batch
+    sizes in a row (so one noisy point does not end a sweep), memory runs out, or ``max_batch``
+    is passed. Models still rising are timed in turn at every batch size (see
     :func:`decoding_throughput`); a model that has stopped is not timed further."""
     if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
         raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
     if not 0 <= min_gain < 1:
         raise ValueError(f"min_gain must be a fraction in [0, 1), got {min_gain!r}")
+    if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
+        raise ValueError(f"patience must be an int >= 1 (batch sizes in a row without a rise), got {patience!r}")
     sweeps: dict[str, dict[int, float]] = {name: {} for name in models}
+    misses = dict.fromkeys(models, 0)
     stopped: dict[str, str] = {}
     batch_size = 1
     while len(stopped) < len(models):
@@ -232,7 +237,8 @@ def peak_decoding_throughput(
         for name, speed in speeds.items():
             best = max(sweeps[name].values(), default=0.0)
             sweeps[name][batch_size] = speed
-            if best and speed < best * (1 + min_gain):
+            misses[name] = misses[name] + 1 if best and speed < best * (1 + min_gain) else 0
+            if misses[name] >= patience:
                 stopped[name] = "flat"
         batch_size *= 2
     peaks = {}

@@ -6,9 +6,10 @@ import torch
 from flexmoe_mt import evaluate
 from flexmoe_mt.batching import EncodedPairs
 
-SPEEDS = {  # tokens/s by batch: "a" rises until 64, "b" is flat from 4
-    "a": {1: 100, 2: 190, 4: 350, 8: 600, 16: 900, 32: 1200, 64: 1500, 128: 1490},
-    "b": {1: 100, 2: 180, 4: 200, 8: 201},
+SPEEDS = {  # tokens/s by batch: "a" rises until 64, "b" is flat from 4, "c" dips once at 4 (noise)
+    "a": {1: 100, 2: 190, 4: 350, 8: 600, 16: 900, 32: 1200, 64: 1500, 128: 1490, 256: 1480},
+    "b": {1: 100, 2: 180, 4: 200, 8: 201, 16: 199},
+    "c": {1: 100, 2: 200, 4: 150, 8: 400, 16: 390, 32: 380},
 }
 
 
@@ -24,8 +25,19 @@ def test_each_model_stops_where_its_tokens_per_s_stops_rising(monkeypatch):
     peaks = evaluate.peak_decoding_throughput({"a": None, "b": None})
     assert (peaks["a"].peak, peaks["a"].batch, peaks["a"].stopped) == (1500, 64, "flat")
     assert (peaks["b"].peak, peaks["b"].batch, peaks["b"].stopped) == (201, 8, "flat")  # +0.5%: not rising
-    assert (["a"], 16) in calls and (["a", "b"], 16) not in calls  # a stopped model is not timed again
+    assert (["a", "b"], 16) in calls and (["a", "b"], 32) not in calls  # a stopped model is not timed again
     assert set(peaks["a"].to_dict()) == {"sweep", "peak_tokens_per_s", "peak_batch", "stopped"}
+
+
+def test_one_noisy_point_does_not_end_a_sweep(monkeypatch):
+    monkeypatch.setattr(evaluate, "_time_batch", fake_time_batch)
+    peak = evaluate.peak_decoding_throughput({"c": None})["c"]
+    assert (peak.peak, peak.batch, peak.stopped) == (400, 8, "flat")  # the dip at 4 did not stop it
+    assert max(peak.sweep) == 32  # two sizes in a row without a rise end it
+    peak = evaluate.peak_decoding_throughput({"c": None}, patience=1)["c"]
+    assert (peak.peak, peak.batch) == (200, 2)
+    with pytest.raises(ValueError, match="patience"):
+        evaluate.peak_decoding_throughput({"c": None}, patience=0)
 
 
 def test_the_sweep_ends_at_memory_or_the_limit(monkeypatch):
