@@ -424,7 +424,7 @@ def provenance(by_row: dict[str, list[dict]], runs: Path) -> str:
         "chrF: sacrebleu chrF2, mean over directions; BLEU: sacrebleu with the `char` tokenizer for "
         "CJK/Thai targets and `13a` otherwise. Spread: mean ± standard deviation over seeds. "
         "Throughput: peak greedy decoding tokens/s, the batch doubled until tokens/s stopped rising "
-        "(under 3% above the best at two batch sizes in a row)"
+        "(each run records why its sweep ended; `run_table.py --reevaluate --timing-only` retimes)"
         + (" († rows: the best of batch sizes 1, 16, 64, 128, which is not each model's peak)." if old else ".")
     )
     return text
