@@ -75,8 +75,6 @@ def test_expert_layout_is_taken_at_construction_with_a_warning():
 
 def test_section_defaults_are_the_flat_config_defaults():
     """The section dataclasses repeat MoEConfig's fields; their defaults must not drift apart."""
-    import dataclasses
-
     flat = {f.name: f.default for f in dataclasses.fields(MoEConfig)}
     for section in (RoutingConfig, ExpertsConfig, SharedExpertsConfig):
         for field in dataclasses.fields(section):
